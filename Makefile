@@ -1,0 +1,39 @@
+# Every target that runs project code first makes sure .venv exists and holds the project.
+# `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+IMAGES ?= ../shared/bench-images
+SHARDS ?= demo_out/shards/imagenet
+CKPT ?= runs/image_kd
+DEMO_OUT ?= demo_out
+
+.DEFAULT_GOAL := help
+.PHONY: help venv test test-fast demo bench-shardify bench-loader bench-train train-image clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed ## Create .venv and install the project with test extras
+
+test: $(VENV)/.installed ## Run the whole test suite, offline
+	$(OFFLINE) $(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed ## Run the tests not marked slow
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow" tests
+
+demo: $(VENV)/.installed ## Build the embedded demo dataset and run the whole pipeline on it
+	$(OFFLINE) PY=$(PY) DEMO_OUT=$(DEMO_OUT) bash scripts/demo.sh
+
+bench-shardify: $(VENV)/.installed ## Time shardify against tar and a bare ShardWriter loop (IMAGES=dir)
+	$(OFFLINE) $(PY) bench/bench_shardify.py --images $(IMAGES)
+
+clean: ## Remove demo and benchmark outputs (keeps .venv)
+	rm -rf $(DEMO_OUT) bench_out
