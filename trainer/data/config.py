@@ -1,0 +1,44 @@
+"""Configuration of the streaming data path (trainer.data): what to read and how to augment.
+
+One small dataclass per concern; the trainer's YAML `data:` section loads into `DataConfig`.
+Every field is documented where it is declared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AugmentConfig:
+    """Per-sample image augmentation (train) or the fixed validation transform."""
+
+    size: int = 224  # output side in pixels (square)
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (0.9-1.0 multimodal)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
+    hflip: float = 0.5  # probability of a horizontal flip
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 disables
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet mean, RGB
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet std, RGB
+    interpolation: str = "bilinear"  # "bilinear" or "bicubic" (the reference used bicubic)
+    train: bool = True  # False: validation transform (resize whole image to size x size)
+
+
+@dataclass
+class DataConfig:
+    """Which shards to stream and how to batch them."""
+
+    manifests: list[str] = field(default_factory=list)  # manifest.json paths (or their dirs)
+    weights: list[float] = field(default_factory=list)  # mixing weights, one per manifest; empty = by size
+    split: str = "train"  # split name inside each manifest
+    batch_size: int = 256  # per rank
+    num_workers: int = 4  # DataLoader worker processes per rank (0 = in the main process)
+    seed: int = 0  # seeds the epoch order and every per-sample random draw
+    shuffle_buffer: int = 2000  # bounded shuffle window (samples) applied within the epoch order
+    remainder: str = "drop"  # "drop" the last partial global batch, or "pad" with marked repeats
+    decode_device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
+    output_dtype: str = "float32"  # "float32" or "bfloat16" for image tensors
+    text_max_len: int = 64  # caption length in tokens (padded) for image-text data
+    tokenizer: str = ""  # tokenizer.json path or directory for on-the-fly text tokenisation
+    block_size: int = 256  # OpenWebText block length in tokens, incl. [CLS] and [SEP]
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
