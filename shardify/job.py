@@ -1,0 +1,312 @@
+"""Run a sharding job: list, plan, write this node's shards in parallel, then finalize.
+
+    inputs (source order) -> seeded order -> shard ranges -> this node's shards -> workers
+    each worker: read payloads -> source.encode -> reproducible tar (temp name) -> stats -> rename
+
+Resuming is free: finished shards (tar + stats present) are skipped, half-written ones are
+deleted, and a rerun with different options is refused. Every input ends up either in a tar or
+in the shard's reject list, so finalize can reconcile inputs = written + rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from shardify import __version__
+from shardify import plan as planning
+from shardify import state
+from shardify.records import Item, Reject, UserError
+from shardify.sources.base import ListContext, Source
+from shardify.tarwriter import ShardTarWriter
+
+SCHEMA_VERSION = 1
+_PROGRESS_EVERY = 32  # samples between progress messages from a worker
+
+
+@dataclass
+class JobOptions:
+    seed: int = 0  # seeds the order of samples across shards
+    samples_per_shard: int = 1000
+    workers: int = 1  # worker processes on this node
+    num_nodes: int = 1  # invocations that share the work (e.g. a SLURM array)
+    node_rank: int = 0  # which of them this is
+    overwrite: bool = False  # start over when the directory holds a job with other options
+    progress: bool = True  # show a progress bar on stderr
+
+
+def fingerprint(source: Source, opts: JobOptions) -> dict:
+    """Everything that changes the output bytes; a rerun must match it to resume."""
+    described = {k: v for k, v in source.describe().items() if k != "local_path"}
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "dataset": source.dataset,
+        "source": described,
+        "source_options": source.options(),
+        "seed": opts.seed,
+        "samples_per_shard": opts.samples_per_shard,
+    }
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def _clear_output(out_dir: Path) -> None:
+    import shutil
+
+    for path in out_dir.iterdir():
+        is_ours = path.suffix in (".tar", ".idx") or path.name in (
+            "manifest.json", "sizes.json", "rejects.jsonl", state.STATE_DIR)
+        if is_ours:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def prepare_output(out_dir: Path, source: Source, opts: JobOptions) -> None:
+    """Create the directory, check the fingerprint, clean temporaries of an interrupted run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job_path = state.state_dir(out_dir) / "job.json"
+    fp = fingerprint(source, opts)
+    if job_path.exists():
+        old = state.read_json(job_path).get("fingerprint", {})
+        if old != fp:
+            if not opts.overwrite:
+                diff = "; ".join(_differences(old, fp)) or "format version"
+                raise UserError(
+                    f"{out_dir} holds shards written with other options ({diff}); "
+                    "rerun with the same options to resume, or add --overwrite to start over"
+                )
+            _clear_output(out_dir)
+    elif opts.overwrite and (out_dir / "manifest.json").exists():
+        _clear_output(out_dir)
+    state.remove_temporaries(out_dir)
+    state.write_json_atomic(job_path, {
+        "fingerprint": fp,
+        "tool": {"name": "shardify", "version": __version__},
+        "source": source.describe(),
+        "fields": list(source.fields),
+        "extras": source.manifest_extras(),
+    })
+
+
+def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log) -> tuple[list, list]:
+    """List a split, reject duplicate keys, and cut the seeded order into shards.
+
+    Returns (items per shard, listing rejects) and records the plan in the state directory.
+    """
+    stage_dir = state.state_dir(out_dir) / "stage" / split
+    last = [0.0]
+
+    def progress(desc: str, count: int) -> None:
+        now = time.monotonic()
+        if opts.progress and now - last[0] > 2.0:
+            last[0] = now
+            log(f"  listing {split}: {desc} ({count} inputs so far)")
+
+    items = source.list_items(split, ListContext(stage_dir=stage_dir, progress=progress))
+    seen: set[str] = set()
+    unique: list[Item] = []
+    listing_rejects = []
+    for item in items:
+        if item.key in seen:
+            listing_rejects.append(_reject_record(split, item, Reject("duplicate_key", "key listed before"), None))
+        else:
+            seen.add(item.key)
+            unique.append(item)
+    order = planning.seeded_order([it.key for it in unique], opts.seed)
+    n_shards = planning.num_shards(len(unique), opts.samples_per_shard)
+    bounds = planning.shard_bounds(len(unique), n_shards)
+    per_shard = [[unique[j] for j in order[a:b]] for a, b in bounds]
+    state.write_json_atomic(state.state_dir(out_dir) / f"plan-{split}.json", {
+        "split": split,
+        "inputs": len(items),
+        "shards": n_shards,
+        "key_digests": [str(state.key_digest(it.key for it in shard)) for shard in per_shard],
+        "listing_rejects": listing_rejects,
+    })
+    return per_shard, listing_rejects
+
+
+def _reject_record(split: str, item: Item, rej: Reject, shard: str | None) -> dict:
+    return {"split": split, "key": item.key, "source": item.origin, "reason": rej.reason,
+            "detail": rej.detail, "shard": shard}
+
+
+def shard_done(out_dir: Path, split: str, index: int) -> bool:
+    name = planning.shard_name(split, index)
+    return (out_dir / f"{name}.tar").exists() and (state.state_dir(out_dir) / "shards" / f"{name}.json").exists()
+
+
+# ---------------------------------------------------------------- worker side
+_WORKER: dict = {}
+
+
+def _init_worker(source: Source, out_dir: str, progress_queue) -> None:
+    _WORKER.clear()
+    _WORKER.update(source=source, out_dir=Path(out_dir), queue=progress_queue, readers={})
+
+
+def _reader(split: str):
+    readers = _WORKER["readers"]
+    if split not in readers:
+        readers[split] = _WORKER["source"].open_reader(split)
+    return readers[split]
+
+
+def write_shard(split: str, index: int, items: list[Item]) -> dict:
+    """Write one shard under a temporary name, then its stats, then rename it into place."""
+    source: Source = _WORKER["source"]
+    out_dir: Path = _WORKER["out_dir"]
+    report = _WORKER["queue"]
+    name = planning.shard_name(split, index)
+    pid = os.getpid()
+    tar_tmp = out_dir / f".{name}.tar{state.TMP_MARK}{pid}"
+    writer = ShardTarWriter(tar_tmp, source.fields)
+    rejects = []
+    pending_samples = pending_bytes = 0
+    try:
+        for item, payload in _reader(split).read_many(items):
+            try:
+                if isinstance(payload, Reject):
+                    raise payload
+                fields = source.encode(item, payload)
+            except Reject as rej:
+                rejects.append(_reject_record(split, item, rej, name))
+                pending_samples += 1
+                continue
+            before = writer.offset
+            writer.write_sample(item.key, fields)
+            pending_samples += 1
+            pending_bytes += writer.offset - before
+            if pending_samples >= _PROGRESS_EVERY:
+                report((pending_samples, pending_bytes))
+                pending_samples = pending_bytes = 0
+        stats = writer.close()
+    except BaseException:
+        writer.abort()
+        tar_tmp.unlink(missing_ok=True)
+        raise
+    report((pending_samples, pending_bytes))
+    stats.update(
+        name=f"{name}.tar",
+        index=index,
+        inputs=len(items),
+        rejected=len(rejects),
+        key_digest=str(state.key_digest(writer.keys + [r["key"] for r in rejects])),
+        rejects=rejects,
+    )
+    idx_tmp = out_dir / f".{name}.idx{state.TMP_MARK}{pid}"
+    idx_tmp.write_text(writer.index_text(), encoding="utf-8")
+    os.replace(idx_tmp, out_dir / f"{name}.idx")
+    state.write_json_atomic(state.state_dir(out_dir) / "shards" / f"{name}.json", stats, indent=None)
+    os.replace(tar_tmp, out_dir / f"{name}.tar")  # last: the tar's presence means "complete"
+    return {k: stats[k] for k in ("name", "samples", "rejected", "bytes")}
+
+
+def _task(args):
+    return write_shard(*args)
+
+
+# ---------------------------------------------------------------- driver
+class _Progress:
+    """A tqdm bar with samples/s and MB/s, or nothing when progress is off."""
+
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        self.bytes = 0
+        self.start = time.monotonic()
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="sample", desc=desc, file=sys.stderr,
+                            mininterval=0.5, dynamic_ncols=True, smoothing=0.1)
+
+    def update(self, samples: int, nbytes: int) -> None:
+        self.bytes += nbytes
+        if self.bar is not None:
+            self.bar.update(samples)
+            elapsed = max(time.monotonic() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=None) -> dict | None:
+    """Write this node's shards of `splits`; finalize when this is the only node.
+
+    Returns the manifest when finalized, else None (run `shardify finalize` after all nodes).
+    """
+    from shardify.manifest import finalize
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out_dir = Path(out_dir)
+    if opts.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if not 0 <= opts.node_rank < opts.num_nodes:
+        raise UserError(f"--node-rank {opts.node_rank} is not in [0, {opts.num_nodes})")
+    unknown = [s for s in splits if s not in source.splits()]
+    if unknown:
+        raise UserError(f"split {unknown[0]!r} is not in this source (it has: {', '.join(source.splits())})")
+    prepare_output(out_dir, source, opts)
+
+    for split in splits:
+        log(f"{source.dataset} {split}: listing inputs")
+        per_shard, listing_rejects = plan_split(source, split, out_dir, opts, log)
+        n_inputs = sum(len(s) for s in per_shard) + len(listing_rejects)
+        mine = planning.node_shards(len(per_shard), opts.num_nodes, opts.node_rank)
+        todo = [i for i in mine if not shard_done(out_dir, split, i)]
+        log(f"{source.dataset} {split}: {n_inputs} inputs -> {len(per_shard)} shards; "
+            f"this node writes {len(mine)} ({len(mine) - len(todo)} already complete)")
+        _write_shards(source, out_dir, split, [(i, per_shard[i]) for i in todo], opts)
+        state.write_json_atomic(
+            state.state_dir(out_dir) / "nodes" / f"{split}-node-{opts.node_rank}-of-{opts.num_nodes}.json",
+            {"split": split, "node_rank": opts.node_rank, "num_nodes": opts.num_nodes, "shards": mine},
+        )
+    if opts.num_nodes == 1:
+        return finalize(out_dir)
+    log(f"node {opts.node_rank} of {opts.num_nodes} done; run `shardify finalize {out_dir}` after all nodes")
+    return None
+
+
+def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: JobOptions) -> None:
+    total = sum(len(items) for _, items in tasks)
+    bar = _Progress(total, opts.progress and total > 0, f"{split}")
+    try:
+        if opts.workers == 1 or len(tasks) <= 1:
+            _init_worker(source, str(out_dir), lambda msg: bar.update(*msg))
+            for index, items in tasks:
+                write_shard(split, index, items)
+            return
+        ctx = mp.get_context("fork")  # sources hold only picklable state; fork avoids re-imports
+        q = ctx.Queue()
+        with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(source, str(out_dir), q.put)) as pool:
+            pending = pool.map_async(_task, [(split, i, items) for i, items in tasks], chunksize=1)
+            while True:
+                try:
+                    bar.update(*q.get(timeout=0.2))
+                except queue.Empty:
+                    if pending.ready():
+                        break
+            while True:  # drain the last messages
+                try:
+                    bar.update(*q.get_nowait())
+                except queue.Empty:
+                    break
+            pending.get()  # re-raises a worker's exception
+    finally:
+        bar.close()

@@ -1,0 +1,1 @@
+"""Dataset sources: one module per dataset family, each a `Source` (see base.py)."""

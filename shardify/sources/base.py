@@ -1,0 +1,90 @@
+"""The interface every dataset source implements, and the default sequential reader.
+
+A source knows one dataset family (ImageNet, OpenWebText, image-text pairs) in the layouts it
+has had. The job runner (shardify/job.py) only talks to this interface:
+
+1. `list_items(split, ctx)` lists every input of a split in a deterministic order, cheaply (no
+   image bytes). Sources whose layout cannot be read at random (tar.gz archives, parquet) stage
+   the payloads into an uncompressed local tar under `ctx.stage_dir` while listing, once.
+2. In each worker process, `open_reader(split)` returns a `Reader` whose `read_many(items)`
+   yields `(item, payload_bytes_or_Reject)` in the order given. Readers may fetch in parallel
+   (a downloader does) but must yield in order.
+3. `encode(item, payload)` turns a payload into WebDataset fields `{ext: bytes}` or raises
+   `Reject`. It runs in the workers, so it must be deterministic and picklable state only.
+
+Everything a source needs in the workers must pickle: keep file systems, options and paths as
+attributes, open file handles only inside readers.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from shardify.records import Item, Reject
+
+
+@dataclass
+class ListContext:
+    """What a source may use while listing a split."""
+
+    stage_dir: Path  # node-local scratch space for staged payloads (uncompressed tars)
+    progress: Callable[[str, int], None]  # progress(description, items_listed_so_far)
+
+
+class Reader(ABC):
+    """Reads payloads for items, in a worker process."""
+
+    def read_many(self, items: Sequence[Item]) -> Iterator[tuple[Item, bytes | Reject]]:
+        for item in items:
+            try:
+                yield item, self.read(item)
+            except Reject as rej:
+                yield item, rej
+            except OSError as exc:
+                yield item, Reject("unreadable", f"{type(exc).__name__}: {exc}")
+
+    @abstractmethod
+    def read(self, item: Item) -> bytes:
+        """The raw payload of one item (raise Reject or OSError on failure)."""
+
+    def close(self) -> None:
+        """Release open files and connections."""
+
+
+class Source(ABC):
+    """A dataset family in one concrete layout, local or on the hub."""
+
+    dataset: str = ""  # dataset name recorded in the manifest, e.g. "imagenet"
+    fields: tuple[str, ...] = ()  # WebDataset extensions each sample has, in tar member order
+
+    @abstractmethod
+    def describe(self) -> dict:
+        """Provenance for the manifest: id, revision, layout, local_path."""
+
+    def options(self) -> dict:
+        """Source options that change the output bytes (they enter the job fingerprint)."""
+        return {}
+
+    @abstractmethod
+    def splits(self) -> list[str]:
+        """Splits this source can write."""
+
+    @abstractmethod
+    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
+        """All inputs of `split`, in a deterministic order."""
+
+    @abstractmethod
+    def open_reader(self, split: str) -> Reader:
+        """A reader for `split`'s payloads; called inside each worker process."""
+
+    @abstractmethod
+    def encode(self, item: Item, payload: bytes) -> dict[str, bytes]:
+        """WebDataset fields for one input, or raise Reject."""
+
+    def manifest_extras(self) -> dict:
+        """Extra top-level manifest entries (e.g. class lists)."""
+        return {}

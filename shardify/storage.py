@@ -1,0 +1,113 @@
+"""Where a source's files live: a local directory or a Hugging Face hub dataset repo.
+
+Both are seen through fsspec, so a source reads `loc.open("data/val_images.tar.gz")` the same
+way whether the file is on disk or streamed from the hub at a pinned commit. Hub access is
+resolved once, up front, with short timeouts, so a missing token, a refused gate or an
+unreachable hub is a one-line error within seconds instead of a hang or a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from shardify.records import UserError
+
+HUB_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Location:
+    """A tree of files: the local copy or the hub repo at one commit."""
+
+    fs: object  # an fsspec file system (picklable)
+    root: str  # path of the tree's root inside `fs`
+    files: list[str] = field(default_factory=list)  # relative paths, sorted
+    repo_id: str | None = None
+    revision: str | None = None  # resolved commit sha on the hub
+    local_path: str | None = None
+
+    def open(self, rel: str, mode: str = "rb"):
+        return self.fs.open(f"{self.root}/{rel}", mode)
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    def describe(self) -> dict:
+        return {"id": self.repo_id, "revision": self.revision, "local_path": self.local_path}
+
+
+def local_location(path: str, repo_id: str | None = None) -> Location:
+    """A local directory laid out like the hub repo (or a classic local layout)."""
+    import fsspec
+
+    root = os.path.abspath(path)
+    if not os.path.isdir(root):
+        raise UserError(f"--source {path}: no such directory")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if not name.startswith("."):
+                files.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
+    files.sort()
+    return Location(fsspec.filesystem("file"), root, files, repo_id=repo_id, local_path=root)
+
+
+def hub_location(repo_id: str, revision: str | None, token: str | None = None) -> Location:
+    """The hub dataset repo at `revision` (default main), resolved to a commit sha."""
+    try:
+        from huggingface_hub import HfApi, HfFileSystem, constants, errors
+    except ImportError as exc:  # pragma: no cover - a hard dependency
+        raise UserError(f"huggingface_hub is not installed ({exc})") from None
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(
+            f"cannot reach the hub for {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); "
+            "unset it, or pass --source DIR with a local copy"
+        )
+    api = HfApi(token=token)
+    page = f"{constants.ENDPOINT}/datasets/{repo_id}"
+    try:
+        info = api.dataset_info(repo_id, revision=revision or "main", timeout=HUB_TIMEOUT_S)
+    except errors.GatedRepoError:
+        raise UserError(
+            f"{repo_id} is gated and your account has no access yet: accept its terms at {page}, "
+            "then log in with `hf auth login` or set HF_TOKEN"
+        ) from None
+    except errors.RevisionNotFoundError:
+        raise UserError(f"{repo_id} has no revision {revision!r}; check --revision") from None
+    except errors.RepositoryNotFoundError:
+        has_token = bool(token or api.token or _stored_token())
+        hint = ("your token cannot see it: check the name and your access" if has_token
+                else "no Hugging Face token found: log in with `hf auth login` or set HF_TOKEN")
+        raise UserError(f"{repo_id} was not found or needs authentication ({hint})") from None
+    except errors.HfHubHTTPError as exc:
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if status == 401:
+            raise UserError(f"the hub refused your token for {repo_id} (HTTP 401): "
+                            "log in again with `hf auth login` or set a valid HF_TOKEN") from None
+        raise UserError(f"the hub answered HTTP {status} for {repo_id}: {_first_line(exc)}") from None
+    except Exception as exc:  # network errors come from httpx/requests depending on the version
+        raise UserError(
+            f"cannot reach the hub at {constants.ENDPOINT} ({type(exc).__name__}: {_first_line(exc)}); "
+            "check your network or proxy, or pass --source DIR with a local copy"
+        ) from None
+    files = sorted(s.rfilename for s in (info.siblings or []))
+    fs = HfFileSystem(token=token)
+    return Location(fs, f"datasets/{repo_id}@{info.sha}", files, repo_id=repo_id, revision=info.sha)
+
+
+def _stored_token() -> str | None:
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
