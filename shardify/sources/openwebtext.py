@@ -1,0 +1,341 @@
+"""OpenWebText (`Skylion007/openwebtext`) as text shards: one document per sample, or packed
+token blocks when a tokenizer is given.
+
+Layouts (detected from the file list, local or on the hub):
+- `slices`: `subsets/urlsf_subsetNN.tar` (NN = 00..20). Each holds members
+  `openwebtext/urlsf_subsetNN-K_data.xz`, each of which is itself an xz-compressed tar of `.txt`
+  documents. Both tar levels are read with `tarfile` in streaming mode (`r|` then `r|xz`), so
+  nothing is unpacked to disk and the document files keep their first line (the reference read
+  the decompressed inner tar as plain text and lost it).
+- `parquet`: the hub's later conversion, `*.parquet` files with a `text` column. Slice N is the
+  N-th parquet file in sorted path order; the manifest lists which file each slice was.
+
+A split is a set of slices (default train = 0-4, validation = 5, as in the seed design). Slices
+cannot be read at random, so while listing each slice is streamed once and its documents are
+staged (shardify.staging) under `<out>/.shardify/stage/`, in parallel, one process per slice.
+
+With a tokenizer, staging also cleans and tokenises each document; listing then concatenates
+the documents' ids in source order and cuts them into blocks (shardify.tokenize): the samples
+are the blocks, so the seeded shuffle moves whole blocks and no token is lost or doubled at a
+shard or worker boundary. Documents that cannot be decoded (or are empty after cleaning) stay
+inputs of the split and end in rejects.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shardify import state
+from shardify.records import Item, Reject, UserError, make_key
+from shardify.sources.base import ListContext, Reader, Source
+from shardify.staging import LocalFileReader, stage_units
+from shardify.text import prepare_document
+from shardify import tokenize as tk
+
+HUB_ID = "Skylion007/openwebtext"
+DEFAULT_SLICES = {"train": [0, 1, 2, 3, 4], "validation": [5]}
+_SLICE_RE = re.compile(r"(?:^|/)urlsf_subset(\d+)\.tar$")
+_ENCODE_BATCH = 256  # documents per tokenizer call while staging
+
+
+def parse_slices(text: str) -> list[int]:
+    """'0-4' -> [0..4]; '5' -> [5]; '0-2,7' -> [0, 1, 2, 7]."""
+    out: list[int] = []
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if "-" in part:
+                a, b = (int(x) for x in part.split("-", 1))
+                if b < a:
+                    raise ValueError
+                out.extend(range(a, b + 1))
+            elif part:
+                out.append(int(part))
+    except ValueError:
+        raise UserError(f"bad slice range {text!r}: use e.g. 0-4, 5 or 0-2,7") from None
+    if not out or any(s < 0 for s in out) or len(set(out)) != len(out):
+        raise UserError(f"bad slice range {text!r}: slices must be distinct numbers >= 0")
+    return out
+
+
+def detect_layout(files: list[str]) -> tuple[str, dict[int, str]]:
+    """('slices' | 'parquet', {slice number: relative path})."""
+    slices = {}
+    for rel in files:
+        m = _SLICE_RE.search(rel)
+        if m:
+            slices[int(m.group(1))] = rel
+    if slices:
+        return "slices", dict(sorted(slices.items()))
+    parquet = sorted(f for f in files if f.endswith(".parquet"))
+    if parquet:
+        return "parquet", dict(enumerate(parquet))
+    raise UserError("no OpenWebText files found: expected subsets/urlsf_subsetNN.tar (slice layout) "
+                    "or *.parquet files with a `text` column (parquet layout)")
+
+
+@dataclass
+class _Streamer:
+    """Streams one slice file (a staging unit); pickles into the staging processes."""
+
+    loc: object
+    layout: str
+    slice_of: dict  # rel path -> slice number
+    clean: bool
+    tokenizer: tk.TokenizerSpec | None = None
+
+    def __call__(self, rel: str):
+        docs = self._documents(rel)
+        if self.tokenizer is None:
+            for key, origin, data, meta in docs:
+                yield key, origin, data, meta
+            return
+        yield from self._tokenised(docs)
+
+    def _documents(self, rel: str):
+        """(key, origin, raw bytes, meta) per document, in file order."""
+        n = self.slice_of[rel]
+        if self.layout == "parquet":
+            yield from self._parquet_documents(rel, n)
+            return
+        with self.loc.open(rel) as f, tarfile.open(fileobj=f, mode="r|") as outer:
+            for member in outer:
+                if not member.isfile() or not member.name.endswith(".xz"):
+                    continue
+                stem = Path(member.name).name[: -len(".xz")]
+                inner_file = outer.extractfile(member)
+                try:
+                    with tarfile.open(fileobj=inner_file, mode="r|xz") as inner:
+                        for doc in inner:
+                            if not doc.isfile():
+                                continue
+                            name = Path(doc.name).name
+                            doc_stem = name.rsplit(".", 1)[0] if "." in name else name
+                            key = make_key(f"{stem}-{doc_stem}")
+                            data = inner.extractfile(doc).read()
+                            yield key, f"{rel}:{member.name}:{doc.name}", data, {
+                                "slice": n, "member": member.name, "document": doc.name}
+                except (tarfile.TarError, EOFError, OSError) as exc:  # lzma errors are OSErrors
+                    # Documents read before the damage are kept; the member itself is recorded.
+                    yield make_key(f"{stem}-unreadable"), f"{rel}:{member.name}", b"", {
+                        "slice": n, "member": member.name,
+                        "reject": "unreadable", "detail": f"{type(exc).__name__}: {exc}"}
+
+    def _parquet_documents(self, rel: str, n: int):
+        import pyarrow.parquet as pq
+
+        stem = make_key(Path(rel).name[: -len(".parquet")])
+        row = 0
+        with self.loc.open(rel) as f:
+            pf = pq.ParquetFile(f)
+            if "text" not in pf.schema_arrow.names:
+                raise UserError(f"{rel} has no `text` column (columns: {pf.schema_arrow.names})")
+            for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    data = (text or "").encode("utf-8", "surrogatepass")
+                    yield f"{stem}-{row:08d}", f"{rel}#{row}", data, {"slice": n, "file": rel, "row": row}
+                    row += 1
+
+    def _tokenised(self, docs):
+        """Clean and tokenise documents in batches; payload = uint32 ids, rejects as metadata."""
+        tk.set_single_threaded()  # one staging process per slice already uses the cores
+        tok = self.tokenizer.load()
+        batch: list = []
+
+        def flush():
+            texts = [text for _, _, text, _ in batch if text is not None]
+            encoded = iter(tk.encode_texts(tok, texts))
+            for key, origin, text, meta in batch:
+                if text is None:
+                    yield key, origin, b"", meta
+                else:
+                    ids = next(encoded)
+                    yield key, origin, ids.tobytes(), {**meta, "chars": len(text), "tokens": len(ids)}
+            batch.clear()
+
+        for key, origin, data, meta in docs:
+            text = None
+            if "reject" not in meta:
+                try:
+                    text = prepare_document(data, self.clean)
+                except Reject as rej:
+                    meta = {**meta, "reject": rej.reason, "detail": rej.detail}
+            batch.append((key, origin, text, meta))
+            if len(batch) >= _ENCODE_BATCH:
+                yield from flush()
+        yield from flush()
+
+
+class _StagedReader(Reader):
+    def __init__(self):
+        self.files = LocalFileReader()
+
+    def read(self, item: Item) -> bytes:
+        if "reject" in item.meta:
+            raise Reject(item.meta["reject"], item.meta.get("detail", ""))
+        return self.files.read_at(*item.loc)
+
+    def close(self) -> None:
+        self.files.close()
+
+
+@dataclass
+class OpenWebTextSource(Source):
+    """OpenWebText from a Location (local copy or hub repo at a resolved commit)."""
+
+    loc: object
+    split_slices: dict = field(default_factory=lambda: dict(DEFAULT_SLICES))
+    clean: bool = True
+    tokenizer: tk.TokenizerSpec | None = None
+    block_size: int = 256
+
+    dataset = "openwebtext"
+
+    def __post_init__(self):
+        self.layout, self.slice_files = detect_layout(self.loc.files)
+        seen: dict[int, str] = {}
+        for split, slices in self.split_slices.items():
+            for s in slices:
+                if s in seen:
+                    raise UserError(f"slice {s} is in both {seen[s]!r} and {split!r}")
+                seen[s] = split
+        self.fields = ("npy", "json") if self.tokenizer else ("txt", "json")
+        self._special = None
+        if self.tokenizer:
+            self._special = tk.special_ids(self.tokenizer.load())
+
+    # -- provenance and options
+    def describe(self) -> dict:
+        return {**self.loc.describe(), "layout": self.layout}
+
+    def options(self) -> dict:
+        opts = {"slices": {s: list(v) for s, v in sorted(self.split_slices.items())},
+                "clean": self.clean, "tokenizer": None}
+        if self.tokenizer:
+            opts["tokenizer"] = {"name": self.tokenizer.name, "files": self.tokenizer.files}
+            opts["block_size"] = self.block_size
+        return opts
+
+    def manifest_extras(self) -> dict:
+        extras = {
+            "slices": {s: list(v) for s, v in sorted(self.split_slices.items())},
+            "slice_files": {str(n): rel for n, rel in self.slice_files.items()},
+            "slice_mapping": ("slice N = subsets/urlsf_subsetNN.tar" if self.layout == "slices"
+                              else "slice N = the N-th *.parquet file in sorted path order"),
+            "cleaning": ("strip lines; drop empty, '---' and NUL lines; collapse 3+ newlines"
+                         if self.clean else None),
+        }
+        if self.tokenizer:
+            sp = self._special
+            extras["tokenizer"] = {
+                "name": self.tokenizer.name, "kind": self.tokenizer.kind,
+                "files_sha256": self.tokenizer.files, "vocab_size": sp.vocab_size,
+                "cls_id": sp.cls, "sep_id": sp.sep, "pad_id": sp.pad,
+                "block_size": self.block_size, "dtype": np.dtype(sp.dtype).name,
+                "packing": "documents concatenated in source order, cut into blocks of "
+                           f"{self.block_size - 2} ids + [CLS]/[SEP]; last block padded with [PAD]",
+            }
+        return extras
+
+    def splits(self) -> list[str]:
+        return list(self.split_slices)
+
+    # -- listing
+    def _units(self, split: str) -> list[str]:
+        missing = [s for s in self.split_slices[split] if s not in self.slice_files]
+        if missing:
+            have = ", ".join(str(s) for s in self.slice_files) or "none"
+            raise UserError(f"split {split!r} needs slices {missing} that the source lacks (it has {have})")
+        return [self.slice_files[s] for s in self.split_slices[split]]
+
+    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
+        units = self._units(split)
+        streamer = _Streamer(self.loc, self.layout, {rel: n for n, rel in self.slice_files.items()},
+                             self.clean, self.tokenizer)
+        workers = getattr(ctx, "workers", 1)
+        docs = stage_units(streamer, units, Path(ctx.stage_dir) / "documents", workers, ctx.progress)
+        if not self.tokenizer:
+            return docs
+        return self._pack(split, docs, Path(ctx.stage_dir))
+
+    def _pack(self, split: str, docs: list[Item], stage_dir: Path) -> list[Item]:
+        """Concatenate the staged ids in document order and stage the blocks."""
+        packer = tk.BlockPacker(self.block_size, self._special)
+        reader = LocalFileReader()
+        items: list[Item] = []
+        stats = {"documents": 0, "rejected_documents": 0, "tokens": 0, "blocks": 0, "padded_tokens": 0}
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        bin_path = stage_dir / "blocks.bin"
+        tmp = stage_dir / f".blocks.bin{state.TMP_MARK}{os.getpid()}"
+        offset = 0
+        first_doc = None  # the document the pending (not yet emitted) tokens start in
+
+        with open(tmp, "wb") as out:
+            def emit(block: np.ndarray, n_tokens: int, first: str) -> None:
+                nonlocal offset
+                data = block.tobytes()
+                out.write(data)
+                index = stats["blocks"]
+                items.append(Item(key=f"{split}-block-{index:09d}", origin=f"tokens from {first}",
+                                  loc=(str(bin_path), offset, len(data)),
+                                  meta={"block": index, "tokens": n_tokens, "first_doc": first}))
+                offset += len(data)
+                stats["blocks"] += 1
+
+            for doc in docs:
+                if "reject" in doc.meta:
+                    stats["rejected_documents"] += 1
+                    items.append(doc)  # stays an input; its reader raises the Reject
+                    continue
+                stats["documents"] += 1
+                ids = np.frombuffer(reader.read_at(*doc.loc), dtype=np.uint32) if doc.loc[2] else \
+                    np.zeros(0, np.uint32)
+                stats["tokens"] += len(ids)
+                if first_doc is None and len(ids):
+                    first_doc = doc.key
+                for block in packer.add(ids):
+                    emit(block, packer.body, first_doc)
+                    first_doc = doc.key  # later blocks start inside this document
+                if packer._pending == 0:
+                    first_doc = None
+            last = packer.finish()
+            if last is not None:
+                block, n = last
+                emit(block, n, first_doc)
+                stats["padded_tokens"] = self.block_size - 2 - n
+        reader.close()
+        os.replace(tmp, bin_path)
+        state.write_json_atomic(stage_dir / "tokens.json", {"split": split, **stats})
+        return items
+
+    # -- reading and encoding (worker processes)
+    def open_reader(self, split: str) -> Reader:
+        return _StagedReader()
+
+    def encode(self, item: Item, payload: bytes) -> dict[str, bytes]:
+        if self.tokenizer:
+            block = np.frombuffer(payload, dtype=self._special.dtype)
+            meta = {"block": item.meta["block"], "tokens": item.meta["tokens"],
+                    "block_size": self.block_size, "first_doc": item.meta["first_doc"]}
+            return {"npy": tk.npy_bytes(block), "json": _json(meta)}
+        text = prepare_document(payload, self.clean)
+        meta = {k: item.meta[k] for k in ("slice", "member", "document", "file", "row") if k in item.meta}
+        meta["chars"] = len(text)
+        return {"txt": text.encode("utf-8"), "json": _json(meta)}
+
+
+def _json(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")
+
+
+def token_stats(out_dir, split: str) -> dict | None:
+    """The token counts listing recorded for a split (None when not pre-tokenised)."""
+    path = state.state_dir(Path(out_dir)) / "stage" / split / "tokens.json"
+    return state.read_json(path) if path.exists() else None
