@@ -116,7 +116,7 @@ def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log)
             last[0] = now
             log(f"  listing {split}: {desc} ({count} inputs so far)")
 
-    items = source.list_items(split, ListContext(stage_dir=stage_dir, progress=progress))
+    items = source.list_items(split, ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress))
     seen: set[str] = set()
     unique: list[Item] = []
     listing_rejects = []

@@ -32,6 +32,7 @@ class ListContext:
     """What a source may use while listing a split."""
 
     stage_dir: Path  # node-local scratch space for staged payloads (uncompressed tars)
+    workers: int  # processes the source may use to list or stage units in parallel
     progress: Callable[[str, int], None]  # progress(description, items_listed_so_far)
 
 

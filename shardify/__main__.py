@@ -1,0 +1,5 @@
+"""`python -m shardify` runs the CLI."""
+
+from shardify.cli import main
+
+main()

@@ -1,0 +1,117 @@
+"""Options and reporting shared by every `shardify <dataset>` command.
+
+`job_options` adds the options every job has (output, order, parallelism, node split, resume,
+reject budget); `execute` runs the job and prints the reconciliation line and a reject summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import sys
+
+import click
+
+from shardify.job import JobOptions, run_job
+from shardify.records import UserError
+
+
+def _slurm_default(kind: str) -> int:
+    """Default node count/rank from a SLURM array job (or a multi-task step), else 1/0."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        if kind == "count":
+            return int(env["SLURM_ARRAY_TASK_COUNT"])
+        return int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env:
+        return int(env["SLURM_NTASKS"]) if kind == "count" else int(env["SLURM_PROCID"])
+    return 1 if kind == "count" else 0
+
+
+def job_options(func):
+    """Add the shared job options; the command receives `out`, `job` (JobOptions), `max_reject_rate`,
+    `source_dir` and `revision`."""
+    options = [
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+                     help="Output directory for shards, manifest.json, sizes.json, rejects.jsonl."),
+        click.option("--source", "source_dir", type=click.Path(), default=None,
+                     help="Read a local directory laid out like the hub repo instead of the hub."),
+        click.option("--revision", default=None,
+                     help="Hub revision (branch, tag or commit); default main, recorded as a commit."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the order of samples across shards."),
+        click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(min=1)),
+        click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+                     help="Parallel worker processes on this node."),
+        click.option("--num-nodes", default=None, type=click.IntRange(min=1),
+                     help="Invocations sharing the job (default: from a SLURM array, else 1)."),
+        click.option("--node-rank", default=None, type=click.IntRange(min=0),
+                     help="This invocation's index (default: from a SLURM array, else 0)."),
+        click.option("--overwrite", is_flag=True, help="Start over when DIR holds shards written with other options."),
+        click.option("--max-reject-rate", default=0.01, show_default=True, type=click.FloatRange(0, 1),
+                     help="Exit with status 1 when more than this share of inputs is rejected."),
+        click.option("--no-progress", is_flag=True, help="No progress bar."),
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args, seed, samples_per_shard, workers, num_nodes, node_rank, overwrite, no_progress, **kwargs):
+        num_nodes = num_nodes if num_nodes is not None else _slurm_default("count")
+        node_rank = node_rank if node_rank is not None else _slurm_default("rank")
+        job = JobOptions(seed=seed, samples_per_shard=samples_per_shard, workers=workers,
+                         num_nodes=num_nodes, node_rank=node_rank, overwrite=overwrite,
+                         progress=not no_progress)
+        return func(*args, job=job, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def execute(source, out: str, splits: list[str], job: JobOptions, max_reject_rate: float) -> dict | None:
+    """Run the job, print what happened, and exit 1 when the reject budget is exceeded."""
+    manifest = run_job(source, out, splits, job)
+    if manifest is None:
+        return None
+    report(manifest, out)
+    check_reject_rate(manifest, max_reject_rate)
+    return manifest
+
+
+def report(manifest: dict, out: str) -> None:
+    for split, info in manifest["splits"].items():
+        click.echo(f"{split}: inputs = written + rejected: {info['inputs']} = {info['samples']} + "
+                   f"{info['rejected']} ({len(info['shards'])} shards, {info['bytes'] / 1e6:.1f} MB)")
+    reasons = collections.Counter()
+    rejects_path = os.path.join(out, "rejects.jsonl")
+    if os.path.exists(rejects_path):
+        import json
+
+        with open(rejects_path, encoding="utf-8") as f:
+            reasons.update(json.loads(line)["reason"] for line in f if line.strip())
+    if reasons:
+        click.echo("rejected: " + ", ".join(f"{r} {n}" for r, n in reasons.most_common())
+                   + f" (see {rejects_path})")
+    click.echo(f"wrote {out}/manifest.json")
+
+
+def check_reject_rate(manifest: dict, max_reject_rate: float) -> None:
+    totals = manifest["totals"]
+    rate = totals["rejected"] / totals["inputs"] if totals["inputs"] else 0.0
+    if rate > max_reject_rate:
+        click.echo(f"error: {rate:.2%} of inputs were rejected, above --max-reject-rate "
+                   f"{max_reject_rate:.2%}; the shards are written, see rejects.jsonl", err=True)
+        sys.exit(1)
+
+
+class FriendlyGroup(click.Group):
+    """A click group that prints UserError as one line (exit 2) instead of a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: rerun the same command to resume", err=True)
+            sys.exit(130)

@@ -1,0 +1,117 @@
+"""manifest.json: merge the per-shard stats of all nodes into the dataset's single source of truth.
+
+`finalize` runs at the end of a single-node job and as `shardify finalize DIR` after a
+multi-node one. It refuses to write a manifest unless every planned shard is present exactly
+once with the planned inputs (checked through per-shard key digests), and inputs = written +
+rejected holds per shard, per split and in total. Then it writes rejects.jsonl, sizes.json and,
+last and atomically, manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from shardify import plan as planning
+from shardify import state
+from shardify.records import UserError
+
+MANIFEST = "manifest.json"
+
+
+def finalize(out_dir) -> dict:
+    out_dir = Path(out_dir)
+    sdir = state.state_dir(out_dir)
+    if not (sdir / "job.json").exists():
+        raise UserError(f"{out_dir} holds no shardify job (no {state.STATE_DIR}/job.json)")
+    job = state.read_json(sdir / "job.json")
+    plans = sorted(sdir.glob("plan-*.json"))
+    if not plans:
+        raise UserError(f"{out_dir}: no split has been planned yet; run the shardify command first")
+    problems: list[str] = []
+    splits: dict = {}
+    rejects: list[dict] = []
+    sizes: dict = {}
+    for plan_path in plans:
+        plan = state.read_json(plan_path)
+        split = plan["split"]
+        n_nodes = _node_count(sdir, split)
+        shards = []
+        rejects.extend(plan["listing_rejects"])
+        for i in range(plan["shards"]):
+            name = planning.shard_name(split, i)
+            stats_path = sdir / "shards" / f"{name}.json"
+            tar_path = out_dir / f"{name}.tar"
+            if not stats_path.exists() or not tar_path.exists():
+                who = f"node {i % n_nodes} of {n_nodes}" if n_nodes else "no node"
+                problems.append(f"{name}.tar is missing ({who} has not finished it)")
+                continue
+            st = state.read_json(stats_path)
+            if os.path.getsize(tar_path) != st["bytes"]:
+                problems.append(f"{name}.tar has {os.path.getsize(tar_path)} bytes, its stats say {st['bytes']}")
+            if st["key_digest"] != plan["key_digests"][i]:
+                problems.append(f"{name}.tar does not hold the planned inputs (written with another plan?)")
+            if st["samples"] + st["rejected"] != st["inputs"]:
+                problems.append(f"{name}.tar: {st['inputs']} inputs != {st['samples']} written + {st['rejected']} rejected")
+            rejects.extend(st["rejects"])
+            sizes[st["name"]] = st["samples"]
+            shards.append({k: st[k] for k in ("name", "samples", "inputs", "rejected", "bytes",
+                                               "sha256", "first_key", "last_key")})
+        summary = _sum(shards)
+        summary["inputs"] += len(plan["listing_rejects"])
+        summary["rejected"] += len(plan["listing_rejects"])
+        if summary["inputs"] != plan["inputs"] and not problems:
+            problems.append(f"{split}: {summary['inputs']} inputs accounted for, {plan['inputs']} listed")
+        splits[split] = {**summary, "shards": shards}
+    if problems:
+        raise UserError(f"cannot finalize {out_dir}: " + "; ".join(problems[:20])
+                        + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    totals = _sum(splits.values())
+    manifest = {
+        "schema_version": job["fingerprint"]["schema_version"],
+        "tool": job["tool"],
+        "dataset": job["fingerprint"]["dataset"],
+        "source": job["source"],
+        "options": {"seed": job["fingerprint"]["seed"],
+                    "samples_per_shard": job["fingerprint"]["samples_per_shard"],
+                    **job["fingerprint"]["source_options"]},
+        "fields": job["fields"],
+        **job["extras"],
+        "splits": splits,
+        "totals": totals,
+    }
+    _write_text_atomic(out_dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+    state.write_json_atomic(out_dir / "sizes.json", dict(sorted(sizes.items())))
+    state.write_json_atomic(out_dir / MANIFEST, manifest)  # last: its presence means "complete"
+    return manifest
+
+
+def _sum(parts) -> dict:
+    keys = ("samples", "inputs", "rejected", "bytes")
+    return {k: sum(p[k] for p in parts) for k in keys}
+
+
+def _node_count(sdir: Path, split: str) -> int | None:
+    """The node count the split was run with, from the nodes' partial records."""
+    counts = {state.read_json(p)["num_nodes"] for p in (sdir / "nodes").glob(f"{split}-node-*.json")}
+    return max(counts) if counts else None
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}{state.TMP_MARK}{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_manifest(path) -> tuple[dict, Path]:
+    """Read a manifest given the file or its directory; return (manifest, directory)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.exists():
+        raise UserError(f"{path}: no manifest.json (is the job finished? run `shardify finalize`)")
+    try:
+        return state.read_json(path), path.parent
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None

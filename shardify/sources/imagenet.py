@@ -1,0 +1,290 @@
+"""ImageNet-1k (ILSVRC 2012) in every layout it has had, on the hub or in a local directory.
+
+Layouts, recognised from the file list:
+- `archives`: `data/train_images_{0..4}.tar.gz`, `data/val_images.tar.gz`,
+  `data/test_images.tar.gz` with members `<image_id>_<synset>.JPEG` (the hub's loading-script
+  era). Streamed once and staged (gzip has no random access).
+- `parquet`: `data/{split}-NNNNN-of-NNNNN.parquet` with columns `image` {bytes, path} and
+  `label` (the hub's parquet conversion). Streamed by record batch and staged.
+- `wds`: a WebDataset mirror like `timm/imagenet-1k-wds` (`*-train-NNNN.tar`,
+  `*-validation-NNNN.tar` with `jpg`/`cls` members). Local tars are read in place.
+- `imagefolder`: the classic `train/<synset>/*.JPEG`, `val/<synset>/*.JPEG` tree (local only).
+
+Labels are the position of the synset in the canonical sorted list of the 1000 synsets
+(shardify/data/imagenet_classes.tsv), so every layout gives the same `cls` for an image.
+Keys are the original image ids (`n01440764_10026`, `ILSVRC2012_val_00000001`).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import re
+import tarfile
+from importlib import resources
+
+from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
+from shardify.records import Item, Reject, UserError, make_key
+from shardify.sources.base import ListContext, Reader, Source
+from shardify.staging import LocalFileReader, stage_units
+from shardify.storage import Location
+
+HUB_ID = "ILSVRC/imagenet-1k"
+SPLITS = ("train", "validation", "test")
+_SYNSET_SUFFIX = re.compile(r"_(n\d{8})$")
+_SYNSET = re.compile(r"^n\d{8}$")
+_IMAGE_EXT = (".jpeg", ".jpg", ".png")
+
+
+@functools.cache
+def imagenet_classes() -> tuple[list[str], list[str]]:
+    """(synsets, names) in canonical order: label i is synsets[i]."""
+    text = resources.files("shardify").joinpath("data/imagenet_classes.tsv").read_text("utf-8")
+    rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
+    return [r[0] for r in rows], [r[1] for r in rows]
+
+
+@functools.cache
+def _synset_index() -> dict[str, int]:
+    return {s: i for i, s in enumerate(imagenet_classes()[0])}
+
+
+def _split_image_name(stem: str) -> tuple[str, str | None]:
+    """'n01440764_10026_n01440764' -> ('n01440764_10026', 'n01440764'); no suffix -> (stem, None)."""
+    m = _SYNSET_SUFFIX.search(stem)
+    if m and m.start() > 0:
+        return stem[: m.start()], m.group(1)
+    return stem, None
+
+
+def _basename_stem(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def detect_layout(files: list[str]) -> str:
+    if any(re.fullmatch(r"data/(train_images_\d+|val_images|test_images)\.tar\.gz", f) for f in files):
+        return "archives"
+    if any(f.endswith(".parquet") for f in files):
+        return "parquet"
+    if any(re.search(r"-(train|validation|val)-\d+\.tar$", f) for f in files):
+        return "wds"
+    if any(re.match(r"(train|val|validation)/n\d{8}/", f) for f in files):
+        return "imagefolder"
+    raise UserError(
+        "cannot recognise an ImageNet layout here: expected data/*_images*.tar.gz archives, "
+        "parquet files, a WebDataset mirror (*-train-NNNN.tar) or train/<synset>/*.JPEG folders"
+    )
+
+
+class ImageNetSource(Source):
+    """ImageNet-1k from a Location (hub repo at a commit, or a local directory)."""
+
+    dataset = "imagenet"
+    fields = ("cls", "jpg", "json")
+
+    def __init__(self, location: Location, max_pixels: int = DEFAULT_MAX_PIXELS, layout: str | None = None):
+        self.loc = location
+        self.layout = layout or detect_layout(location.files)
+        self.max_pixels = max_pixels
+        if self.layout == "imagefolder" and location.local_path is None:
+            raise UserError("the imagefolder layout is only supported for a local --source DIR")
+
+    # ---- description
+    def describe(self) -> dict:
+        return {**self.loc.describe(), "id": self.loc.repo_id or HUB_ID, "layout": self.layout}
+
+    def options(self) -> dict:
+        return {"max_pixels": self.max_pixels}
+
+    def manifest_extras(self) -> dict:
+        synsets, names = imagenet_classes()
+        return {"classes": synsets, "class_names": names}
+
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if self._split_files(s)]
+
+    def _split_files(self, split: str) -> list[str]:
+        files = self.loc.files
+        if self.layout == "archives":
+            pattern = {"train": r"data/train_images_\d+\.tar\.gz", "validation": r"data/val_images\.tar\.gz",
+                       "test": r"data/test_images\.tar\.gz"}[split]
+            chosen = [f for f in files if re.fullmatch(pattern, f)]
+            return sorted(chosen, key=lambda f: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", f)])
+        if self.layout == "parquet":
+            return [f for f in files if f.endswith(".parquet")
+                    and re.search(rf"(^|/)({split})(-\d+-of-\d+|/[^/]*|-[^/]*)\.parquet$", f)]
+        if self.layout == "wds":
+            names = {"validation": ("validation", "val")}.get(split, (split,))
+            return [f for f in files if re.search(rf"-({'|'.join(names)})-\d+\.tar$", f)]
+        # imagefolder
+        dirs = {"validation": ("val", "validation")}.get(split, (split,))
+        return [f for f in files if f.split("/", 1)[0] in dirs and f.lower().endswith(_IMAGE_EXT)]
+
+    # ---- listing
+    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
+        items = self._list(split, ctx)
+        if split == "test":  # ImageNet's test labels are unknown by design: not a reject
+            for item in items:
+                item.meta["test"] = True
+        return items
+
+    def _list(self, split: str, ctx: ListContext) -> list[Item]:
+        files = self._split_files(split)
+        if self.layout == "imagefolder":
+            items = []
+            for rel in files:
+                synset = rel.split("/")[1]
+                items.append(Item(key=make_key(_basename_stem(rel)), origin=rel,
+                                  loc=(self.loc.path(rel), 0, None), meta={"synset": synset}))
+            return items
+        if self.layout == "wds" and self.loc.local_path is not None:
+            return [it for rel in files for it in self._list_local_wds(rel)]
+        return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir,
+                           ctx.workers, ctx.progress)
+
+    def _stream_unit(self, split: str, rel: str):
+        """Yield (key, origin, payload, meta) for every image of one archive/parquet/tar unit."""
+        if self.layout == "archives":
+            with self.loc.open(rel) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+                for member in tar:
+                    if not member.isfile() or not member.name.lower().endswith(_IMAGE_EXT):
+                        continue
+                    key, synset = _split_image_name(_basename_stem(member.name))
+                    payload = tar.extractfile(member).read()
+                    yield make_key(key), f"{rel}:{member.name}", payload, {"synset": synset}
+        elif self.layout == "parquet":
+            yield from self._stream_parquet(split, rel)
+        else:  # remote wds tar: stream and stage
+            for key, origin, data, meta in self._iter_wds(rel, self.loc.open(rel)):
+                yield key, origin, data, meta
+
+    def _stream_parquet(self, split: str, rel: str):
+        import pyarrow.parquet as pq
+
+        with self.loc.open(rel) as raw:
+            pf = pq.ParquetFile(raw)
+            names = pf.schema_arrow.names
+            if "image" not in names:
+                raise UserError(f"{rel}: parquet file has no 'image' column (columns: {names})")
+            columns = ["image"] + (["label"] if "label" in names else [])
+            row = 0
+            for batch in pf.iter_batches(batch_size=256, columns=columns):
+                images = batch.column("image").to_pylist()
+                labels = batch.column("label").to_pylist() if "label" in columns else [None] * len(images)
+                for image, label in zip(images, labels):
+                    image = image or {}
+                    path = image.get("path") or ""
+                    key, synset = _split_image_name(_basename_stem(path)) if path else (f"{split}_{rel_stem(rel)}_{row:07d}", None)
+                    payload = image.get("bytes") or b""
+                    yield make_key(key), f"{rel}#{row}", payload, {"synset": synset, "label": label}
+                    row += 1
+
+    def _iter_wds(self, rel: str, fileobj):
+        """Group a WebDataset tar's members by key; yield one image per sample with its label."""
+        with fileobj, tarfile.open(fileobj=fileobj, mode="r|") as tar:
+            current, parts = None, {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                base = member.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                if key != current and current is not None:
+                    yield self._wds_sample(rel, current, parts)
+                    parts = {}
+                current = key
+                parts[ext.lower()] = (member, tar.extractfile(member).read())
+            if current is not None:
+                yield self._wds_sample(rel, current, parts)
+
+    def _wds_sample(self, rel: str, key: str, parts: dict):
+        image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+        meta = {"synset": None, "label": None}
+        if "cls" in parts:
+            try:
+                meta["label"] = int(parts["cls"][1].strip())
+            except ValueError:
+                meta["label"] = None
+        return make_key(key), f"{rel}:{key}", image[1] if image else b"", meta
+
+    def _list_local_wds(self, rel: str) -> list[Item]:
+        """Local mirror tars are read in place: list members with their data offsets."""
+        path = self.loc.path(rel)
+        items = []
+        with tarfile.open(path, mode="r:") as tar:
+            groups: dict[str, dict] = {}
+            order: list[str] = []
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                if key not in groups:
+                    groups[key] = {}
+                    order.append(key)
+                groups[key][ext.lower()] = member
+            for key in order:
+                parts = groups[key]
+                image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+                label = None
+                if "cls" in parts:
+                    try:
+                        label = int(tar.extractfile(parts["cls"]).read().strip())
+                    except ValueError:
+                        label = None
+                loc = (path, image.offset_data, image.size) if image else (path, 0, 0)
+                items.append(Item(key=make_key(key), origin=f"{rel}:{key}", loc=loc,
+                                  meta={"synset": None, "label": label}))
+        return items
+
+    # ---- reading and encoding (worker side)
+    def open_reader(self, split: str) -> Reader:
+        return _ImageNetReader()
+
+    def encode(self, item: Item, payload: bytes) -> dict[str, bytes]:
+        label = _label(item)  # before decoding: a sample without a label is rejected cheaply
+        jpeg, info = normalise_image(payload, self.max_pixels)
+        meta = {"source": item.origin, **info}
+        fields = {"jpg": jpeg}
+        if label is not None:
+            meta["synset"] = imagenet_classes()[0][label]
+            fields["cls"] = str(label).encode()
+        fields["json"] = json.dumps(meta, sort_keys=True).encode()
+        return fields
+
+
+def _label(item: Item) -> int | None:
+    """The canonical class index of an item; None for the (unlabelled) test split."""
+    if item.meta.get("test"):
+        return None
+    label, synset = item.meta.get("label"), item.meta.get("synset")
+    n_classes = len(imagenet_classes()[0])
+    if label is not None and label >= 0:
+        if label >= n_classes:
+            raise Reject("no_label", f"label {label} is outside 0..{n_classes - 1}")
+        return int(label)
+    if synset:
+        index = _synset_index().get(synset)
+        if index is None:
+            raise Reject("no_label", f"unknown synset {synset!r}")
+        return index
+    raise Reject("no_label", "the input has no class label")
+
+
+def rel_stem(rel: str) -> str:
+    return make_key(_basename_stem(rel))
+
+
+class _ImageNetReader(Reader):
+    def __init__(self):
+        self._files = LocalFileReader()
+
+    def read(self, item: Item) -> bytes:
+        path, offset, size = item.loc
+        if size is None:
+            with open(path, "rb") as f:
+                return f.read()
+        return self._files.read_at(path, offset, size)
+
+    def close(self) -> None:
+        self._files.close()
