@@ -216,3 +216,132 @@ def write_url_list(path, rows: list[dict]) -> None:
             w = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
             w.writeheader()
             w.writerows(rows)
+
+
+# ---------------------------------------------------------------- a misbehaving image server
+class ImageServer:
+    """A local HTTP server on 127.0.0.1 with every kind of answer the downloader must survive.
+
+    Paths: /good/N.jpg, /png/N.png, /tiny.jpg (1x1 placeholder), /html.jpg (HTML as image/jpeg),
+    /bomb.png (decompression bomb), /gzip-bomb.jpg, /big.jpg (Content-Length over the limit),
+    /big-stream.jpg (no length, endless), /404, /403, /429, /500, /flaky/ID.jpg (500 then 200),
+    /slow.jpg (answers after `slow_s`), /dribble.jpg (one byte at a time), /reset.jpg (drops the
+    connection), /loop-a (redirect loop), /to-file (redirect to file:), /redirect/N.jpg (to
+    /good/N.jpg). `hits` counts requests per path.
+    """
+
+    def __init__(self, slow_s: float = 3.0):
+        import http.server
+        import threading
+
+        self.hits: dict = {}
+        self.slow_s = slow_s
+        self._stop = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _send(self, status, body=b"", ctype="image/jpeg", headers=()):
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self):  # noqa: C901 - one branch per misbehaviour, on purpose
+                import gzip
+                import time
+
+                p = self.path
+                server.hits[p] = server.hits.get(p, 0) + 1
+                try:
+                    if p.startswith("/good/"):
+                        n = int(p.split("/")[-1].split(".")[0])
+                        self._send(200, jpeg_bytes(40 + n % 7, 30, _color(n)))
+                    elif p.startswith("/png/"):
+                        self._send(200, png_bytes(), "image/png")
+                    elif p == "/tiny.jpg":
+                        self._send(200, jpeg_bytes(1, 1))
+                    elif p == "/html.jpg":
+                        self._send(200, b"<!DOCTYPE html><html><body>gone</body></html>")
+                    elif p == "/bomb.png":
+                        self._send(200, bomb_png(), "image/png")
+                    elif p == "/gzip-bomb.jpg":
+                        body = gzip.compress(b"\0" * 50_000_000, compresslevel=9)
+                        self._send(200, body, headers=[("Content-Encoding", "gzip")])
+                    elif p == "/big.jpg":
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(500_000_000))
+                        self.end_headers()
+                        self.wfile.write(b"\xff\xd8\xff" + b"\0" * 1000)
+                    elif p == "/big-stream.jpg":
+                        self.send_response(200)
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        chunk = b"\xff" * 65536
+                        for _ in range(2000):
+                            if server._stop.is_set():
+                                break
+                            self.wfile.write(chunk)
+                    elif p in ("/404", "/403", "/429", "/500"):
+                        self._send(int(p[1:]), b"no", "text/plain", [("Retry-After", "0")])
+                    elif p.startswith("/flaky/"):
+                        if server.hits[p] == 1:
+                            self._send(500, b"try again", "text/plain")
+                        else:
+                            n = int(p.split("/")[-1].split(".")[0])
+                            self._send(200, jpeg_bytes(33, 22, _color(n)))
+                    elif p == "/slow.jpg":
+                        server._stop.wait(server.slow_s)
+                        self._send(200, jpeg_bytes())
+                    elif p == "/dribble.jpg":
+                        body = jpeg_bytes()
+                        self.send_response(200)
+                        self.send_header("Content-Length", str(len(body)))
+                        self.end_headers()
+                        for i in range(len(body)):
+                            if server._stop.wait(0.05):
+                                break
+                            self.wfile.write(body[i:i + 1])
+                            self.wfile.flush()
+                    elif p == "/reset.jpg":
+                        import socket
+                        import struct
+
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.connection.close()
+                    elif p == "/loop-a":
+                        self._send(302, b"", headers=[("Location", "/loop-b")])
+                    elif p == "/loop-b":
+                        self._send(302, b"", headers=[("Location", "/loop-a")])
+                    elif p == "/to-file":
+                        self._send(302, b"", headers=[("Location", "file:///etc/passwd")])
+                    elif p.startswith("/redirect/"):
+                        self._send(301, b"", headers=[("Location", "/good/" + p.split("/")[-1])])
+                    else:
+                        self._send(404, b"unknown", "text/plain")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
