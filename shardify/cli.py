@@ -89,5 +89,11 @@ def inspect_(directory, grid, split, count):
         click.echo(f"wrote {grid} ({n} images)")
 
 
+from shardify.cli_openwebtext import openwebtext  # noqa: E402
+from shardify.cli_pairs import pairs  # noqa: E402
+
+main.add_command(openwebtext)
+main.add_command(pairs)
+
 if __name__ == "__main__":
     main()

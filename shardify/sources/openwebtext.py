@@ -339,3 +339,23 @@ def token_stats(out_dir, split: str) -> dict | None:
     """The token counts listing recorded for a split (None when not pre-tokenised)."""
     path = state.state_dir(Path(out_dir)) / "stage" / split / "tokens.json"
     return state.read_json(path) if path.exists() else None
+
+
+def record_token_counts(out_dir) -> dict:
+    """Add the token counts of every pre-tokenised split to manifest.json (atomically).
+
+    The counts are known only after listing, while the manifest's source entries are fixed
+    before it, so they are added once the manifest is final: {"tokens": {split: counts}}.
+    """
+    out = Path(out_dir)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    tokens = {}
+    for split in manifest.get("splits", {}):
+        stats = token_stats(out, split)
+        if stats:
+            tokens[split] = {k: v for k, v in stats.items() if k != "split"}
+    if tokens:
+        manifest["tokens"] = tokens
+        state.write_json_atomic(manifest_path, manifest)
+    return tokens

@@ -1,0 +1,77 @@
+"""`shardify openwebtext`: OpenWebText slices to text shards (documents or packed token blocks).
+
+    shardify openwebtext --out shards/owt --split train --slices 0-4
+    shardify openwebtext --out shards/owt --split validation --slices 5
+    shardify openwebtext --out shards/owt-tok --split train --tokenizer bert-base-uncased --block-size 256
+"""
+
+from __future__ import annotations
+
+import click
+
+from shardify.cli_common import execute, job_options
+
+
+def openwebtext_source(source_dir, revision, split_slices, clean, tokenizer, block_size):
+    """Build the source: local copy (either layout) or the hub repo at a resolved revision."""
+    from shardify.sources.openwebtext import HUB_ID, OpenWebTextSource
+    from shardify.storage import hub_location, local_location
+    from shardify.tokenize import resolve_tokenizer
+
+    spec = resolve_tokenizer(tokenizer) if tokenizer else None
+    location = local_location(source_dir, repo_id=None) if source_dir else hub_location(HUB_ID, revision)
+    return OpenWebTextSource(location, split_slices, clean=clean, tokenizer=spec, block_size=block_size)
+
+
+def slice_mapping(splits: list[str], slices: str | None, split_slices: tuple[str, ...]) -> dict:
+    """The split -> slices mapping from the options (see --help)."""
+    from shardify.records import UserError
+    from shardify.sources.openwebtext import DEFAULT_SLICES, parse_slices
+
+    mapping = {k: list(v) for k, v in DEFAULT_SLICES.items()}
+    if split_slices:
+        mapping = {}
+        for spec in split_slices:
+            name, sep, rng = spec.partition("=")
+            if not sep or not name:
+                raise UserError(f"--split-slices {spec!r}: use SPLIT=RANGE, e.g. train=0-4")
+            mapping[name] = parse_slices(rng)
+    if slices is not None:
+        if len(splits) != 1:
+            raise UserError("--slices applies to one --split; use --split-slices for several")
+        mapping[splits[0]] = parse_slices(slices)
+    for s in splits:
+        if s not in mapping:
+            raise UserError(f"no slices for split {s!r}: pass --slices RANGE or --split-slices {s}=RANGE")
+    return mapping
+
+
+@click.command("openwebtext")
+@job_options
+@click.option("--split", "splits", multiple=True,
+              help="Split to write (repeatable). Default: train.")
+@click.option("--slices", default=None,
+              help="Slices of --split, e.g. 0-4 or 5 or 0-2,7. Defaults: train 0-4, validation 5.")
+@click.option("--split-slices", multiple=True,
+              help="Whole mapping, repeatable: --split-slices train=0-5 --split-slices validation=6. "
+                   "Jobs into one --out must use the same mapping.")
+@click.option("--no-clean", is_flag=True, help="Write documents as decoded, without the reference cleaning.")
+@click.option("--tokenizer", default=None,
+              help="Pre-tokenise with this fast tokenizer (tokenizer.json, vocab.txt, a directory, or a hub "
+                   "model id) and pack documents into blocks; samples become npy blocks.")
+@click.option("--block-size", default=256, show_default=True, type=click.IntRange(min=3),
+              help="Ids per block including [CLS] and [SEP].")
+def openwebtext(out, job, max_reject_rate, source_dir, revision, splits, slices, split_slices, no_clean,
+                tokenizer, block_size):
+    """OpenWebText (Skylion007/openwebtext) to shards: txt + json per document, or npy token blocks."""
+    from shardify.sources.openwebtext import record_token_counts
+
+    chosen = list(splits) or ["train"]
+    mapping = slice_mapping(chosen, slices, split_slices)
+    source = openwebtext_source(source_dir, revision, mapping, not no_clean, tokenizer, block_size)
+    manifest = execute(source, out, chosen, job, max_reject_rate)
+    if manifest is not None and tokenizer:
+        tokens = record_token_counts(out)
+        for split, t in tokens.items():
+            click.echo(f"{split}: {t['tokens']} tokens from {t['documents']} documents in {t['blocks']} blocks "
+                       f"of {block_size}")

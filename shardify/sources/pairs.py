@@ -1,0 +1,213 @@
+"""Image-text pairs: what every pair dataset shares (sample encoding, reading, registry).
+
+A pair sample is `jpg` (the image, normalised like ImageNet's: GPU-decodable JPEG, original
+bytes kept when they already are one), `txt` (the caption, UTF-8) and `json` (image id,
+source, original url when there is one, width, height, format, how it was changed).
+
+The datasets are peer modules with the same shape:
+- pairs_zip.py   COCO Karpathy (COCO 2014 zips + dataset_coco.json), Flickr30k (nlphuji zip + csv)
+- pairs_wds.py   CC3M / CC12M from the pixparse WebDataset mirrors (re-sharded, not re-encoded)
+- pairs_urls.py  URL-only lists (conceptual_captions, sbu, any csv/tsv/parquet/jsonl), downloaded
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
+from shardify.records import Item, Reject, UserError
+from shardify.sources.base import Reader
+from shardify.staging import LocalFileReader
+
+PAIR_FIELDS = ("jpg", "txt", "json")
+RESIZE_QUALITY = 95
+
+
+@dataclass
+class ImageOptions:
+    """Image options shared by every pair dataset (all change bytes: in the fingerprint)."""
+
+    max_side: int | None = None  # downscale so the longer side is at most this (None: keep)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # reject images above this many pixels (bombs)
+    min_side: int = 10  # reject images whose shorter side is below this (1-pixel placeholders)
+
+    def to_dict(self) -> dict:
+        return {"max_side": self.max_side, "max_pixels": self.max_pixels, "min_side": self.min_side}
+
+
+def _resize(jpeg: bytes, max_side: int) -> tuple[bytes, int, int]:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(jpeg))
+    w, h = img.size
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    img = img.convert("L" if img.mode == "L" else "RGB").resize(size, Image.Resampling.BICUBIC)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=RESIZE_QUALITY)
+    return out.getvalue(), size[0], size[1]
+
+
+def encode_pair(item: Item, payload: bytes, opts: ImageOptions, source_name: str) -> dict[str, bytes]:
+    """jpg/txt/json fields of one pair, or raise Reject."""
+    caption = item.meta.get("caption")
+    if not isinstance(caption, str) or not caption.strip():
+        raise Reject("no_caption", "the caption is missing or empty")
+    from shardify.download import check_image_bytes
+
+    check_image_bytes(payload)
+    jpeg, info = normalise_image(payload, opts.max_pixels)
+    width, height = info["width"], info["height"]
+    if min(width, height) < opts.min_side:
+        raise Reject("placeholder", f"{width}x{height} image (shorter side below --min-side {opts.min_side})")
+    meta = {"source": source_name, "origin": item.origin, "format": info["format"]}
+    if "reencoded_from" in info:
+        meta["reencoded_from"] = info["reencoded_from"]
+    if opts.max_side and max(width, height) > opts.max_side:
+        meta["resized_from"] = [width, height]
+        jpeg, width, height = _resize(jpeg, opts.max_side)
+    meta.update(width=width, height=height)
+    for k in ("image_id", "url", "caption_index", "sentid", "karpathy_split", "filename", "orig_key"):
+        if item.meta.get(k) is not None:
+            meta[k] = item.meta[k]
+    return {"jpg": jpeg, "txt": caption.encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
+
+
+class PairFileReader(Reader):
+    """Reads images from zips, byte ranges of tars (local or hub) and staged files.
+
+    Item.loc is ("zip", rel, member) | ("range", rel, offset, size) | ("staged", path, offset, size);
+    an item listed with meta["reject"] raises that reject.
+    """
+
+    def __init__(self, loc):
+        self.loc = loc
+        self._zips: dict = {}
+        self._files: dict = {}
+        self._staged = LocalFileReader()
+
+    def read(self, item: Item) -> bytes:
+        if "reject" in item.meta:
+            raise Reject(item.meta["reject"], item.meta.get("detail", ""))
+        kind = item.loc[0]
+        if kind == "zip":
+            _, rel, member = item.loc
+            z = self._zips.get(rel)
+            if z is None:
+                z = self._zips[rel] = zipfile.ZipFile(self.loc.open(rel))
+            try:
+                return z.read(member)
+            except KeyError:
+                raise Reject("missing", f"{member} is not in {rel}") from None
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+                raise Reject("unreadable", f"{rel}:{member}: {type(exc).__name__}: {exc}") from None
+        if kind == "range":
+            _, rel, offset, size = item.loc
+            f = self._files.get(rel)
+            if f is None:
+                f = self._files[rel] = self.loc.open(rel)
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise Reject("truncated", f"{rel}: {len(data)} of {size} bytes at {offset}")
+            return data
+        if kind == "staged":
+            return self._staged.read_at(*item.loc[1:])
+        raise ValueError(f"unknown item location {item.loc!r}")
+
+    def close(self) -> None:
+        for z in self._zips.values():
+            z.close()
+        for f in self._files.values():
+            f.close()
+        self._zips.clear()
+        self._files.clear()
+        self._staged.close()
+
+
+def find_file(files: list[str], basename: str) -> str | None:
+    """The shortest path in `files` whose last component is `basename`."""
+    hits = sorted((f for f in files if f.rsplit("/", 1)[-1] == basename), key=lambda f: (f.count("/"), f))
+    return hits[0] if hits else None
+
+
+# name -> (module, class); datasets are imported only when chosen
+DATASETS = {
+    "coco-karpathy": ("shardify.sources.pairs_zip", "CocoKarpathySource"),
+    "flickr30k": ("shardify.sources.pairs_zip", "Flickr30kSource"),
+    "cc3m": ("shardify.sources.pairs_wds", "CC3MSource"),
+    "cc12m": ("shardify.sources.pairs_wds", "CC12MSource"),
+    "conceptual_captions": ("shardify.sources.pairs_urls", "ConceptualCaptionsSource"),
+    "sbu": ("shardify.sources.pairs_urls", "SBUSource"),
+    "urls": ("shardify.sources.pairs_urls", "UrlListSource"),
+}
+
+
+def source_class(name: str):
+    import importlib
+
+    if name not in DATASETS:
+        raise UserError(f"unknown pair dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    module, cls = DATASETS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def prepare_retry(out_dir) -> list[str]:
+    """Make the shards that hold download rejects unfinished, so that a rerun rewrites them.
+
+    Returns their names. The manifest goes too (it no longer describes the directory until the
+    rerun finalizes again). Shards without download failures are kept as they are.
+    """
+    from pathlib import Path
+
+    from shardify import state
+    from shardify.download import is_download_reason
+
+    out = Path(out_dir)
+    names = []
+    for stats_path in sorted((state.state_dir(out) / "shards").glob("*.json")):
+        stats = state.read_json(stats_path)
+        if any(is_download_reason(r["reason"]) for r in stats.get("rejects", [])):
+            stem = stats["name"][: -len(".tar")]
+            (out / f"{stem}.tar").unlink(missing_ok=True)  # first: the shard is no longer done
+            (out / f"{stem}.idx").unlink(missing_ok=True)
+            stats_path.unlink()
+            names.append(stats["name"])
+    if names:
+        (out / "manifest.json").unlink(missing_ok=True)
+    return names
+
+
+def download_summary(out_dir) -> str | None:
+    """'downloaded 812 of 1000 (81.2%); top errors: http_404 120, timeout 40, ...' or None."""
+    from pathlib import Path
+
+    from shardify.download import is_download_reason
+
+    out = Path(out_dir)
+    manifest_path = out / "manifest.json"
+    if not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    totals = manifest["totals"]
+    reasons: dict[str, int] = {}
+    rejects_path = out / "rejects.jsonl"
+    if rejects_path.exists():
+        for line in rejects_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                r = json.loads(line)["reason"]
+                reasons[r] = reasons.get(r, 0) + 1
+    rate = totals["samples"] / totals["inputs"] if totals["inputs"] else 0.0
+    top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
+    retryable = sum(n for r, n in reasons.items() if is_download_reason(r))
+    text = f"downloaded and written {totals['samples']} of {totals['inputs']} URLs ({rate:.1%})"
+    if top:
+        text += "; top errors: " + ", ".join(f"{r} {n}" for r, n in top)
+    if retryable:
+        text += f"; {retryable} download failures can be retried with --retry-failed"
+    return text
