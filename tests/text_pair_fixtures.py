@@ -107,12 +107,17 @@ def png_bytes(w=20, h=20, color=(10, 200, 10, 128)) -> bytes:
 
 
 def bomb_png(side=20000) -> bytes:
-    """A small PNG that claims side x side pixels (a decompression bomb)."""
-    from PIL import Image
+    """A tiny PNG whose header claims side x side pixels (a decompression bomb): built by hand,
+    so making it costs nothing; a reader must refuse it from the header, before decoding."""
+    import struct
+    import zlib
 
-    out = io.BytesIO()
-    Image.new("1", (side, side), 0).save(out, format="PNG", optimize=True)
-    return out.getvalue()
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
+            + chunk(b"IEND", b""))
 
 
 def _color(i: int) -> tuple:

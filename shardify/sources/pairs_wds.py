@@ -64,13 +64,14 @@ def _samples(tar: tarfile.TarFile, rel: str, with_bytes: bool):
         yield done
 
 
-def _item_fields(rel: str, key: str, image, caption, meta) -> tuple[str, str, dict]:
+def _item_fields(rel: str, split: str, key: str, image, caption, meta) -> tuple[str, str, dict]:
+    """Key `{split}-{original key}`: mirrors number each split from 0, keys must be unique."""
     item_meta = {"caption": caption, "orig_key": key, "image_id": key, "url": meta.get("url")}
     if image is None:
         item_meta.update(reject="missing", detail="no image member in the sample")
     elif caption is None:
         item_meta.update(reject="no_caption", detail="no txt member in the sample")
-    return make_key(key), f"{rel}:{key}", item_meta
+    return make_key(f"{split}-{key}"), f"{rel}:{key}", item_meta
 
 
 @dataclass
@@ -78,11 +79,12 @@ class _StageStreamer:
     """Streams one hub tar for staging (pickles into the staging processes)."""
 
     loc: object
+    split: str
 
     def __call__(self, rel: str):
         with self.loc.open(rel) as f, tarfile.open(fileobj=f, mode="r|") as tar:
             for key, image, caption, meta in _samples(tar, rel, with_bytes=True):
-                k, origin, item_meta = _item_fields(rel, key, image, caption, meta)
+                k, origin, item_meta = _item_fields(rel, self.split, key, image, caption, meta)
                 yield k, origin, image[1] if image else b"", item_meta
 
 
@@ -119,7 +121,7 @@ class WdsPairSource(Source):
     def list_items(self, split: str, ctx: ListContext) -> list[Item]:
         tars = self._tars[split]
         if self.loc.local_path is None:  # the hub: stream each tar once, stage the images
-            items = stage_units(_StageStreamer(self.loc), tars, Path(ctx.stage_dir),
+            items = stage_units(_StageStreamer(self.loc, split), tars, Path(ctx.stage_dir),
                                 getattr(ctx, "workers", 1), ctx.progress)
             for item in items:
                 item.loc = ("staged", *item.loc)
@@ -128,7 +130,7 @@ class WdsPairSource(Source):
         for rel in tars:
             with self.loc.open(rel) as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for key, image, caption, meta in _samples(tar, rel, with_bytes=False):
-                    k, origin, item_meta = _item_fields(rel, key, image, caption, meta)
+                    k, origin, item_meta = _item_fields(rel, split, key, image, caption, meta)
                     loc = ("range", rel, image[0].offset_data, image[0].size) if image else None
                     items.append(Item(key=k, origin=origin, loc=loc, meta=item_meta))
             ctx.progress(f"indexed {Path(rel).name}", len(items))
