@@ -77,7 +77,7 @@ def hub_location(repo_id: str, revision: str | None, token: str | None = None) -
             "then log in with `hf auth login` or set HF_TOKEN"
         ) from None
     except errors.RevisionNotFoundError:
-        raise UserError(f"{repo_id} has no revision {revision!r}; check --revision") from None
+        raise UserError(f"{repo_id} has no revision {revision or 'main'!r}; check --revision") from None
     except errors.RepositoryNotFoundError:
         has_token = bool(token or api.token or _stored_token())
         hint = ("your token cannot see it: check the name and your access" if has_token
