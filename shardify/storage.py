@@ -27,8 +27,11 @@ class Location:
     revision: str | None = None  # resolved commit sha on the hub
     local_path: str | None = None
 
-    def open(self, rel: str, mode: str = "rb"):
-        return self.fs.open(f"{self.root}/{rel}", mode)
+    def open(self, rel: str, stream: bool = False):
+        """Open a file for reading; `stream` for one front-to-back pass (one GET on the hub)."""
+        if stream and self.local_path is None:
+            return self.fs.open(f"{self.root}/{rel}", "rb", block_size=0)
+        return self.fs.open(f"{self.root}/{rel}", "rb")
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
