@@ -53,7 +53,7 @@ def _iter_samples(root: Path, shard_names: list[str]):
 
 def contact_sheet(out_dir, out_png, n: int = 32, split: str | None = None, thumb: int = 128) -> int:
     """Write a grid of the first n images (spread over shards) with their labels; return count."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageOps
 
     manifest, root = load_manifest(out_dir)
     split = split or next(iter(manifest["splits"]))
@@ -67,8 +67,7 @@ def contact_sheet(out_dir, out_png, n: int = 32, split: str | None = None, thumb
     for key, parts in _iter_samples(root, shards):
         if "jpg" not in parts:
             continue
-        img = Image.open(io.BytesIO(parts["jpg"])).convert("RGB")
-        img.thumbnail((thumb, thumb))
+        img = ImageOps.contain(Image.open(io.BytesIO(parts["jpg"])).convert("RGB"), (thumb, thumb))
         label = key
         if "cls" in parts:
             c = int(parts["cls"])

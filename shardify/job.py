@@ -154,9 +154,10 @@ def shard_done(out_dir: Path, split: str, index: int) -> bool:
 _WORKER: dict = {}
 
 
-def _init_worker(source: Source, out_dir: str, progress_queue) -> None:
+def _init_worker(source: Source, out_dir: str, progress_queue, hash_thread: bool) -> None:
     _WORKER.clear()
-    _WORKER.update(source=source, out_dir=Path(out_dir), queue=progress_queue, readers={})
+    _WORKER.update(source=source, out_dir=Path(out_dir), queue=progress_queue, readers={},
+                   hash_thread=hash_thread)
 
 
 def _reader(split: str):
@@ -174,7 +175,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
     name = planning.shard_name(split, index)
     pid = os.getpid()
     tar_tmp = out_dir / f".{name}.tar{state.TMP_MARK}{pid}"
-    writer = ShardTarWriter(tar_tmp, source.fields)
+    writer = ShardTarWriter(tar_tmp, source.fields, hash_thread=_WORKER["hash_thread"])
     rejects = []
     pending_samples = pending_bytes = 0
     try:
@@ -286,15 +287,17 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
 def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: JobOptions) -> None:
     total = sum(len(items) for _, items in tasks)
     bar = _Progress(total, opts.progress and total > 0, f"{split}")
+    # Hashing in a helper thread only pays when a core is left over for it.
+    hash_thread = opts.workers < (os.cpu_count() or 1)
     try:
         if opts.workers == 1 or len(tasks) <= 1:
-            _init_worker(source, str(out_dir), lambda msg: bar.update(*msg))
+            _init_worker(source, str(out_dir), lambda msg: bar.update(*msg), hash_thread)
             for index, items in tasks:
                 write_shard(split, index, items)
             return
         ctx = mp.get_context("fork")  # sources hold only picklable state; fork avoids re-imports
         q = ctx.Queue()
-        with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(source, str(out_dir), q.put)) as pool:
+        with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread)) as pool:
             pending = pool.map_async(_task, [(split, i, items) for i, items in tasks], chunksize=1)
             while True:
                 try:

@@ -15,11 +15,22 @@ KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
 
+MAX_KEY_LEN = 90  # key + "." + extension must fit the 100-byte ustar name field
+
+
 def make_key(text: str) -> str:
-    """Turn a file stem or id into a valid sample key (no dots, only [A-Za-z0-9_-])."""
+    """Turn a file stem or id into a valid sample key (no dots, only [A-Za-z0-9_-], <= 90 chars).
+
+    Over-long keys keep their first 73 characters and get a hash of the whole text, so they
+    stay unique and still say where the sample came from.
+    """
     key = _BAD_KEY_CHARS.sub("_", text)
     if not key:
         raise ValueError(f"cannot make a sample key from {text!r}")
+    if len(key) > MAX_KEY_LEN:
+        import hashlib
+
+        key = key[:73] + "_" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
     return key
 
 

@@ -27,8 +27,11 @@ class Location:
     revision: str | None = None  # resolved commit sha on the hub
     local_path: str | None = None
 
-    def open(self, rel: str, mode: str = "rb"):
-        return self.fs.open(f"{self.root}/{rel}", mode)
+    def open(self, rel: str, stream: bool = False):
+        """Open a file for reading; `stream` for one front-to-back pass (one GET on the hub)."""
+        if stream and self.local_path is None:
+            return self.fs.open(f"{self.root}/{rel}", "rb", block_size=0)
+        return self.fs.open(f"{self.root}/{rel}", "rb")
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -77,7 +80,7 @@ def hub_location(repo_id: str, revision: str | None, token: str | None = None) -
             "then log in with `hf auth login` or set HF_TOKEN"
         ) from None
     except errors.RevisionNotFoundError:
-        raise UserError(f"{repo_id} has no revision {revision!r}; check --revision") from None
+        raise UserError(f"{repo_id} has no revision {revision or 'main'!r}; check --revision") from None
     except errors.RepositoryNotFoundError:
         has_token = bool(token or api.token or _stored_token())
         hint = ("your token cannot see it: check the name and your access" if has_token

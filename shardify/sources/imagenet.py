@@ -147,7 +147,7 @@ class ImageNetSource(Source):
     def _stream_unit(self, split: str, rel: str):
         """Yield (key, origin, payload, meta) for every image of one archive/parquet/tar unit."""
         if self.layout == "archives":
-            with self.loc.open(rel) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
+            with self.loc.open(rel, stream=True) as raw, tarfile.open(fileobj=raw, mode="r|gz") as tar:
                 for member in tar:
                     if not member.isfile() or not member.name.lower().endswith(_IMAGE_EXT):
                         continue
@@ -157,7 +157,7 @@ class ImageNetSource(Source):
         elif self.layout == "parquet":
             yield from self._stream_parquet(split, rel)
         else:  # remote wds tar: stream and stage
-            for key, origin, data, meta in self._iter_wds(rel, self.loc.open(rel)):
+            for key, origin, data, meta in self._iter_wds(rel, self.loc.open(rel, stream=True)):
                 yield key, origin, data, meta
 
     def _stream_parquet(self, split: str, rel: str):

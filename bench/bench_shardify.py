@@ -1,0 +1,109 @@
+"""Benchmark: shardify against GNU tar (the floor) and a bare webdataset.ShardWriter loop.
+
+Replicates a folder of real JPEGs into an ImageFolder tree of at least --min-files files (about
+1 GB for ImageNet-like photos), warms the page cache, then times, in the same run and
+interleaved so that machine noise hits every contender alike (medians of --repeats):
+
+- `shardify imagenet --source TREE --workers 1` and `--workers 2` (the CLI, as a user runs it)
+- `tar cf` of the same tree (the work is I/O plus hashing: nothing can beat plain tar by much)
+- a bare `webdataset.ShardWriter` loop over the same files: what a user writes by hand
+
+and prints the ratios. Every contender runs as its own process, so import costs count too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHARDWRITER_LOOP = r"""
+import os, sys, webdataset as wds
+src, out = sys.argv[1], sys.argv[2]
+synsets = sorted(os.listdir(os.path.join(src, "train")))
+with wds.ShardWriter(os.path.join(out, "train-%06d.tar"), maxcount=1000, verbose=0) as sink:
+    for label, synset in enumerate(synsets):
+        folder = os.path.join(src, "train", synset)
+        for name in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, name), "rb") as f:
+                sink.write({"__key__": name.rsplit(".", 1)[0], "jpg": f.read(), "cls": str(label).encode()})
+"""
+
+
+def replicate(images: Path, tree: Path, min_files: int) -> tuple[int, int]:
+    """An ImageFolder tree train/<synset>/<synset>_<copy>.JPEG with at least min_files files."""
+    originals = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpeg", ".jpg"))
+    if not originals:
+        sys.exit(f"no JPEGs in {images}")
+    copies = -(-min_files // len(originals))
+    marker = tree / f".complete-{len(originals)}x{copies}"
+    if not marker.exists():
+        shutil.rmtree(tree, ignore_errors=True)
+        for i, path in enumerate(originals):
+            synset = path.name.split("_")[0]
+            folder = tree / "train" / synset
+            folder.mkdir(parents=True, exist_ok=True)
+            data = path.read_bytes()
+            for c in range(copies):
+                (folder / f"{synset}_{i:04d}{c:04d}.JPEG").write_bytes(data)
+        marker.touch()
+    files = [p for p in (tree / "train").rglob("*.JPEG")]
+    return len(files), sum(p.stat().st_size for p in files)
+
+
+def timed(cmd: list[str], out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", default="../shared/bench-images")
+    ap.add_argument("--work", default="bench_out/shardify")
+    ap.add_argument("--min-files", type=int, default=10_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    tree = work / "imagefolder"
+    n_files, n_bytes = replicate(Path(args.images), tree, args.min_files)
+    for path in (tree / "train").rglob("*.JPEG"):  # warm the page cache for everybody
+        path.read_bytes()
+    print(f"input: {n_files} JPEGs, {n_bytes / 1e9:.2f} GB in {tree}; cpus: {os.cpu_count()}")
+
+    py = sys.executable
+    shardify = [py, "-m", "shardify", "imagenet", "--source", str(tree), "--split", "train",
+                "--no-progress", "--overwrite"]
+    contenders = {
+        "shardify-1": (shardify + ["--workers", "1", "--out"], work / "o-s1"),
+        "shardify-2": (shardify + ["--workers", "2", "--out"], work / "o-s2"),
+        "tar": (["tar", "cf", str(work / "o-tar" / "all.tar"), "-C", str(tree), "train"], work / "o-tar"),
+        "shardwriter": ([py, "-c", SHARDWRITER_LOOP, str(tree)], work / "o-sw"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for rep in range(args.repeats):
+        for name, (cmd, out) in contenders.items():
+            full = cmd + [str(out)] if name != "tar" else cmd
+            times[name].append(timed(full, out))
+        print(f"repeat {rep + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    for name, t in med.items():
+        print(f"{name:<12} median {t:.2f}s  {n_files / t:,.0f} files/s  {n_bytes / t / 1e6:,.0f} MB/s")
+    r1 = med["shardify-1"] / med["tar"]
+    s2 = med["shardify-1"] / med["shardify-2"]
+    w1 = med["shardify-1"] / med["shardwriter"]
+    print(f"shardify/tar time ratio: {r1:.2f} (1 worker); 2-worker speedup: {s2:.2f}; shardify/ShardWriter: {w1:.2f}")
+
+
+if __name__ == "__main__":
+    main()

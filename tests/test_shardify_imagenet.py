@@ -1,0 +1,237 @@
+"""`shardify imagenet` end to end on generated copies of ImageNet in each layout."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import imagenet_fixtures as fx
+from shardify.cli import main
+
+LAYOUTS = list(fx.LAYOUT_WRITERS)
+
+
+def run_cli(*args, expect=0):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def shard(source, out, *extra, expect=0):
+    return run_cli("imagenet", "--source", source, "--out", out, "--samples-per-shard", 5,
+                   "--max-reject-rate", 0.5, "--no-progress", *extra, expect=expect)
+
+
+def read_shards(out: Path, split: str) -> dict:
+    """key -> {ext: bytes} for every sample of a split, read with plain tarfile."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    samples = {}
+    for sh in manifest["splits"][split]["shards"]:
+        with tarfile.open(out / sh["name"]) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def tree_bytes(out: Path) -> dict:
+    """Every output file (not the work state) with its sha256."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    return {name: write(root / name) for name, write in fx.LAYOUT_WRITERS.items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_round_trip_every_layout(sources, tmp_path, layout):
+    out = tmp_path / "out"
+    result = shard(sources[layout], out, "--workers", 2)
+    assert "train: inputs = written + rejected: 18 = 14 + 4" in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["layout"] == layout
+    assert manifest["totals"] == {**manifest["totals"], "inputs": 30, "samples": 26, "rejected": 4}
+
+    expected = {image_id: (synset, data, outcome) for image_id, synset, data, outcome
+                in fx.all_inputs("train")}
+    train = read_shards(out, "train")
+    rejects = [json.loads(l) for l in (out / "rejects.jsonl").read_text().splitlines()]
+    assert {r["key"]: r["reason"] for r in rejects} == {
+        k: o.split(":")[1] for k, (_, _, o) in expected.items() if o.startswith("reject")}
+    for key, (synset, data, outcome) in expected.items():
+        if outcome.startswith("reject"):
+            assert key not in train
+            continue
+        sample = train[key]
+        assert int(sample["cls"]) == fx.SYNSETS.index(synset)
+        meta = json.loads(sample["json"])
+        assert meta["synset"] == synset
+        if outcome == "ok":
+            assert sample["jpg"] == data  # original bytes kept
+        else:
+            assert meta["reencoded_from"] == outcome.split(":")[1]
+    # Balanced shards: samples + rejects differ by at most one input between shards.
+    inputs = [sh["inputs"] for sh in manifest["splits"]["train"]["shards"]]
+    assert max(inputs) - min(inputs) <= 1
+    assert run_cli("verify", out, "--full", "--no-progress").output.strip().endswith("OK")
+
+
+def test_all_layouts_give_the_same_samples(sources, tmp_path):
+    contents = []
+    for layout in LAYOUTS:
+        shard(sources[layout], tmp_path / layout)
+        data = read_shards(tmp_path / layout, "train")
+        contents.append({k: (v["jpg"], v["cls"]) for k, v in data.items()})
+        # Within a shard, order is the seeded order, the same for every layout.
+        contents.append(json.loads((tmp_path / layout / "manifest.json").read_text())["splits"]["train"]["shards"][0]["first_key"])
+    assert all(c == contents[0] for c in contents[0::2])
+    assert all(c == contents[1] for c in contents[1::2])
+
+
+def test_output_is_identical_for_any_number_of_workers_and_nodes(sources, tmp_path):
+    src = sources["archives"]
+    shard(src, tmp_path / "w1", "--workers", 1)
+    shard(src, tmp_path / "w2", "--workers", 2)
+    for rank in (1, 0):  # order of nodes does not matter
+        result = shard(src, tmp_path / "n2", "--num-nodes", 2, "--node-rank", rank)
+        assert "run `shardify finalize" in result.output or "finalize" in result.output
+    assert not (tmp_path / "n2" / "manifest.json").exists()
+    run_cli("finalize", tmp_path / "n2", "--max-reject-rate", 0.5)
+    assert tree_bytes(tmp_path / "w1") == tree_bytes(tmp_path / "w2") == tree_bytes(tmp_path / "n2")
+
+
+def test_finalize_names_what_is_missing(sources, tmp_path):
+    out = tmp_path / "out"
+    shard(sources["imagefolder"], out, "--num-nodes", 3, "--node-rank", 0)
+    result = CliRunner().invoke(main, ["finalize", str(out)])
+    assert result.exit_code == 2
+    assert "train-000001.tar is missing (node 1 of 3 has not finished it)" in result.output
+    assert not (out / "manifest.json").exists()
+
+
+def test_different_options_are_refused_unless_overwrite(sources, tmp_path):
+    out = tmp_path / "out"
+    shard(sources["wds"], out)
+    before = tree_bytes(out)
+    result = shard(sources["wds"], out, "--seed", 7, expect=2)
+    assert "other options (seed: 0 -> 7)" in result.output and "--overwrite" in result.output
+    assert tree_bytes(out) == before
+    shard(sources["wds"], out, "--seed", 7, "--overwrite")
+    assert tree_bytes(out) != before
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["seed"] == 7
+
+
+def test_rerun_of_a_finished_job_changes_nothing(sources, tmp_path):
+    out = tmp_path / "out"
+    shard(sources["parquet"], out)
+    before = tree_bytes(out)
+    result = shard(sources["parquet"], out)
+    assert "(4 already complete)" in result.output
+    assert tree_bytes(out) == before
+
+
+def test_reject_budget_sets_the_exit_status(sources, tmp_path):
+    result = run_cli("imagenet", "--source", sources["imagefolder"], "--out", tmp_path / "o",
+                     "--no-progress", "--max-reject-rate", 0.01, expect=1)
+    assert "above --max-reject-rate" in result.output
+    assert (tmp_path / "o" / "manifest.json").exists()  # the good samples are still written
+
+
+def test_split_option_and_unknown_split(sources, tmp_path):
+    shard(sources["archives"], tmp_path / "v", "--split", "validation")
+    manifest = json.loads((tmp_path / "v" / "manifest.json").read_text())
+    assert list(manifest["splits"]) == ["validation"]
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(sources["archives"]), "--out",
+                                       str(tmp_path / "t"), "--split", "test"])
+    assert result.exit_code == 2 and "split 'test' is not in this source" in result.output
+
+
+def test_missing_source_dir_and_unrecognised_layout(tmp_path):
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "no such directory" in result.output
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("hi")
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "cannot recognise an ImageNet layout" in result.output
+
+
+def test_read_back_with_webdataset_and_datasets(sources, tmp_path):
+    import datasets
+    import webdataset as wds
+
+    out = tmp_path / "out"
+    shard(sources["imagefolder"], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    urls = [str(out / sh["name"]) for sh in manifest["splits"]["train"]["shards"]]
+    via_wds = {s["__key__"]: (int(s["cls"]), s["jpg"]) for s in wds.WebDataset(urls, shardshuffle=False)}
+    via_tar = {k: (int(v["cls"]), v["jpg"]) for k, v in read_shards(out, "train").items()}
+    assert via_wds == via_tar and len(via_wds) == 14
+    ds = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train",
+                               cache_dir=str(tmp_path / "hf-cache"))
+    ds = ds.cast_column("jpg", datasets.Image(decode=False))
+    via_hf = {row["__key__"]: (int(row["cls"]), row["jpg"]["bytes"]) for row in ds}
+    assert via_hf == via_tar
+
+
+def test_verify_finds_corruption_and_missing_files(sources, tmp_path):
+    out = tmp_path / "out"
+    shard(sources["archives"], out)
+    tar = out / "train-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    (out / "validation-000000.tar").unlink()
+    result = CliRunner().invoke(main, ["verify", str(out), "--no-progress"])
+    assert result.exit_code == 1
+    assert "train-000001.tar: sha256 mismatch" in result.output
+    assert "validation-000000.tar: missing" in result.output
+
+
+def test_inspect_summary_and_grid(sources, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    shard(sources["archives"], out)
+    result = run_cli("inspect", out, "--grid", tmp_path / "grid.png", "-n", 8)
+    assert "train     14 samples in 4 shards" in result.output
+    assert "too_many_pixels: 1" in result.output
+    with Image.open(tmp_path / "grid.png") as img:
+        assert img.width > 0 and img.height > 0
+
+
+def _make_many(root: Path, n_per_class: int) -> Path:
+    return fx.write_imagefolder(root, per_class=n_per_class, specials=True)
+
+
+@pytest.mark.slow
+def test_kill_and_rerun_gives_identical_output(tmp_path):
+    src = _make_many(tmp_path / "src", 60)
+    cmd = [sys.executable, "-m", "shardify", "imagenet", "--source", str(src), "--samples-per-shard", "2",
+           "--max-reject-rate", "0.5", "--no-progress", "--split", "train"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(out.glob("train-*.tar"))) < 5:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    done_before = len(list(out.glob("train-*.tar")))
+    rerun = subprocess.run(cmd + ["--out", str(out)], check=True, capture_output=True, text=True)
+    assert f"({done_before} already complete)" in rerun.stderr
+    assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
+    assert not list(out.rglob("*.tmp-*"))
