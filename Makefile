@@ -10,7 +10,7 @@ CKPT ?= runs/image_kd
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast demo bench-shardify bench-loader bench-train train-image clean
+.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-train train-image clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ demo: $(VENV)/.installed ## Build the embedded demo dataset and run the whole pi
 
 bench-shardify: $(VENV)/.installed ## Time shardify against tar and a bare ShardWriter loop (IMAGES=dir)
 	$(OFFLINE) $(PY) bench/bench_shardify.py --images $(IMAGES)
+
+bench-tokenize: $(VENV)/.installed ## Tokenise-and-pack throughput per core against datasets.map
+	$(OFFLINE) $(PY) bench/bench_tokenize.py --docs 2000 --repeats 5
 
 clean: ## Remove demo and benchmark outputs (keeps .venv)
 	rm -rf $(DEMO_OUT) bench_out

@@ -113,7 +113,10 @@ def encode_texts(tok, texts: list[str]) -> list[np.ndarray]:
     """Token ids (no special tokens) of each text, as uint32 arrays."""
     if not texts:
         return []
-    return [np.asarray(e.ids, dtype=np.uint32) for e in tok.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast (tokenizers >= 0.21) skips the character offsets we do not use: same
+    # ids, about a quarter less time.
+    encode = getattr(tok, "encode_batch_fast", None) or tok.encode_batch
+    return [np.asarray(e.ids, dtype=np.uint32) for e in encode(texts, add_special_tokens=False)]
 
 
 class BlockPacker:
