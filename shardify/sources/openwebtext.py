@@ -219,7 +219,8 @@ class OpenWebTextSource(Source):
         opts = {"slices": {s: list(v) for s, v in sorted(self.split_slices.items())},
                 "clean": self.clean, "tokenizer": None}
         if self.tokenizer:
-            opts["tokenizer"] = {"name": self.tokenizer.name, "files": self.tokenizer.files}
+            # The files' hashes identify the tokenizer, not the path or id it was given by.
+            opts["tokenizer"] = {"kind": self.tokenizer.kind, "files": self.tokenizer.files}
             opts["block_size"] = self.block_size
         return opts
 
