@@ -36,7 +36,7 @@ bench-shardify: $(VENV)/.installed ## Time shardify against tar and a bare Shard
 	$(OFFLINE) $(PY) bench/bench_shardify.py --images $(IMAGES)
 
 bench-tokenize: $(VENV)/.installed ## Tokenise-and-pack throughput per core against datasets.map
-	$(OFFLINE) $(PY) bench/bench_tokenize.py --docs 2000 --repeats 5
+	$(OFFLINE) $(PY) bench/bench_tokenize.py --docs 2000 --repeats 7
 
 clean: ## Remove demo and benchmark outputs (keeps .venv)
 	rm -rf $(DEMO_OUT) bench_out
