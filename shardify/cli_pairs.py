@@ -65,7 +65,7 @@ def run_pairs(source, out, splits, job, max_reject_rate, retry_failed=False, ech
     from shardify.sources.pairs import download_summary, prepare_retry
 
     if retry_failed:
-        redo = prepare_retry(out)
+        redo = prepare_retry(out, job.num_nodes, job.node_rank)
         echo(f"--retry-failed: rewriting {len(redo)} shard(s) with download failures")
     manifest = run_job(source, out, splits, job)
     if manifest is None:

@@ -116,3 +116,19 @@ def test_list_formats_and_hub_style_location(server, tmp_path, suffix):
     assert manifest["splits"]["train"]["samples"] == 5
     assert manifest["source"]["revision"] == "0" * 40 and manifest["url_list_files"]["train"][0].startswith("unlabeled/")
     assert "downloaded and written 5 of 5 URLs (100.0%)" in download_summary(tmp_path / "out")
+
+
+def test_prepare_retry_touches_only_this_nodes_failed_shards(tmp_path):
+    from shardify import state
+    from shardify.sources.pairs import prepare_retry
+
+    for index, reason in enumerate(["http_404", "timeout", "placeholder", "http_500"]):
+        name = f"train-{index:06d}"
+        (tmp_path / f"{name}.tar").write_bytes(b"x")
+        state.write_json_atomic(state.state_dir(tmp_path) / "shards" / f"{name}.json",
+                                {"name": f"{name}.tar", "index": index, "rejects": [{"reason": reason}]})
+    (tmp_path / "manifest.json").write_text("{}")
+    assert prepare_retry(tmp_path, num_nodes=2, node_rank=0) == ["train-000000.tar"]  # 2: placeholder
+    assert (tmp_path / "train-000001.tar").exists() and (tmp_path / "train-000002.tar").exists()
+    assert not (tmp_path / "manifest.json").exists()
+    assert prepare_retry(tmp_path, num_nodes=2, node_rank=1) == ["train-000001.tar", "train-000003.tar"]

@@ -157,8 +157,9 @@ def source_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def prepare_retry(out_dir) -> list[str]:
-    """Make the shards that hold download rejects unfinished, so that a rerun rewrites them.
+def prepare_retry(out_dir, num_nodes: int = 1, node_rank: int = 0) -> list[str]:
+    """Make this node's shards that hold download rejects unfinished, so that a rerun rewrites
+    them (only this node's: another node must never lose a shard it already rewrote).
 
     Returns their names. The manifest goes too (it no longer describes the directory until the
     rerun finalizes again). Shards without download failures are kept as they are.
@@ -172,6 +173,8 @@ def prepare_retry(out_dir) -> list[str]:
     names = []
     for stats_path in sorted((state.state_dir(out) / "shards").glob("*.json")):
         stats = state.read_json(stats_path)
+        if stats["index"] % num_nodes != node_rank:
+            continue
         if any(is_download_reason(r["reason"]) for r in stats.get("rejects", [])):
             stem = stats["name"][: -len(".tar")]
             (out / f"{stem}.tar").unlink(missing_ok=True)  # first: the shard is no longer done
