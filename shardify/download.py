@@ -228,15 +228,34 @@ def sniff_image(data: bytes) -> str | None:
     return None
 
 
+def _looks_like_text(head: bytes) -> bool:
+    if b"\0" in head:
+        return False
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = head.decode("utf-8", "ignore")
+        if len(text) < len(head) * 0.9:
+            return False
+    printable = sum(ch.isprintable() or ch.isspace() for ch in text)
+    return printable >= 0.95 * max(1, len(text))
+
+
 def check_image_bytes(data: bytes) -> None:
-    """Reject bodies that are not images (error pages served with 200, HTML named .jpg)."""
+    """Reject bodies that are not images: error pages served with 200, HTML named .jpg, JSON.
+
+    Bytes in an image format we do not sniff (AVIF, ICO, ...) pass on to the decoder, which
+    rejects them as `unreadable` if Pillow cannot read them either.
+    """
     if not data:
         raise Reject("empty", "zero-byte body")
-    if sniff_image(data) is None:
-        head = data[:64].lstrip().lower()
-        kind = "html page" if head.startswith((b"<!doctype", b"<html", b"<head", b"<body", b"<")) else \
-            "not an image format"
-        raise Reject("not_image", f"{kind} (starts with {data[:16]!r})")
+    if sniff_image(data) is not None:
+        return
+    head = data[:512]
+    if head.lstrip().startswith(b"<") or _looks_like_text(head):
+        kind = "html page" if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<head", b"<body")) \
+            else "text"
+        raise Reject("not_image", f"{kind}, not an image (starts with {data[:16]!r})")
 
 
 class DownloadReader(Reader):

@@ -91,3 +91,7 @@ def test_host_rate_limit():
         limiter.wait("a.example")
     limiter.wait("b.example")  # another host is not held up
     assert 0.2 <= time.monotonic() - t0 < 1.0
+
+
+def test_unknown_binary_formats_go_on_to_the_decoder():
+    check_image_bytes(b"\x00\x00\x00\x1cftypavif" + bytes(range(256)))  # not refused here
