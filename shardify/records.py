@@ -34,7 +34,7 @@ def make_key(text: str) -> str:
     return key
 
 
-@dataclass
+@dataclass(slots=True)  # millions of these are alive while a split is planned
 class Item:
     """One input of a split, as listed by a source, before its payload is read."""
 

@@ -19,6 +19,11 @@ import numpy as np
 from PIL import Image
 
 SYNSETS = ["n01440764", "n01443537", "n01484850"]  # labels 0, 1, 2 in the canonical order
+UNKNOWN = "n99999999"  # a synset that is not an ImageNet-1k class: its image has no label
+
+
+def label_of(synset: str) -> int | None:
+    return SYNSETS.index(synset) if synset in SYNSETS else None
 
 
 def jpeg_bytes(seed: int, size=(40, 30), mode="RGB", quality=90) -> bytes:
@@ -77,6 +82,7 @@ def special_images() -> list[tuple[str, str, bytes, str]]:
         (f"{SYNSETS[0]}_90004", SYNSETS[0], good[: len(good) // 2], "reject:truncated"),
         (f"{SYNSETS[1]}_90005", SYNSETS[1], b"this is not an image at all", "reject:unreadable"),
         (f"{SYNSETS[2]}_90006", SYNSETS[2], bomb_png(), "reject:too_many_pixels"),
+        (f"{UNKNOWN}_90007", UNKNOWN, good, "reject:no_label"),  # not one of the 1000 classes
     ]
 
 
@@ -126,7 +132,7 @@ def write_parquet(root: Path, per_class: int = 4, specials: bool = True, files_p
         for k in range(files_per_split):
             part = rows[k::files_per_split]
             images = [{"bytes": data, "path": f"{image_id}_{synset}.JPEG"} for image_id, synset, data, _ in part]
-            labels = [SYNSETS.index(synset) for _, synset, _, _ in part]
+            labels = [label_of(synset) for _, synset, _, _ in part]
             table = pa.table({"image": images, "label": labels})
             pq.write_table(table, root / "data" / f"{split}-{k:05d}-of-{files_per_split:05d}.parquet")
     return root
@@ -140,7 +146,8 @@ def write_wds(root: Path, per_class: int = 4, specials: bool = True, tars_per_sp
             with tarfile.open(root / f"imagenet1k-{split}-{k:04d}.tar", "w") as tar:
                 for image_id, synset, data, _ in rows[k::tars_per_split]:
                     _tar_add(tar, f"{image_id}.jpg", data)
-                    _tar_add(tar, f"{image_id}.cls", str(SYNSETS.index(synset)).encode())
+                    if label_of(synset) is not None:  # no cls member: a sample without a label
+                        _tar_add(tar, f"{image_id}.cls", str(label_of(synset)).encode())
                     _tar_add(tar, f"{image_id}.json", json.dumps({"filename": image_id}).encode())
     return root
 

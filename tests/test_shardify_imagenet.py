@@ -58,10 +58,10 @@ def sources(tmp_path_factory):
 def test_round_trip_every_layout(sources, tmp_path, layout):
     out = tmp_path / "out"
     result = shard(sources[layout], out, "--workers", 2)
-    assert "train: inputs = written + rejected: 18 = 14 + 4" in result.output
+    assert "train: inputs = written + rejected: 19 = 14 + 5" in result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"]["layout"] == layout
-    assert manifest["totals"] == {**manifest["totals"], "inputs": 30, "samples": 26, "rejected": 4}
+    assert manifest["totals"] == {**manifest["totals"], "inputs": 31, "samples": 26, "rejected": 5}
 
     expected = {image_id: (synset, data, outcome) for image_id, synset, data, outcome
                 in fx.all_inputs("train")}
