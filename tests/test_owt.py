@@ -219,3 +219,16 @@ def test_tokenised_shards_identical_for_any_worker_count(tmp_path):
         m = _run(src, tmp_path / f"out{workers}", ["train"], samples_per_shard=3, workers=workers)
         shas.append([s["sha256"] for s in m["splits"]["train"]["shards"]])
     assert shas[0] == shas[1]
+
+
+def test_tokenised_job_resumes_to_identical_shards(tmp_path):
+    fx.make_owt_slices(tmp_path / "src", slices=(0,), members=2, docs=4)
+    src = OpenWebTextSource(local_location(str(tmp_path / "src")), {"train": [0]}, tokenizer=_spec(), block_size=24)
+    out = tmp_path / "out"
+    first = _run(src, out, ["train"], samples_per_shard=4)
+    # an interrupted run: one shard never finished, the manifest never written
+    victim = first["splits"]["train"]["shards"][1]["name"]
+    (out / victim).unlink()
+    (out / "manifest.json").unlink()
+    again = _run(src, out, ["train"], samples_per_shard=4)
+    assert again["splits"] == first["splits"]

@@ -54,7 +54,7 @@ def test_url_list_every_url_accounted_for_then_retry(server, tmp_path):
     out = tmp_path / "out"
     base = ["pairs", "urls", "--source", str(tmp_path / "list.csv"), "--out", str(out), "--url-col", "URL",
             "--caption-col", "TEXT", "--samples-per-shard", "4", "--workers", "2", "--no-progress",
-            "--timeout", "1", "--retries", "0", "--backoff", "0.01", "--host-rate", "0", "--concurrency", "4",
+            "--timeout", "2", "--retries", "0", "--backoff", "0.01", "--host-rate", "0", "--concurrency", "4",
             "--max-bytes", "2000000", "--max-pixels", "50000000"]
     r = _cli(base)
     assert r.exit_code == 0, r.output

@@ -8,6 +8,7 @@ encode where each item came from.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import random
@@ -89,6 +90,7 @@ def make_owt_parquet(root, files=2, docs=5, seed=0) -> dict:
 
 
 # ---------------------------------------------------------------- images
+@functools.lru_cache(maxsize=256)
 def jpeg_bytes(w=32, h=24, color=(200, 40, 40), mode="RGB", quality=90) -> bytes:
     from PIL import Image
 
@@ -98,6 +100,7 @@ def jpeg_bytes(w=32, h=24, color=(200, 40, 40), mode="RGB", quality=90) -> bytes
     return out.getvalue()
 
 
+@functools.lru_cache(maxsize=16)
 def png_bytes(w=20, h=20, color=(10, 200, 10, 128)) -> bytes:
     from PIL import Image
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,7 +275,8 @@ class OpenWebTextSource(Source):
         stats = {"documents": 0, "rejected_documents": 0, "tokens": 0, "blocks": 0, "padded_tokens": 0}
         stage_dir.mkdir(parents=True, exist_ok=True)
         bin_path = stage_dir / "blocks.bin"
-        tmp = stage_dir / f".blocks.bin{state.TMP_MARK}{os.getpid()}"
+        # host and pid: nodes sharing the output directory each pack (identically) at once
+        tmp = stage_dir / f".blocks.bin{state.TMP_MARK}{socket.gethostname()}-{os.getpid()}"
         offset = 0
         first_doc = None  # the document the pending (not yet emitted) tokens start in
 
