@@ -30,7 +30,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
 
 from shardify import tokenize as tk  # noqa: E402
 from shardify.text import clean_text, prepare_document  # noqa: E402

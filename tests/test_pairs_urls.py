@@ -4,7 +4,6 @@ its reason; --retry-failed rewrites only the shards with download failures."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -14,7 +13,6 @@ from shardify.cli import main
 from shardify.download import DownloadConfig
 from shardify.job import JobOptions
 from shardify.sources.pairs import download_summary
-from shardify.sources.pairs_urls import UrlListSource
 from shardify.storage import Location, local_location
 from shardify.verify import verify
 from test_owt import read_wds, rejects
