@@ -275,6 +275,7 @@ class OpenWebTextSource(Source):
         stats = {"documents": 0, "rejected_documents": 0, "tokens": 0, "blocks": 0, "padded_tokens": 0}
         stage_dir.mkdir(parents=True, exist_ok=True)
         bin_path = stage_dir / "blocks.bin"
+        bin_str = str(bin_path)
         # host and pid: nodes sharing the output directory each pack (identically) at once
         tmp = stage_dir / f".blocks.bin{state.TMP_MARK}{socket.gethostname()}-{os.getpid()}"
         offset = 0
@@ -286,8 +287,9 @@ class OpenWebTextSource(Source):
                 data = block.tobytes()
                 out.write(data)
                 index = stats["blocks"]
-                items.append(Item(key=f"{split}-block-{index:09d}", origin=f"tokens from {first}",
-                                  loc=(str(bin_path), offset, len(data)),
+                # Millions of blocks: share strings (the path, the document key as origin).
+                items.append(Item(key=f"{split}-block-{index:09d}", origin=first,
+                                  loc=(bin_str, offset, len(data)),
                                   meta={"block": index, "tokens": n_tokens, "first_doc": first}))
                 offset += len(data)
                 stats["blocks"] += 1
