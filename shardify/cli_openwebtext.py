@@ -39,7 +39,15 @@ def slice_mapping(splits: list[str], slices: str | None, split_slices: tuple[str
     if slices is not None:
         if len(splits) != 1:
             raise UserError("--slices applies to one --split; use --split-slices for several")
-        mapping[splits[0]] = parse_slices(slices)
+        chosen = parse_slices(slices)
+        if not split_slices:
+            # The range given wins over the other splits' defaults (train 0-5 leaves
+            # validation nothing of its default 5, so it is dropped).
+            for other in list(mapping):
+                mapping[other] = [x for x in mapping[other] if x not in chosen]
+                if not mapping[other]:
+                    del mapping[other]
+        mapping[splits[0]] = chosen
     for s in splits:
         if s not in mapping:
             raise UserError(f"no slices for split {s!r}: pass --slices RANGE or --split-slices {s}=RANGE")

@@ -231,3 +231,18 @@ def test_tokenised_job_resumes_to_identical_shards(tmp_path):
     (out / "manifest.json").unlink()
     again = _run(src, out, ["train"], samples_per_shard=4)
     assert again["splits"] == first["splits"]
+
+
+def test_cli_slice_mapping():
+    from shardify.cli_openwebtext import slice_mapping
+
+    assert slice_mapping(["train"], "0-4", ()) == {"train": [0, 1, 2, 3, 4], "validation": [5]}
+    assert slice_mapping(["validation"], "5", ()) == {"train": [0, 1, 2, 3, 4], "validation": [5]}
+    assert slice_mapping(["train"], "0-5", ()) == {"train": [0, 1, 2, 3, 4, 5]}
+    assert slice_mapping(["validation"], "2", ()) == {"train": [0, 1, 3, 4], "validation": [2]}
+    full = ("train=0-5", "validation=6")
+    assert slice_mapping(["validation"], None, full) == {"train": [0, 1, 2, 3, 4, 5], "validation": [6]}
+    with pytest.raises(UserError):
+        slice_mapping(["test"], None, ())
+    with pytest.raises(UserError):
+        slice_mapping(["train", "validation"], "0", ())

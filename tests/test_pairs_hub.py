@@ -53,3 +53,17 @@ def test_coco_from_a_hub_repo_in_the_same_layout(tmp_path):
               ["--split", "test"],
               extra_hub=["--repo", "someone/coco-karpathy"])
     assert m["splits"]["test"]["samples"] == 4
+
+
+def test_openwebtext_parquet_from_hub(tmp_path):
+    fx.make_owt_parquet(tmp_path / "repo", files=3, docs=4)
+    m = _both(tmp_path, "Skylion007/openwebtext", tmp_path / "repo", ["openwebtext"],
+              ["--split", "validation", "--slices", "2"])
+    assert m["source"]["layout"] == "parquet" and m["splits"]["validation"]["samples"] == 4
+    assert m["slice_files"]["2"] == "plain_text/train-00002-of-00003.parquet"
+
+
+def test_flickr30k_from_hub(tmp_path):
+    fx.make_flickr30k(tmp_path / "repo")
+    m = _both(tmp_path, "nlphuji/flickr30k", tmp_path / "repo", ["pairs", "flickr30k"], ["--split", "test"])
+    assert m["splits"]["test"]["samples"] == 5
