@@ -72,14 +72,12 @@ def slice_mapping(splits: list[str], slices: str | None, split_slices: tuple[str
 def openwebtext(out, job, max_reject_rate, source_dir, revision, splits, slices, split_slices, no_clean,
                 tokenizer, block_size):
     """OpenWebText (Skylion007/openwebtext) to shards: txt + json per document, or npy token blocks."""
-    from shardify.sources.openwebtext import record_token_counts
-
     chosen = list(splits) or ["train"]
     mapping = slice_mapping(chosen, slices, split_slices)
     source = openwebtext_source(source_dir, revision, mapping, not no_clean, tokenizer, block_size)
     manifest = execute(source, out, chosen, job, max_reject_rate)
-    if manifest is not None and tokenizer:
-        tokens = record_token_counts(out)
-        for split, t in tokens.items():
+    for split, info in (manifest or {}).get("splits", {}).items():
+        if "tokens" in info:
+            t = info["tokens"]
             click.echo(f"{split}: {t['tokens']} tokens from {t['documents']} documents in {t['blocks']} blocks "
                        f"of {block_size}")

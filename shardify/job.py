@@ -92,7 +92,8 @@ def prepare_output(out_dir: Path, source: Source, opts: JobOptions) -> None:
             _clear_output(out_dir)
     elif opts.overwrite and (out_dir / "manifest.json").exists():
         _clear_output(out_dir)
-    state.remove_temporaries(out_dir)
+    if opts.num_nodes == 1:  # nobody else writes here: leftovers of an interrupted run can go
+        state.remove_temporaries(out_dir)
     state.write_json_atomic(job_path, {
         "fingerprint": fp,
         "tool": {"name": "shardify", "version": __version__},
@@ -116,7 +117,8 @@ def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log)
             last[0] = now
             log(f"  listing {split}: {desc} ({count} inputs so far)")
 
-    items = source.list_items(split, ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress))
+    ctx = ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress)
+    items = source.list_items(split, ctx)
     seen: set[str] = set()
     unique: list[Item] = []
     listing_rejects = []
@@ -136,6 +138,7 @@ def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log)
         "shards": n_shards,
         "key_digests": [str(state.key_digest(it.key for it in shard)) for shard in per_shard],
         "listing_rejects": listing_rejects,
+        "extras": source.split_extras(split, ctx),
     })
     return per_shard, listing_rejects
 
@@ -173,8 +176,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
     out_dir: Path = _WORKER["out_dir"]
     report = _WORKER["queue"]
     name = planning.shard_name(split, index)
-    pid = os.getpid()
-    tar_tmp = out_dir / f".{name}.tar{state.TMP_MARK}{pid}"
+    tar_tmp = state.tmp_path(out_dir / f"{name}.tar")
     writer = ShardTarWriter(tar_tmp, source.fields, hash_thread=_WORKER["hash_thread"])
     rejects = []
     pending_samples = pending_bytes = 0
@@ -209,7 +211,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
         key_digest=str(state.key_digest(writer.keys + [r["key"] for r in rejects])),
         rejects=rejects,
     )
-    idx_tmp = out_dir / f".{name}.idx{state.TMP_MARK}{pid}"
+    idx_tmp = state.tmp_path(out_dir / f"{name}.idx")
     idx_tmp.write_text(writer.index_text(), encoding="utf-8")
     os.replace(idx_tmp, out_dir / f"{name}.idx")
     state.write_json_atomic(state.state_dir(out_dir) / "shards" / f"{name}.json", stats, indent=None)
@@ -270,6 +272,8 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
         per_shard, listing_rejects = plan_split(source, split, out_dir, opts, log)
         n_inputs = sum(len(s) for s in per_shard) + len(listing_rejects)
         mine = planning.node_shards(len(per_shard), opts.num_nodes, opts.node_rank)
+        if opts.num_nodes > 1:  # only this node's leftovers: the others may be writing theirs
+            state.remove_temporaries(out_dir, [planning.shard_name(split, i) for i in mine])
         todo = [i for i in mine if not shard_done(out_dir, split, i)]
         log(f"{source.dataset} {split}: {n_inputs} inputs -> {len(per_shard)} shards; "
             f"this node writes {len(mine)} ({len(mine) - len(todo)} already complete)")

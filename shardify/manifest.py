@@ -63,7 +63,7 @@ def finalize(out_dir) -> dict:
         summary["rejected"] += len(plan["listing_rejects"])
         if summary["inputs"] != plan["inputs"] and not problems:
             problems.append(f"{split}: {summary['inputs']} inputs accounted for, {plan['inputs']} listed")
-        splits[split] = {**summary, "shards": shards}
+        splits[split] = {**summary, **plan.get("extras", {}), "shards": shards}
     if problems:
         raise UserError(f"cannot finalize {out_dir}: " + "; ".join(problems[:20])
                         + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
@@ -81,6 +81,7 @@ def finalize(out_dir) -> dict:
         "splits": splits,
         "totals": totals,
     }
+    state.remove_temporaries(out_dir)  # every node is done: leftovers of crashed runs can go
     _write_text_atomic(out_dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
     state.write_json_atomic(out_dir / "sizes.json", dict(sorted(sizes.items())))
     state.write_json_atomic(out_dir / MANIFEST, manifest)  # last: its presence means "complete"
@@ -99,7 +100,7 @@ def _node_count(sdir: Path, split: str) -> int | None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}{state.TMP_MARK}{os.getpid()}")
+    tmp = state.tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 

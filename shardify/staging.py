@@ -29,7 +29,7 @@ def _stage_one(args) -> list:
     if bin_path.exists() and list_path.exists():
         return state.read_json(list_path)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = stage_dir / f".{safe}.bin{state.TMP_MARK}{os.getpid()}"
+    tmp = state.tmp_path(bin_path)
     entries = []
     offset = 0
     with open(tmp, "wb") as out:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 
 STATE_DIR = ".shardify"
@@ -25,10 +26,17 @@ def state_dir(out_dir: Path) -> Path:
     return Path(out_dir) / STATE_DIR
 
 
+def tmp_path(path: Path) -> Path:
+    """Where to write `path` before renaming it: unique per host and process, because nodes
+    sharing an output directory on a network file system may write the same file at once."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+
+
 def write_json_atomic(path: Path, obj, indent: int | None = 1) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = tmp_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=indent, sort_keys=False)
         f.write("\n")
@@ -48,14 +56,16 @@ def key_digest(keys) -> int:
     return total % (1 << 64)
 
 
-def remove_temporaries(out_dir: Path) -> int:
-    """Delete files left half-written by an interrupted run; return how many."""
+def remove_temporaries(out_dir: Path, prefixes: list[str] | None = None) -> int:
+    """Delete files left half-written by an interrupted run; return how many.
+
+    With `prefixes`, only temporaries of those shards (e.g. "train-000003"): other nodes may be
+    writing theirs in the same directory right now.
+    """
     removed = 0
-    for root in (Path(out_dir), state_dir(out_dir)):
-        if not root.is_dir():
-            continue
-        for path in root.rglob(f"*{TMP_MARK}*"):
-            if path.is_file():
-                path.unlink()
-                removed += 1
+    wanted = tuple(f".{p}." for p in prefixes) if prefixes is not None else None
+    for path in Path(out_dir).rglob(f"*{TMP_MARK}*"):
+        if path.is_file() and (wanted is None or path.name.startswith(wanted)):
+            path.unlink()
+            removed += 1
     return removed

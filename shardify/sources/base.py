@@ -89,3 +89,8 @@ class Source(ABC):
     def manifest_extras(self) -> dict:
         """Extra top-level manifest entries (e.g. class lists)."""
         return {}
+
+    def split_extras(self, split: str, ctx: ListContext) -> dict:
+        """Extra entries for the split's manifest section, known once the split is listed
+        (e.g. token counts of pre-tokenised text)."""
+        return {}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,8 +275,7 @@ class OpenWebTextSource(Source):
         stage_dir.mkdir(parents=True, exist_ok=True)
         bin_path = stage_dir / "blocks.bin"
         bin_str = str(bin_path)
-        # host and pid: nodes sharing the output directory each pack (identically) at once
-        tmp = stage_dir / f".blocks.bin{state.TMP_MARK}{socket.gethostname()}-{os.getpid()}"
+        tmp = state.tmp_path(bin_path)  # nodes sharing the output directory may pack at once
         offset = 0
         first_doc = None  # the document the pending (not yet emitted) tokens start in
 
@@ -320,6 +318,13 @@ class OpenWebTextSource(Source):
         state.write_json_atomic(stage_dir / "tokens.json", {"split": split, **stats})
         return items
 
+    def split_extras(self, split: str, ctx: ListContext) -> dict:
+        """Token counts of a pre-tokenised split, for its manifest section."""
+        path = Path(ctx.stage_dir) / "tokens.json"
+        if not self.tokenizer or not path.exists():
+            return {}
+        return {"tokens": {k: v for k, v in state.read_json(path).items() if k != "split"}}
+
     # -- reading and encoding (worker processes)
     def open_reader(self, split: str) -> Reader:
         return _StagedReader()
@@ -338,29 +343,3 @@ class OpenWebTextSource(Source):
 
 def _json(obj: dict) -> bytes:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True).encode("utf-8")
-
-
-def token_stats(out_dir, split: str) -> dict | None:
-    """The token counts listing recorded for a split (None when not pre-tokenised)."""
-    path = state.state_dir(Path(out_dir)) / "stage" / split / "tokens.json"
-    return state.read_json(path) if path.exists() else None
-
-
-def record_token_counts(out_dir) -> dict:
-    """Add the token counts of every pre-tokenised split to manifest.json (atomically).
-
-    The counts are known only after listing, while the manifest's source entries are fixed
-    before it, so they are added once the manifest is final: {"tokens": {split: counts}}.
-    """
-    out = Path(out_dir)
-    manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    tokens = {}
-    for split in manifest.get("splits", {}):
-        stats = token_stats(out, split)
-        if stats:
-            tokens[split] = {k: v for k, v in stats.items() if k != "split"}
-    if tokens:
-        manifest["tokens"] = tokens
-        state.write_json_atomic(manifest_path, manifest)
-    return tokens
