@@ -235,3 +235,17 @@ def test_kill_and_rerun_gives_identical_output(tmp_path):
     assert f"({done_before} already complete)" in rerun.stderr
     assert tree_bytes(out) == tree_bytes(tmp_path / "ref")
     assert not list(out.rglob("*.tmp-*"))
+
+
+def test_a_node_leaves_other_nodes_temporaries_alone(sources, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    other = out / ".train-000000.tar.tmp-otherhost-4242"  # node 0 is writing shard 0 right now
+    other.write_bytes(b"half a shard")
+    mine = out / ".train-000001.tar.tmp-deadhost-1"  # node 1's own leftover from a crash
+    mine.write_bytes(b"stale")
+    shard(sources["archives"], out, "--num-nodes", 2, "--node-rank", 1)
+    assert other.exists() and not mine.exists()
+    shard(sources["archives"], out, "--num-nodes", 2, "--node-rank", 0)
+    run_cli("finalize", out, "--max-reject-rate", 0.5)
+    assert not other.exists()  # finalize runs when every node is done: leftovers go
