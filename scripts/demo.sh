@@ -19,3 +19,23 @@ echo "== 3. verify every byte and decode every image"
 
 echo "== 4. inspect, with a contact sheet"
 "$PY" -m shardify inspect "$OUT/shards/imagenet" --grid "$OUT/imagenet-grid.png" -n 32
+
+echo "== 5. a tiny OpenWebText (slice layout) and a tiny COCO-Karpathy, generated"
+"$PY" scripts/make_demo_text_pairs.py "$OUT/src"
+
+echo "== 6. OpenWebText documents (train slices 0-4, validation slice 5), then pre-tokenised blocks"
+"$PY" -m shardify openwebtext --source "$OUT/src/openwebtext" --out "$OUT/shards/openwebtext" \
+    --split train --slices 0-4 --samples-per-shard 8 --workers 2 --max-reject-rate 0.1
+"$PY" -m shardify openwebtext --source "$OUT/src/openwebtext" --out "$OUT/shards/openwebtext" \
+    --split validation --slices 5 --samples-per-shard 8 --max-reject-rate 0.1
+"$PY" -m shardify openwebtext --source "$OUT/src/openwebtext" --out "$OUT/shards/openwebtext-tok" \
+    --split train --slices 0-4 --tokenizer "$OUT/src/tokenizer" --block-size 64 \
+    --samples-per-shard 8 --workers 2 --max-reject-rate 0.1
+
+echo "== 7. COCO-Karpathy image-text pairs"
+"$PY" -m shardify pairs coco-karpathy --source "$OUT/src/coco" --out "$OUT/shards/coco" \
+    --samples-per-shard 16 --workers 2
+
+echo "== 8. verify the text and pair shards, and look at the pairs"
+for d in openwebtext openwebtext-tok coco; do "$PY" -m shardify verify "$OUT/shards/$d" --full --no-progress; done
+"$PY" -m shardify inspect "$OUT/shards/coco" --grid "$OUT/coco-grid.png" -n 16

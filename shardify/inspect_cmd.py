@@ -56,7 +56,7 @@ def contact_sheet(out_dir, out_png, n: int = 32, split: str | None = None, thumb
     from PIL import Image, ImageDraw, ImageOps
 
     manifest, root = load_manifest(out_dir)
-    split = split or next(iter(manifest["splits"]))
+    split = split or ("train" if "train" in manifest["splits"] else next(iter(manifest["splits"])))
     if split not in manifest["splits"]:
         from shardify.records import UserError
 
