@@ -1,0 +1,96 @@
+"""Text to token ids: OpenWebText blocks and captions, identical for pre-tokenised and raw text.
+
+One sample is one block, whichever way it arrives, so positions, batch counts and resume work
+exactly as for images:
+- `npy` member (pre-tokenised by shardify): the ids as stored (a block already holding [CLS] and
+  [SEP]), padded to the block size, or cut to it.
+- `txt` member, tokenised in the worker: `encode_block` cleans the lines the way the reference
+  does (strip; drop empty lines, '---' lines and lines holding NUL), tokenises each line,
+  concatenates the ids, keeps the first block_size - 2 and adds [CLS] ... [SEP]. A shard writer
+  that pre-tokenises calls the same function, so both routes give the same ids for the same text.
+- captions: [CLS] + first max_len - 2 ids + [SEP], padded to max_len.
+Padding uses the tokenizer's [PAD] id; the padding mask is True at padding.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+
+def load_tokenizer(path: str):
+    """A `tokenizers.Tokenizer` from a tokenizer.json path or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    if not path:
+        raise ValueError("data.tokenizer is empty: set it to a tokenizer.json path (or its directory)")
+    p = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"tokenizer not found: {p}")
+    return Tokenizer.from_file(p)
+
+
+class TextEncoder:
+    """Token ids for blocks and captions with one tokenizer (loaded lazily in each worker)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._tok = None
+
+    def _load(self):
+        if self._tok is None:
+            tok = load_tokenizer(self.path)
+            ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
+            missing = [t for t, i in ids.items() if i is None]
+            if missing:
+                raise ValueError(f"tokenizer {self.path} lacks {', '.join(missing)} (a BERT-style vocabulary is needed)")
+            self.cls, self.sep, self.pad = ids["[CLS]"], ids["[SEP]"], ids["[PAD]"]
+            self._tok = tok
+        return self._tok
+
+    def ids(self, texts: list[str]) -> list[list[int]]:
+        tok = self._load()
+        return [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)] if texts else []
+
+    def encode_block(self, text: str, block_size: int) -> np.ndarray:
+        """One OWT block (ids, unpadded) from a document's text."""
+        lines = [ln.strip() for ln in text.splitlines()]
+        lines = [ln for ln in lines if ln and ln != "---" and "\x00" not in ln]
+        ids: list[int] = []
+        for piece in self.ids(lines):
+            ids.extend(piece)
+            if len(ids) >= block_size - 2:
+                break
+        self._load()
+        return np.array([self.cls] + ids[: block_size - 2] + [self.sep], dtype=np.int64)
+
+    def encode_caption(self, text: str, max_len: int) -> np.ndarray:
+        ids = self.ids([text.strip()])[0]
+        return np.array([self.cls] + ids[: max_len - 2] + [self.sep], dtype=np.int64)
+
+    def pad_id(self) -> int:
+        # pre-tokenised shards need no tokenizer; BERT's [PAD] is 0 then
+        if not self.path:
+            return 0
+        self._load()
+        return self.pad
+
+    def pad_batch(self, seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
+        """[B, length] int64 ids and bool padding mask (True = padding)."""
+        out = np.full((len(seqs), length), self.pad_id(), dtype=np.int64)
+        mask = np.ones((len(seqs), length), dtype=bool)
+        for b, s in enumerate(seqs):
+            n = min(len(s), length)
+            out[b, :n] = s[:n]
+            mask[b, :n] = False
+        return out, mask
+
+
+def load_npy_ids(data: bytes) -> np.ndarray:
+    """Token ids from an `npy` member (1-D integer array)."""
+    a = np.load(io.BytesIO(data), allow_pickle=False)
+    if a.ndim != 1 or a.dtype.kind not in "iu":
+        raise ValueError(f"npy token ids must be a 1-D integer array, got {a.dtype} {a.shape}")
+    return a.astype(np.int64)
