@@ -111,6 +111,7 @@ class BatchStream(IterableDataset):
         self.sources, self.cfg, self.kind = sources, cfg, kind
         self.rank, self.world_size, self.epoch, self.start = rank, world_size, epoch, start
         self.gpu_decode = gpu_decode
+        self.worker_override: tuple[int, int] | None = None  # (id, count): tests simulate workers in-process
         self.text = TextEncoder(cfg.tokenizer) if kind in ("text", "image_text") else None
 
     def plan(self) -> tuple[EpochPlan, Deal]:
@@ -124,6 +125,8 @@ class BatchStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.worker_override is not None:
+            worker, nw = self.worker_override
         if info is not None:
             torch.set_num_threads(1)  # one core per worker; intra-op threads would fight
         plan, deal = self.plan()
