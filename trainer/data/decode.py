@@ -95,7 +95,11 @@ def decode_cuda(datas: list[torch.Tensor], device: torch.device) -> tuple[list[t
     Returns (images, errors): a broken JPEG gives None and its error text, so the caller can
     replace it; the batched call is tried first and single decodes only after it fails.
     """
-    from torchvision.io import ImageReadMode, decode_jpeg
+    import warnings
+
+    with warnings.catch_warnings():  # torchvision 0.29 flags its image IO as deprecated (torchcodec)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
         imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
