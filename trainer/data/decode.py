@@ -97,21 +97,23 @@ def decode_cuda(datas: list[torch.Tensor], device: torch.device) -> tuple[list[t
     """
     import warnings
 
-    with warnings.catch_warnings():  # torchvision 0.29 flags its image IO as deprecated (torchcodec)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
 
-    try:
-        imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-        return list(imgs), [""] * len(datas)
-    except RuntimeError:
-        pass
-    imgs, errs = [], []
-    for d in datas:
+    # torchvision 0.29 flags its image IO as deprecated in favour of torchcodec on every call;
+    # decode_jpeg(device="cuda") is still the batched nvJPEG entry point we want
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            imgs.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
-            errs.append("")
-        except RuntimeError as e:
-            imgs.append(None)
-            errs.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+            imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+            return list(imgs), [""] * len(datas)
+        except RuntimeError:
+            pass
+        imgs, errs = [], []
+        for d in datas:
+            try:
+                imgs.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+                errs.append("")
+            except RuntimeError as e:
+                imgs.append(None)
+                errs.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
     return imgs, errs

@@ -29,7 +29,12 @@ def load_tokenizer(path: str):
     p = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
     if not os.path.isfile(p):
         raise FileNotFoundError(f"tokenizer not found: {p}")
-    return Tokenizer.from_file(p)
+    tok = Tokenizer.from_file(p)
+    # tokenizer.json files often carry padding/truncation settings (sentence-transformers pad
+    # to 128); blocks and captions are cut and padded here, explicitly, so switch those off
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 class TextEncoder:
