@@ -168,15 +168,14 @@ def resized_crops(images: list[torch.Tensor], box: torch.Tensor, flip: torch.Ten
 
 def cpu_resized_crop(arr: np.ndarray, box: tuple[int, int, int, int], flip: bool, S: int,
                      mode: str = "bilinear") -> torch.Tensor:
-    """One HWC uint8 RGB image -> [3, S, S] uint8: the CPU path's crop, resize and flip."""
+    """One HWC uint8 RGB image -> [3, S, S] uint8: crop, resize, flip."""
     i, j, h, w = box
-    x = torch.from_numpy(arr[i:i + h, j:j + w]).permute(2, 0, 1)[None]
-    # channels-last contiguous input takes torch's vectorised uint8 antialias kernel
-    x = x.contiguous(memory_format=torch.channels_last)
+    # the crop is a view: the HWC array read as NCHW has channels-last strides, which torch's
+    # vectorised uint8 antialias kernel takes directly (copying the crop first would cost more
+    # than the resize)
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None, :, i:i + h, j:j + w]
     y = F.interpolate(x, size=(S, S), mode=mode, antialias=True, align_corners=False)[0]
-    if flip:
-        y = y.flip(-1)
-    return y.contiguous()
+    return y.flip(-1) if flip else y
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,7 +199,11 @@ class BatchStream(IterableDataset):
             out["jpeg"] = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
             out["jpeg_offsets"] = torch.from_numpy(offs)
         else:
-            out["image"] = torch.stack([imgs[fill[b]] for b in range(B)])
+            S = aug.size
+            batch = torch.empty((B, 3, S, S), dtype=torch.uint8)
+            for b in range(B):
+                batch[b].copy_(imgs[fill[b]])
+            out["image"] = batch
         if self.kind == "image":
             out["label"] = torch.tensor([_label(s[1].get("cls")) for s in src], dtype=torch.int64)
         else:
