@@ -1,8 +1,8 @@
 """Reading samples out of tar shards: index a shard's members once, then read only what is needed.
 
 A shard is opened through the local file system (plain paths) or fsspec (any URL); user strings
-never reach a shell. The first visit scans the tar headers (tarfile seeks over the payloads, so
-this reads about 512 bytes per member) and keeps a table key -> {ext: (offset, size)}; reads then
+never reach a shell. The first visit scans the tar headers (a small ustar walker, tarfile for
+anything fancier; both seek over the payloads, so this reads about 512 bytes per member) and keeps a table key -> {ext: (offset, size)}; reads then
 seek forward to the members a worker wants. A worker reads only its own samples' payloads, so
 the image bytes are read about once per epoch in total, not once per rank (each worker does
 scan the headers of the shards it visits).
@@ -63,14 +63,53 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1:]
 
 
-def index_shard(url: str, f) -> ShardIndex:
-    keys: list[str] = []
-    members: list[dict[str, tuple[int, int]]] = []
-    truncated = ""
+def _ustar_scan(f) -> tuple[list[tuple[str, int, int]], str] | None:
+    """Fast header walk for plain ustar tars (what shardify writes): [(name, offset, size)].
+
+    Returns None when the tar uses anything else (pax or GNU long names, base-256 sizes), so the
+    caller falls back to tarfile; a bad checksum or a short header ends the walk as truncation.
+    """
+    out: list[tuple[str, int, int]] = []
+    off = 0
+    while True:
+        f.seek(off)
+        hdr = f.read(512)
+        if len(hdr) == 0:
+            return out, ""  # no end-of-archive blocks; everything before was whole
+        if len(hdr) < 512:
+            return out, f"short header at byte {off}"
+        if hdr.count(0) == 512:
+            return out, ""
+        try:
+            chk = int(hdr[148:156].rstrip(b"\0 ") or b"0", 8)
+            size_field = hdr[124:136]
+            if size_field[0] & 0x80:
+                return None
+            size = int(size_field.rstrip(b"\0 ").lstrip(b" ") or b"0", 8)
+        except ValueError:
+            return None
+        if chk != sum(hdr) - sum(hdr[148:156]) + 8 * 32:
+            return out, f"bad header checksum at byte {off}"
+        kind = hdr[156:157]
+        if kind not in (b"0", b"\0", b"5"):
+            return None
+        if kind != b"5":
+            name = hdr[0:100].split(b"\0", 1)[0]
+            if hdr[257:262] == b"ustar":
+                prefix = hdr[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix + b"/" + name
+            out.append((name.decode("utf-8", "replace"), off + 512, size))
+        off += 512 + -(-size // 512) * 512
+
+
+def _tarfile_scan(url: str, f) -> tuple[list[tuple[str, int, int]], str]:
+    f.seek(0)
     try:
         tf = tarfile.open(fileobj=f, mode="r:")
     except tarfile.TarError as e:
         raise ShardError(f"shard {url} is not a readable tar: {e}") from None
+    out, truncated = [], ""
     while True:
         try:
             ti = tf.next()
@@ -79,14 +118,25 @@ def index_shard(url: str, f) -> ShardIndex:
             break
         if ti is None:
             break
-        if not ti.isfile():
-            continue
-        key, ext = _split_name(ti.name)
+        if ti.isfile():
+            out.append((ti.name, ti.offset_data, ti.size))
+    return out, truncated
+
+
+def index_shard(url: str, f) -> ShardIndex:
+    scan = _ustar_scan(f)
+    members, truncated = scan if scan is not None else _tarfile_scan(url, f)
+    if not members and truncated:
+        raise ShardError(f"shard {url} is not a readable tar: {truncated}")
+    keys: list[str] = []
+    table: list[dict[str, tuple[int, int]]] = []
+    for name, off, size in members:
+        key, ext = _split_name(name)
         if not keys or keys[-1] != key:
             keys.append(key)
-            members.append({})
-        members[-1][ext] = (ti.offset_data, ti.size)
-    return ShardIndex(keys, members, truncated)
+            table.append({})
+        table[-1][ext] = (off, size)
+    return ShardIndex(keys, table, truncated)
 
 
 class ShardReader:
