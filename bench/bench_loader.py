@@ -37,16 +37,20 @@ from trainer.data import AugmentConfig, DataConfig, build_loader  # noqa: E402
 from trainer.data.stream import BatchStream  # noqa: E402
 
 
-def shard_folder(files: list[str], out: str, per_shard: int = 64) -> str:
-    """Plain ustar shards of {key}.jpg (+ {key}.cls = 0) and a manifest.json."""
+def shard_folder(files: list[str], out: str, per_shard: int = 64, unique_keys: bool = False) -> str:
+    """Plain ustar shards of {key}.jpg (+ {key}.cls = 0) and a manifest.json.
+
+    unique_keys: suffix the position, for listings that repeat files."""
     os.makedirs(out, exist_ok=True)
     shards = []
     for s in range(0, len(files), per_shard):
         name = f"train-{s // per_shard:06d}.tar"
         chunk = files[s:s + per_shard]
         with tarfile.open(os.path.join(out, name), "w", format=tarfile.USTAR_FORMAT) as tf:
-            for path in chunk:
+            for k, path in enumerate(chunk):
                 key = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(os.path.basename(path))[0])
+                if unique_keys:
+                    key = f"{key}_{s + k:07d}"
                 for ext, data in (("jpg", open(path, "rb").read()), ("cls", b"0")):
                     ti = tarfile.TarInfo(f"{key}.{ext}")
                     ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
