@@ -35,5 +35,8 @@ demo: $(VENV)/.installed ## Build the embedded demo dataset and run the whole pi
 bench-shardify: $(VENV)/.installed ## Time shardify against tar and a bare ShardWriter loop (IMAGES=dir)
 	$(OFFLINE) $(PY) bench/bench_shardify.py --images $(IMAGES)
 
+bench-loader: $(VENV)/.installed ## CPU loader path against the classic torchvision pipeline and a bare decode (IMAGES=dir)
+	$(OFFLINE) $(PY) bench/bench_loader.py --images $(IMAGES)
+
 clean: ## Remove demo and benchmark outputs (keeps .venv)
 	rm -rf $(DEMO_OUT) bench_out
