@@ -218,6 +218,16 @@ def test_text_on_the_fly_equals_pre_tokenised(tmp_path):
     assert max(longest) == 64 and min(longest) < 64
 
 
+def test_pre_tokenised_padding_is_masked(tmp_path):
+    # shardify's last block of a split is padded with [PAD] (0) to full length
+    blocks = {0: [101, 7, 8, 9, 102, 0, 0, 0], 1: [101, 5, 102], 2: [101, 4, 4, 4, 4, 4, 4, 102]}
+    d = write_shards(str(tmp_path / "p"), [3], lambda k, s, i: {"npy": npy_bytes(blocks[i])})
+    cfg = DataConfig(manifests=[d], batch_size=3, num_workers=0, block_size=8, shuffle_buffer=0)
+    b = next(iter(build_loader(cfg, 0, 1, CPU, "text")))  # no tokenizer needed for npy blocks
+    assert b["input_ids"].tolist() == [blocks[0], [101, 5, 102, 0, 0, 0, 0, 0], blocks[2]]
+    assert (~b["padding_mask"]).sum(1).tolist() == [5, 3, 8]
+
+
 def test_image_text_batches(images):
     cfg = DataConfig(manifests=[images], batch_size=4, num_workers=0, tokenizer=tokenizer_path(), text_max_len=8,
                      augment=AugmentConfig(size=24, scale=(0.9, 1.0)))

@@ -2,12 +2,17 @@
 
 One sample is one block, whichever way it arrives, so positions, batch counts and resume work
 exactly as for images:
-- `npy` member (pre-tokenised by shardify): the ids as stored (a block already holding [CLS] and
-  [SEP]), padded to the block size, or cut to it.
+- `npy` member (pre-tokenised by shardify, which packs documents across into blocks): the ids
+  as stored (a block already holding [CLS] and [SEP]), padded to the block size or cut to it;
+  a trailing run of [PAD] (shardify's last, short block) is marked as padding.
 - `txt` member, tokenised in the worker: `encode_block` cleans the lines the way the reference
   does (strip; drop empty lines, '---' lines and lines holding NUL), tokenises each line,
-  concatenates the ids, keeps the first block_size - 2 and adds [CLS] ... [SEP]. A shard writer
-  that pre-tokenises calls the same function, so both routes give the same ids for the same text.
+  concatenates the ids, keeps the first block_size - 2 and adds [CLS] ... [SEP]: the block
+  shardify's packer writes for a text of one document (BERT's pre-tokenizer treats a newline as
+  any other whitespace, so line-wise and whole-document tokenisation agree). One document gives
+  one block here, since a sample count that depended on token counts would break equal batch
+  counts across ranks; for OpenWebText training use shardify's pre-tokenised blocks, which pack
+  across documents and lose no token.
 - captions: [CLS] + first max_len - 2 ids + [SEP], padded to max_len.
 Padding uses the tokenizer's [PAD] id; the padding mask is True at padding.
 """
@@ -84,10 +89,15 @@ class TextEncoder:
 
     def pad_batch(self, seqs: list[np.ndarray], length: int) -> tuple[np.ndarray, np.ndarray]:
         """[B, length] int64 ids and bool padding mask (True = padding)."""
-        out = np.full((len(seqs), length), self.pad_id(), dtype=np.int64)
+        pad = self.pad_id()
+        out = np.full((len(seqs), length), pad, dtype=np.int64)
         mask = np.ones((len(seqs), length), dtype=bool)
         for b, s in enumerate(seqs):
             n = min(len(s), length)
+            # shardify pads the last block of a split with [PAD] to full length: a trailing run
+            # of [PAD] is padding ([SEP] always closes the real tokens)
+            while n > 0 and s[n - 1] == pad:
+                n -= 1
             out[b, :n] = s[:n]
             mask[b, :n] = False
         return out, mask
