@@ -114,3 +114,41 @@ def test_loader_reads_a_manifest_behind_an_fsspec_url(tmp_path):
     fs.rm("/remote/train-000001.tar")
     with pytest.raises(ShardError, match="memory:///remote/train-000001.tar"):
         list(build_loader(cfg, 0, 1, torch.device("cpu"), "text"))
+
+
+def write_idx(tar_path: str) -> None:
+    """A DALI-style .idx as shardify writes it (v1.2; ext, data offset, size, name per member)."""
+    lines, cur, parts = [], None, []
+    with tarfile.open(tar_path) as tf:
+        for ti in tf.getmembers():
+            key, ext = ti.name.split(".", 1)
+            if key != cur and parts:
+                lines.append(" ".join(parts))
+                parts = []
+            cur = key
+            parts.append(f"{ext} {ti.offset_data} {ti.size} {ti.name}")
+    lines.append(" ".join(parts))
+    with open(tar_path[:-4] + ".idx", "w") as f:
+        f.write(f"v1.2 {len(lines)}\n" + "".join(x + "\n" for x in lines))
+
+
+def test_idx_file_is_used_when_present(tmp_path):
+    p = str(tmp_path / "train-000000.tar")
+    write_tar(p, members(4))
+    with open(p, "rb") as f:
+        scanned = index_shard(p, f)
+    write_idx(p)
+    with open(p, "rb") as f:
+        indexed = index_shard(p, f)
+    assert (indexed.keys, indexed.members) == (scanned.keys, scanned.members)
+    # the reader follows the index: an index that lists only samples 2 and 3 is what it sees
+    text = open(p[:-4] + ".idx").read().splitlines()
+    with open(p[:-4] + ".idx", "w") as f:
+        f.write("v1.2 2\n" + "\n".join(text[3:]) + "\n")
+    got = ShardReader().read(p, 4, [0, 1], ("jpg",), ("cls",))
+    assert [g[0] for g in got] == ["k002", "k003"]
+    # an unreadable index is ignored (logged), the tar is scanned
+    with open(p[:-4] + ".idx", "w") as f:
+        f.write("garbage\n")
+    got = ShardReader().read(p, 4, [0], ("jpg",))
+    assert got[0][0] == "k000"

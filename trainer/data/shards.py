@@ -1,7 +1,8 @@
 """Reading samples out of tar shards: index a shard's members once, then read only what is needed.
 
 A shard is opened through the local file system (plain paths) or fsspec (any URL); user strings
-never reach a shell. The first visit scans the tar headers (a small ustar walker, tarfile for
+never reach a shell. The first visit reads the shard's `.idx` (DALI-style, written by
+shardify) when there is one, else scans the tar headers (a small ustar walker, tarfile for
 anything fancier; both seek over the payloads, so this reads about 512 bytes per member) and keeps a table key -> {ext: (offset, size)}; reads then
 seek forward to the members a worker wants. A worker reads only its own samples' payloads, so
 the image bytes are read about once per epoch in total, not once per rank (each worker does
@@ -15,6 +16,7 @@ shard that cannot be opened at all raises `ShardError` naming it.
 from __future__ import annotations
 
 import logging
+import os
 import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -123,11 +125,59 @@ def _tarfile_scan(url: str, f) -> tuple[list[tuple[str, int, int]], str]:
     return out, truncated
 
 
+def _read_idx(url: str) -> list[tuple[str, int, int]] | None:
+    """Members from the DALI-style `.idx` next to the shard (shardify writes one), if any.
+
+    One small read instead of a header walk (a seek per member, which on remote storage means a
+    request per member); None when there is no usable index.
+    """
+    if not url.endswith(".tar"):
+        return None
+    idx_url = url[: -len(".tar")] + ".idx"
+    try:
+        if "://" in idx_url and not idx_url.startswith("file://"):
+            import fsspec
+
+            with fsspec.open(idx_url, "rt", encoding="utf-8") as f:
+                text = f.read()
+        else:
+            path = idx_url.removeprefix("file://")
+            if not os.path.exists(path):
+                return None
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+    except (OSError, ValueError):
+        return None
+    lines = text.splitlines()
+    try:
+        head = lines[0].split()
+        if head[0] != "v1.2" or int(head[1]) != len(lines) - 1:
+            raise ValueError(lines[0])
+        out = []
+        for line in lines[1:]:
+            fields = line.split(" ")
+            if not fields or len(fields) % 4:
+                raise ValueError(line)
+            for j in range(0, len(fields), 4):
+                out.append((fields[j + 3], int(fields[j + 1]), int(fields[j + 2])))
+        return out
+    except (IndexError, ValueError) as e:
+        log.warning("ignoring unreadable index %s (%s); scanning the tar instead", idx_url, e)
+        return None
+
+
 def index_shard(url: str, f) -> ShardIndex:
+    listed = _read_idx(url)
+    if listed is not None:
+        return _table(listed, "")
     scan = _ustar_scan(f)
     members, truncated = scan if scan is not None else _tarfile_scan(url, f)
     if not members and truncated:
         raise ShardError(f"shard {url} is not a readable tar: {truncated}")
+    return _table(members, truncated)
+
+
+def _table(members: list[tuple[str, int, int]], truncated: str) -> ShardIndex:
     keys: list[str] = []
     table: list[dict[str, tuple[int, int]]] = []
     for name, off, size in members:
