@@ -240,3 +240,24 @@ def test_mixing_weights(tmp_path):
     assert len(set(b_stream[:36])) == 36
     with pytest.raises(ValueError, match="weights"):
         build_loader(DataConfig(manifests=[a, b], weights=[1.0]), 0, 1, CPU, "text")
+
+
+@pytest.mark.parametrize("weights", [[], [2, 1]])
+def test_mixed_sources_resume_across_world_sizes(tmp_path, weights):
+    a = id_shards(str(tmp_path / "a"), [5, 7], prefix="a")
+    b = id_shards(str(tmp_path / "b"), [9, 2, 6], prefix="b")
+    def cfg(B, remainder):
+        return DataConfig(manifests=[a, b], weights=weights, batch_size=B, num_workers=0, shuffle_buffer=7,
+                          seed=11, remainder=remainder, block_size=4)
+    ref_loader = build_loader(cfg(1, "pad"), 0, 1, CPU, "text")
+    ref_loader.set_epoch(1)
+    ref = [x["key"][0] for x in ref_loader]
+    assert len(ref) == 29
+    state = {"version": 1, "epoch": 1, "consumed": 0, "seed": 11, "samples_per_epoch": 29}
+    k1, p1, state, _ = run_loaders(cfg(2, "pad"), 2, state, max_steps=3)
+    assert state["consumed"] == 12
+    k2, p2, _, _ = run_loaders(cfg(2, "pad"), 3, state)
+    real = [x for x, p in zip(k1 + k2, p1 + p2) if not p]
+    assert real == ref
+    if not weights:
+        assert len(set(real)) == 29
