@@ -13,6 +13,7 @@
      RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize);
    - bare decode: a full-size libjpeg-turbo decode of the same bytes (simplejpeg, defaults),
      and the same with the fast IDCT/upsampling, for reference.
+It also prints the process's resident memory after three further epochs of the loader.
 The last line reads `cpu loader vs classic: Rx; vs bare decode: Dx` (rates, ours over theirs).
 """
 
@@ -137,11 +138,20 @@ def main() -> None:
     for r in range(args.repeats):
         for k, v in run_once(r).items():
             times.setdefault(k, []).append(v)
+    # resident memory over three more epochs of the loader (the issue's flatness check)
+    rss = []
+    for e in range(3):
+        loader.set_epoch(100 + e)
+        sum(b["image"].shape[0] for b in loader)
+        with open("/proc/self/statm") as f:
+            rss.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
     rate = {k: n / statistics.median(v) for k, v in times.items()}
     print(f"images: {n} from {args.images}, output {args.size}px, one thread, medians of {args.repeats}")
     for k, v in rate.items():
         print(f"  {k:26s} {v:8.1f} images/s")
     print(f"  ours+norm vs classic: {rate['ours+norm'] / rate['classic']:.2f}x")
+    print(f"  resident memory after 3 more loader epochs: {', '.join(f'{m:.0f}' for m in rss)} MiB "
+          f"({(rss[2] / rss[0] - 1) * 100:+.1f}% from the first)")
     print(f"cpu loader vs classic: {rate['ours'] / rate['classic']:.2f}x; "
           f"vs bare decode: {rate['ours'] / rate['bare decode']:.2f}x")
 
