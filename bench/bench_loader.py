@@ -4,8 +4,9 @@
 
 1. Shards the folder's JPEGs (a plain tar per shard plus manifest.json in the docs/format.md
    layout, written here so the benchmark needs nothing but this repository).
-2. Measures, in one process with one thread and no DataLoader workers, the same images each
-   run (medians of 3, runs interleaved):
+2. Measures images per CPU-second (process CPU time: the per-core rate, and what other jobs on
+   a shared machine disturb least), in one process with one thread and no DataLoader workers,
+   the same images each run, methods interleaved batch by batch, medians of 3 runs:
    - ours: the loader's CPU path for one epoch (shard read, crop-driven decode, crop, resize,
      flip; the uint8 batch is what a worker hands over, normalisation is device work);
    - ours+norm: the same plus normalisation to float32 on the CPU (what device=cpu costs);
@@ -82,8 +83,8 @@ def main() -> None:
     aug = AugmentConfig(size=args.size)
     B = 25
     # shuffle_buffer=0: batches follow the sorted file list, so every method's chunk k holds the
-    # same 25 images; timing chunk by chunk, methods interleaved, keeps load drift on a shared
-    # machine from favouring one method
+    # same 25 images; timing chunk by chunk, methods interleaved, keeps what load drift CPU time
+    # still feels (caches, turbo) from favouring one method
     cfg = DataConfig(manifests=[shards], batch_size=B, num_workers=0, decode_device="cpu", remainder="pad",
                      shuffle_buffer=0, augment=aug)
     loader = build_loader(cfg, 0, 1, torch.device("cpu"), "image")
@@ -127,9 +128,9 @@ def main() -> None:
                              ("ours+norm", lambda: next(ours_norm)["image"].shape[0]),
                              ("classic", lambda: classic(c)), ("bare decode", lambda: bare(c)),
                              ("bare decode (fast idct)", lambda: bare_fast(c))):
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 got[name] += min(fn(), len(c))  # the loader pads the last batch; count real images
-                t[name] += time.perf_counter() - t0
+                t[name] += time.process_time() - t0
         assert all(v == n for v in got.values()), got
         return t
 
@@ -146,7 +147,8 @@ def main() -> None:
         with open("/proc/self/statm") as f:
             rss.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
     rate = {k: n / statistics.median(v) for k, v in times.items()}
-    print(f"images: {n} from {args.images}, output {args.size}px, one thread, medians of {args.repeats}")
+    print(f"images: {n} from {args.images}, output {args.size}px, one thread, images per CPU-second, "
+          f"medians of {args.repeats}")
     for k, v in rate.items():
         print(f"  {k:26s} {v:8.1f} images/s")
     print(f"  ours+norm vs classic: {rate['ours+norm'] / rate['classic']:.2f}x")
