@@ -4,7 +4,7 @@
 
 Prepared to run once on a GPU machine. It shards the folder's JPEGs repeated to --samples
 samples (or synthetic 500x375 photos-like JPEGs when the folder is missing), then measures for
---seconds each, after a warm-up:
+--seconds of steady state each:
 1. gpu path: the whole loader, decode_device=cuda: workers read raw bytes and draw the crop
    parameters, the GPU decodes with nvJPEG and crops/resizes/flips/normalises in batched ops;
 2. gpu device stage alone: the same GPU work on batches already fetched (the GPU's ceiling,
@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--images", default="../shared/bench-images")
     ap.add_argument("--samples", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--workers", type=int, default=os.cpu_count())
     args = ap.parse_args()
     if not torch.cuda.is_available():
