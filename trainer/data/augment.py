@@ -142,26 +142,32 @@ def resized_crops(images: list[torch.Tensor], box: torch.Tensor, flip: torch.Ten
     dev = images[0].device if B else box.device
     out = torch.empty((B, 3, S, S), dtype=torch.float32, device=dev)
     box = box.to(torch.int64).cpu()
-    hs, ws = box[:, 2].tolist(), box[:, 3].tolist()
+    boxes = box.tolist()  # python ints: the packing loop below runs per sample
+    # canvases hold crops of similar size (sorted by area), so one large crop does not make every
+    # small one in its canvas pay for its padding
+    order = sorted(range(B), key=lambda b: boxes[b][2] * boxes[b][3])
     start = 0
     while start < B:
         end, hmax, wmax = start, 0, 0
         while end < B:
-            h2, w2 = max(hmax, hs[end]), max(wmax, ws[end])
+            h2, w2 = max(hmax, boxes[order[end]][2]), max(wmax, boxes[order[end]][3])
             if end > start and (end - start + 1) * h2 * w2 > max_pixels:
                 break
             hmax, wmax, end = h2, w2, end + 1
-        n = end - start
+        idx = order[start:end]
+        n = len(idx)
         canvas = torch.zeros((n, 3, hmax, wmax), dtype=torch.float32, device=dev)
-        for b in range(start, end):
-            i, j, h, w = box[b].tolist()
-            canvas[b - start, :, :h, :w] = images[b][:, i:i + h, j:j + w]  # broadcasts grey to 3
-        wy = aa_weights(box[start:end, 2].to(dev), hmax, S, mode)
-        wx = aa_weights(box[start:end, 3].to(dev), wmax, S, mode)
-        fl = flip[start:end].to(dev).view(n, 1, 1)
+        for k, b in enumerate(idx):
+            i, j, h, w = boxes[b]
+            canvas[k, :, :h, :w] = images[b][:, i:i + h, j:j + w]  # broadcasts grey to 3
+        sel = torch.tensor(idx, dtype=torch.int64)
+        wy = aa_weights(box[sel, 2].to(dev), hmax, S, mode)
+        wx = aa_weights(box[sel, 3].to(dev), wmax, S, mode)
+        fl = flip.cpu()[sel].to(dev).view(n, 1, 1)
         wx = torch.where(fl, wx.flip(1), wx)  # a flip reverses the output columns
         x = torch.matmul(wy[:, None], canvas)  # [n, 3, S, wmax]
-        out[start:end] = torch.matmul(x, wx.transpose(1, 2)[:, None])  # [n, 3, S, S]
+        res = torch.matmul(x, wx.transpose(1, 2)[:, None])  # [n, 3, S, S]
+        out[sel.to(dev)] = res
         start = end
     return out.clamp_(0.0, 255.0)  # bicubic overshoots; the uint8 path saturates the same way
 
