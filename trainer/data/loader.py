@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from .augment import finish, resized_crops
 from .decode import decode_cuda
-from .order import Deal, EpochPlan, epoch_steps, load_source
+from .order import Deal, epoch_counts, epoch_steps, load_source
 from .stream import BatchStream
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,10 @@ class StreamingLoader:
         self.device = torch.device(device)
         self.sources = [load_source(m, cfg.split) for m in cfg.manifests]
         _check_local_shards(self.sources)
-        self.N = EpochPlan(self.sources, list(cfg.weights), cfg.seed, 0, 1).N  # same for every epoch
+        # samples per epoch: the same for every epoch (weights only change the mix)
+        self.N = sum(epoch_counts([src.size for src in self.sources], list(cfg.weights)))
+        if self.N <= 0:
+            raise ValueError("the manifests hold no samples for split " + repr(cfg.split))
         self.dtype = _DTYPES[cfg.output_dtype]
         self.gpu_decode = kind != "text" and _use_gpu(cfg.decode_device, self.device)
         self.epoch = 0
