@@ -97,8 +97,12 @@ def test_order_is_a_pure_function_of_seed_and_epoch(shards):
     assert a == order(7, 0)
     assert a != order(7, 1) and a != order(8, 0)
     assert sorted(order(7, 3)) == sorted(ALL)
-    # without shuffling: manifest order, tar order
+    # without shuffling: manifest order, tar order; buffer 1: whole shards in a seeded order
     assert order(7, 0, buf=0) == [key_of("", s, i) for s, n in enumerate(SIZES) for i in range(n)]
+    runs = order(7, 0, buf=1)
+    shard_seq = [k[:4] for k in runs]
+    assert [k for k in runs] == sorted(runs, key=lambda k: (shard_seq.index(k[:4]), k))
+    assert len({k[:4] for k in runs}) == len(SIZES) and runs != order(7, 0, buf=0)
     # the shuffle is bounded: a window of K samples holds whole runs of shards read in order
     plan = EpochPlan(sources, [], 7, 0, 5)
     for w in range(plan.num_windows):

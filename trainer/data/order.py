@@ -169,11 +169,12 @@ class EpochPlan:
     """The order of one epoch: position -> (source, shard, index in shard, sample uid)."""
 
     def __init__(self, sources: list[Source], weights: list[float], seed: int, epoch: int, window: int,
-                 shuffle: bool = True):
+                 shuffle: bool = True, shuffle_shards: bool | None = None):
         self.sources = sources
         self.seed = int(seed)
         self.epoch = int(epoch)
-        self.shuffle = shuffle
+        self.shuffle = shuffle  # permute samples inside each window
+        self.shuffle_shards = shuffle if shuffle_shards is None else shuffle_shards
         self.n = np.array(epoch_counts([s.size for s in sources], weights), dtype=np.int64)
         self.N = int(self.n.sum())
         if self.N <= 0:
@@ -231,7 +232,7 @@ class EpochPlan:
     def _shard_order(self, i: int, source_epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard permutation of source i in one of its source epochs, and cumulative sizes."""
         src = self.sources[i]
-        if self.shuffle:
+        if self.shuffle_shards:
             perm = hashed_permutation(len(src.counts), 2, self.seed, i, source_epoch)
         else:
             perm = np.arange(len(src.counts), dtype=np.int64)

@@ -116,9 +116,11 @@ class BatchStream(IterableDataset):
 
     def plan(self) -> tuple[EpochPlan, Deal]:
         c = self.cfg
-        shuffle = c.shuffle_buffer > 0
-        window = c.shuffle_buffer if c.shuffle_buffer > 1 else 1024  # no shuffle: still read by windows
-        plan = EpochPlan(self.sources, list(c.weights), c.seed, self.epoch, window, shuffle=shuffle)
+        # buffer > 1: shuffle shards and samples within windows of that size; 1: shuffle the
+        # shards only; 0: no shuffling at all. Without sample shuffling, still read by windows.
+        window = c.shuffle_buffer if c.shuffle_buffer > 1 else 1024
+        plan = EpochPlan(self.sources, list(c.weights), c.seed, self.epoch, window,
+                         shuffle=c.shuffle_buffer > 1, shuffle_shards=c.shuffle_buffer > 0)
         deal = Deal(plan.N, self.start, c.batch_size, self.world_size, self.rank, c.remainder == "pad")
         return plan, deal
 
