@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import numpy as np
 import torch
@@ -130,7 +131,10 @@ class BatchStream(IterableDataset):
         if self.worker_override is not None:
             worker, nw = self.worker_override
         if info is not None:
-            torch.set_num_threads(1)  # one core per worker; intra-op threads would fight
+            # one core per worker: torch intra-op threads or the tokenizer's thread pool in
+            # every worker would oversubscribe the machine
+            torch.set_num_threads(1)
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
         plan, deal = self.plan()
         reader = ShardReader()
         cache = WindowCache(plan, deal, worker, nw, reader, FIELDS[self.kind])
