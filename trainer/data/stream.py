@@ -19,7 +19,6 @@ The read path, per worker, is a flat list of stages:
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import numpy as np
@@ -31,8 +30,6 @@ from .decode import cpu_decode_crop, jpeg_size
 from .order import Deal, EpochPlan, Source
 from .shards import Corrupt, ShardReader
 from .text import TextEncoder, load_npy_ids
-
-log = logging.getLogger(__name__)
 
 # members read per kind: (required, optional)
 FIELDS = {
