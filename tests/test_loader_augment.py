@@ -182,3 +182,18 @@ def test_cpu_and_gpu_style_paths_agree_on_real_decodes(monkeypatch):
     gpu = resized_crops(imgs, torch.from_numpy(par.box), torch.from_numpy(par.flip), S)
     diff = (cpu.float() - gpu).abs()
     assert diff.max().item() <= 3.0 and diff.mean().item() < 0.6
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_device_decoder_batches_then_isolates_broken_images():
+    """decode_cuda's logic (batched call, per-image fallback) with torchvision's CPU decoder."""
+    from trainer.data.decode import decode_cuda
+
+    datas = [torch.frombuffer(bytearray(jpeg_bytes(30 + k, 41, k, grey=(k == 1))), dtype=torch.uint8)
+             for k in range(4)]
+    imgs, errs = decode_cuda(datas, torch.device("cpu"))
+    assert errs == [""] * 4 and [tuple(i.shape) for i in imgs] == [(3, 30 + k, 41) for k in range(4)]
+    good = datas[2].numpy().tobytes()
+    datas[2] = torch.frombuffer(bytearray(good[: len(good) // 2]), dtype=torch.uint8)
+    imgs, errs = decode_cuda(datas, torch.device("cpu"))
+    assert imgs[2] is None and errs[2] and all(imgs[k] is not None and not errs[k] for k in (0, 1, 3))
