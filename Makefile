@@ -38,5 +38,8 @@ bench-shardify: $(VENV)/.installed ## Time shardify against tar and a bare Shard
 bench-tokenize: $(VENV)/.installed ## Tokenise-and-pack throughput per core against datasets.map
 	$(OFFLINE) $(PY) bench/bench_tokenize.py --docs 2000 --repeats 7
 
+bench-loader: $(VENV)/.installed ## CPU loader path against the classic torchvision pipeline and a bare decode (IMAGES=dir)
+	$(OFFLINE) $(PY) bench/bench_loader.py --images $(IMAGES)
+
 clean: ## Remove demo and benchmark outputs (keeps .venv)
 	rm -rf $(DEMO_OUT) bench_out

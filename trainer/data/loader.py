@@ -1,0 +1,195 @@
+"""The trainer-facing loader: epochs, state, DataLoader workers, and the device-side stage.
+
+    loader = build_loader(cfg, rank, world_size, device, kind)   # kind: image | text | image_text
+    len(loader)            # batches per epoch for this rank (the same on every rank)
+    for batch in loader:   # the rest of the current epoch, then the epoch advances by one
+        ...
+    loader.state_dict()    # {"epoch", "consumed", "seed", "samples_per_epoch", "version"}
+    loader.load_state_dict(sd)  # constant time; any world size / worker count
+
+`consumed` counts samples of the epoch order handed out by all ranks together; since every
+step takes the next B*W positions of that order, it is all a resume needs. The device stage
+runs in the calling process: for the GPU path it decodes the batch with nvJPEG and crops,
+resizes and flips it in batched ops; for the CPU path it moves the uint8 batch over. Both then
+apply colour jitter and normalisation and cast to cfg.output_dtype.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch.utils.data import DataLoader
+
+from .augment import finish, resized_crops
+from .decode import decode_cuda
+from .order import Deal, epoch_counts, epoch_steps, load_source
+from .stream import BatchStream
+
+log = logging.getLogger(__name__)
+
+KINDS = ("image", "text", "image_text")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STATE_VERSION = 1
+
+
+class StreamingLoader:
+    """Deterministic, elastic-resumable, rank-balanced batches from shard manifests."""
+
+    def __init__(self, cfg, rank: int, world_size: int, device: torch.device, kind: str):
+        _check(cfg, rank, world_size, kind)
+        self.cfg, self.rank, self.world_size, self.kind = cfg, rank, world_size, kind
+        self.device = torch.device(device)
+        self.sources = [load_source(m, cfg.split) for m in cfg.manifests]
+        _check_local_shards(self.sources)
+        # samples per epoch: the same for every epoch (weights only change the mix)
+        self.N = sum(epoch_counts([src.size for src in self.sources], list(cfg.weights)))
+        if self.N <= 0:
+            raise ValueError("the manifests hold no samples for split " + repr(cfg.split))
+        self.dtype = _DTYPES[cfg.output_dtype]
+        self.gpu_decode = kind != "text" and _use_gpu(cfg.decode_device, self.device)
+        self.epoch = 0
+        self.consumed = 0  # global samples of the current epoch handed out
+        self.corrupt_count = 0  # corrupt samples replaced since this loader was built
+
+    # -- sizes and state -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return epoch_steps(self.N, self.cfg.batch_size, self.world_size, self.cfg.remainder == "pad")
+
+    def batches_left(self) -> int:
+        """Batches the next iteration yields (fewer than len() after a mid-epoch resume)."""
+        return self._deal().steps
+
+    def _deal(self) -> Deal:
+        return Deal(self.N, self.consumed, self.cfg.batch_size, self.world_size, self.rank,
+                    self.cfg.remainder == "pad")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning; a no-op when it is already the current epoch."""
+        if int(epoch) != self.epoch:
+            self.epoch, self.consumed = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "consumed": self.consumed,
+                "seed": self.cfg.seed, "samples_per_epoch": self.N}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {sd.get('version')!r} is not {STATE_VERSION}")
+        if int(sd["seed"]) != self.cfg.seed:
+            raise ValueError(f"loader state was saved with seed {sd['seed']}, config has {self.cfg.seed}: "
+                             "resuming would change the order")
+        if int(sd["samples_per_epoch"]) != self.N:
+            raise ValueError(f"loader state is for {sd['samples_per_epoch']} samples per epoch, the manifests "
+                             f"now give {self.N}: the data changed")
+        self.epoch, self.consumed = int(sd["epoch"]), int(sd["consumed"])
+
+    # -- iteration -------------------------------------------------------------------------------
+
+    def __iter__(self):
+        cfg, deal = self.cfg, self._deal()
+        start, gb = self.consumed, cfg.batch_size * self.world_size
+        ds = BatchStream(self.sources, cfg, self.kind, self.rank, self.world_size, self.epoch, start,
+                         self.gpu_decode)
+        nw = max(0, int(cfg.num_workers))
+        dl = DataLoader(ds, batch_size=None, num_workers=nw,
+                        pin_memory=self.device.type == "cuda" and not self.gpu_decode,
+                        prefetch_factor=2 if nw > 0 else None, persistent_workers=False)
+        done = 0
+        for wb in dl:
+            batch = self._device_stage(wb)
+            done += 1
+            self.consumed = min(self.N, start + done * gb)
+            yield batch
+        if done != deal.steps:  # a worker died quietly: never report a finished epoch then
+            raise RuntimeError(f"loader yielded {done} of {deal.steps} batches for epoch {self.epoch}")
+        self.epoch, self.consumed = self.epoch + 1, 0
+
+    def _device_stage(self, wb: dict) -> dict:
+        dev, aug = self.device, self.cfg.augment
+        for key, reason in wb["corrupt"]:
+            log.warning("corrupt sample %s skipped and replaced: %s", key, reason)
+        self.corrupt_count += len(wb["corrupt"])
+        out = {"key": wb["key"], "is_pad": wb["is_pad"].to(dev, non_blocking=True)}
+        if self.kind == "text":
+            out["input_ids"] = wb["input_ids"].to(dev, non_blocking=True)
+            out["padding_mask"] = wb["padding_mask"].to(dev, non_blocking=True)
+            return out
+        if self.gpu_decode:
+            x = self._gpu_images(wb, out)
+        else:
+            x = wb["image"].to(dev, non_blocking=True)
+        out["image"] = finish(x, wb["jitter"], aug, self.dtype)
+        if self.kind == "image":
+            out["label"] = wb["label"].to(dev, non_blocking=True)
+        else:
+            out["input_ids"] = wb["input_ids"].to(dev, non_blocking=True)
+            out["padding_mask"] = wb["padding_mask"].to(dev, non_blocking=True)
+            out["image_id"] = wb["image_id"]
+        return out
+
+    def _gpu_images(self, wb: dict, out: dict) -> torch.Tensor:
+        buf, offs = wb["jpeg"], wb["jpeg_offsets"].tolist()
+        datas = [buf[offs[b]:offs[b + 1]] for b in range(len(offs) - 1)]
+        imgs, errs = decode_cuda(datas, self.device)
+        box, flip = wb["box"], wb["flip"]
+        bad = [b for b, e in enumerate(errs) if e]
+        if bad:  # nvJPEG refused a sample the header check passed: replace it like a worker would
+            good = [b for b in range(len(imgs)) if not errs[b]]
+            if not good:
+                raise RuntimeError(f"every image of a batch failed to decode ({wb['key'][0]}: {errs[0]})")
+            box, flip = box.clone(), flip.clone()
+            pad = out["is_pad"].clone()
+            for b in bad:
+                log.warning("corrupt sample %s skipped and replaced: nvjpeg: %s", wb["key"][b], errs[b])
+                g = min(good, key=lambda k: (abs(k - b), k))
+                imgs[b], box[b], flip[b] = imgs[g], box[g], flip[g]
+                wb["key"][b] = wb["key"][g]
+                pad[b] = True
+            out["is_pad"] = pad
+            self.corrupt_count += len(bad)
+        return resized_crops(imgs, box, flip, self.cfg.augment.size, self.cfg.augment.interpolation)
+
+
+def build_loader(cfg, rank: int, world_size: int, device: torch.device, kind: str) -> StreamingLoader:
+    """The loader of `kind` ("image" | "text" | "image_text") for one rank; see the module doc."""
+    return StreamingLoader(cfg, rank, world_size, device, kind)
+
+
+def _use_gpu(decode_device: str, device: torch.device) -> bool:
+    if decode_device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"data.decode_device must be auto, cpu or cuda, got {decode_device!r}")
+    if decode_device == "cuda" and device.type != "cuda":
+        raise ValueError(f"data.decode_device=cuda needs a cuda device, the loader was given {device}")
+    if decode_device == "auto":
+        return device.type == "cuda" and torch.cuda.is_available()
+    return decode_device == "cuda"
+
+
+def _check(cfg, rank: int, world_size: int, kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if not cfg.manifests:
+        raise ValueError("data.manifests is empty: give at least one manifest.json path")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if cfg.batch_size < 1:
+        raise ValueError(f"data.batch_size must be >= 1, got {cfg.batch_size}")
+    if cfg.remainder not in ("drop", "pad"):
+        raise ValueError(f"data.remainder must be 'drop' or 'pad', got {cfg.remainder!r}")
+    if cfg.output_dtype not in _DTYPES:
+        raise ValueError(f"data.output_dtype must be float32 or bfloat16, got {cfg.output_dtype!r}")
+    if cfg.augment.interpolation not in ("bilinear", "bicubic"):
+        raise ValueError(f"augment.interpolation must be bilinear or bicubic, got {cfg.augment.interpolation!r}")
+    if kind == "image_text" and not cfg.tokenizer:
+        raise ValueError("data.tokenizer is empty: image_text batches need it to tokenise captions")
+
+
+def _check_local_shards(sources) -> None:
+    """Fail before any worker starts when a local shard is missing (remote ones fail on open)."""
+    for src in sources:
+        for url in src.urls:
+            if "://" not in url and not os.path.exists(url):
+                raise FileNotFoundError(f"shard not found: {url} (listed in {src.manifest})")
