@@ -21,6 +21,8 @@ import torch
 
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint
 
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "demo.yaml"
 FAKE_SAMPLES = 48  # dataset size; global batches per epoch = FAKE_SAMPLES // global batch
 
 
