@@ -50,7 +50,11 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    """Builds everything from a Config; `train()` runs to the last step; `close()` tears down.
+
+    `loader_factory` replaces `cfg.loader` (benchmarks hand in a synthetic loader object)."""
+
+    def __init__(self, cfg: Config, loader_factory=None):
         self.cfg = cfg
         self._init_distributed()
         self.out_dir = Path(cfg.out_dir)
@@ -72,7 +76,7 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
 
-        build_loader = resolve_loader_factory(cfg.loader)
+        build_loader = loader_factory or resolve_loader_factory(cfg.loader)
         self.loader = build_loader(cfg.data, self.rank, self.world_size, self.device, self.task.data_kind)
         sched = cfg.schedule
         self.steps_per_epoch = len(self.loader) // sched.grad_accum
