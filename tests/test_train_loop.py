@@ -148,3 +148,33 @@ def test_setup_errors(tmp_path, teacher):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot create out_dir"):
         Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, out_dir=str(tmp_path / "file" / "run"))))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, teacher, precision):
+    t = run(tmp_path, teacher, precision=precision, **{"teacher.dtype": "bfloat16", "schedule.max_steps": 2,
+                                                      "logging.every_steps": 1})
+    records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["loss"] > 0 for r in records)
+    scaler = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002.pt", weights_only=False)["scaler"]
+    assert t.scaler.is_enabled() == (precision == "fp16") and bool(scaler) == (precision == "fp16")
+
+
+def test_tensorboard_optional(tmp_path, teacher, capsys):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        run(tmp_path, teacher, **{"logging.tensorboard": "on", "schedule.max_steps": 2})
+        assert "tensorboard package is not installed" in capsys.readouterr().err
+        assert not (tmp_path / "run" / "tb").exists()
+    else:
+        run(tmp_path, teacher, **{"logging.tensorboard": "auto", "schedule.max_steps": 2})
+        assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "run" / "tb").iterdir())
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tmp_path, teacher):
+    run(tmp_path / "eager", teacher, **{"schedule.max_steps": 4})
+    run(tmp_path / "compiled", teacher, compile=True, **{"schedule.max_steps": 4})
+    assert_same_params(final_params(tmp_path / "eager" / "run", 4), final_params(tmp_path / "compiled" / "run", 4),
+                       atol=1e-5)
