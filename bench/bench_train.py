@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -35,9 +37,13 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out/train")
     ap.add_argument("--loader", default="trainer.data:build_loader",
                     help="loader factory (tests.train_fixtures:build_fake_loader: synthetic, no shards)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads; 1 by default: on a shared 2-core machine two spinning OpenMP "
+                         "threads measured 10-40x slower under load than one")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args()
 
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     teacher = write_fairseq_checkpoint(out / "teacher.pt", ViTShape(32, 8, 64, 4, 4))
@@ -55,7 +61,7 @@ def main() -> None:
     records = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()][1:]  # drop warm-up
     steps_per_s = statistics.median(r["samples_per_s"] / trainer.global_batch for r in records)
     wait = statistics.median(r["data_wait"] for r in records)
-    print(f"machine: {trainer.device.type}, global batch {trainer.global_batch}, {len(records)} intervals "
+    print(f"machine: {trainer.device.type}, {args.threads} thread(s), global batch {trainer.global_batch}, {len(records)} intervals "
           f"of {args.steps} steps, loader {args.loader}")
     print(f"train: {steps_per_s:.2f} steps/s, data-wait {100 * wait:.1f}%")
 

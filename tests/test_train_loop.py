@@ -23,11 +23,17 @@ from trainer.loop import Trainer
 
 
 def run(tmp_path, teacher, **extra) -> Trainer:
-    trainer = Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, **extra)))
+    # one thread, as the subprocesses below: spinning OpenMP threads crawl on a shared 2-core box
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        trainer.train()
+        trainer = Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, **extra)))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        torch.set_num_threads(threads)
     return trainer
 
 
@@ -85,7 +91,7 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, teacher):
 
 
 def trainer_subprocess(args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_extra}
     return subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(DEMO_CONFIG), *args],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
 
