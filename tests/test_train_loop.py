@@ -73,7 +73,8 @@ def test_train_writes_logs_config_and_checkpoints(tmp_path, teacher, capsys):
     assert torch.equal(t.task.teacher.blocks[0].attn.qkv.weight, w0)
     assert not t.task.teacher.training
     assert {"model", "optimizer", "scheduler", "scaler", "step", "loader", "rng"} <= ckpt.keys()
-    assert ckpt["step"] == 8 and ckpt["loader"] == {"epoch": 1, "samples": 16}
+    # 8 steps of 8 over 48 samples: the second epoch, 16 samples in
+    assert ckpt["step"] == 8 and ckpt["loader"]["epoch"] == 1 and ckpt["loader"]["consumed"] == 16
     assert not any(k.startswith("teacher") for k in ckpt["model"])
 
 

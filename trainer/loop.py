@@ -77,7 +77,10 @@ class Trainer:
             self.model = torch.compile(self.model)
 
         build_loader = loader_factory or resolve_loader_factory(cfg.loader)
-        self.loader = build_loader(cfg.data, self.rank, self.world_size, self.device, self.task.data_kind)
+        try:
+            self.loader = build_loader(cfg.data, self.rank, self.world_size, self.device, self.task.data_kind)
+        except (FileNotFoundError, ValueError) as e:  # the loader's own checks of paths and data options
+            raise UserError(f"data: {e}") from None
         sched = cfg.schedule
         self.steps_per_epoch = len(self.loader) // sched.grad_accum
         if self.steps_per_epoch == 0:
@@ -185,7 +188,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.loader.load_state_dict(state["loader"])
+        try:
+            self.loader.load_state_dict(state["loader"])
+        except ValueError as e:  # e.g. another data.seed or changed manifests: the order would differ
+            raise UserError(f"cannot resume the data stream from {path}: {e}") from None
         self.step = self._saved_step = state["step"]
         rngs = state["rng"]
         if len(rngs) == self.world_size:
