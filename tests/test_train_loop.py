@@ -88,7 +88,9 @@ def test_lr_scaling_and_warmup(tmp_path, teacher):
 def test_grad_accumulation_matches_a_bigger_batch(tmp_path, teacher):
     run(tmp_path / "a", teacher)
     run(tmp_path / "b", teacher, **{"data.batch_size": 4, "schedule.grad_accum": 2})
-    assert_same_params(final_params(tmp_path / "a" / "run"), final_params(tmp_path / "b" / "run"), atol=1e-6)
+    # same maths, another summation order: Adam divides by sqrt(v) + 1e-6, which magnifies the
+    # rounding of tiny gradients (2e-6 seen on real shards), hence not the 1e-6 of an exact resume
+    assert_same_params(final_params(tmp_path / "a" / "run"), final_params(tmp_path / "b" / "run"), atol=1e-5)
 
 
 def trainer_subprocess(args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
