@@ -138,8 +138,8 @@ class Trainer:
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=lr, betas=ocfg.betas, eps=ocfg.eps,
-            # foreach keeps the update on few kernels; the default would also pick it on GPU
-            foreach=self.device.type == "cuda" or None,
+            # one fused kernel for the whole update on GPU; CPU keeps the default implementation
+            fused=True if self.device.type == "cuda" else None,
         )
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -172,17 +172,39 @@ class Trainer:
         if path is not None:
             self.logger.info(f"checkpoint: {path}")
 
-    def _resume(self) -> None:
+    def _resume_path(self) -> Path | None:
+        """Which checkpoint to start from (None: fresh), decided on rank 0's view of the files."""
         resume = self.cfg.resume
         if not resume:
             if self.checkpointer.latest() is not None:
                 raise UserError(f"{self.checkpointer.dir} already holds checkpoints: pass resume=auto to "
                                 f"continue that run, or choose another out_dir")
-            return
+            return None
         path = self.checkpointer.latest() if resume == "auto" else Path(resume)
         if path is None:
             self.logger.info(f"resume=auto: no checkpoint in {self.checkpointer.dir}, starting fresh")
+        elif not path.is_file():
+            raise UserError(f"checkpoint not found: {path}")
+        return path
+
+    def _resume(self) -> None:
+        # rank 0 decides and tells the others, so every rank resumes from the same file (or fails
+        # with the same message) even if their view of the directory differs
+        decision: list = [None]
+        if self.is_main:
+            try:
+                path = self._resume_path()
+                decision = [("path", None if path is None else str(path))]
+            except UserError as e:
+                decision = [("error", str(e))]
+        if self.world_size > 1:
+            dist.broadcast_object_list(decision, src=0)
+        kind, value = decision[0]
+        if kind == "error":
+            raise UserError(value)
+        if value is None:
             return
+        path = Path(value)
         state = Checkpointer.load(path)
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -283,6 +305,10 @@ class Trainer:
         self._check_finite(loss_sum, n_micro)
         if self._saved_step != self.step:  # same answer on every rank: save() is collective
             self.save()
+        if self.world_size > 1:
+            # leave together: a rank tearing down gloo while rank 0 still writes the checkpoint
+            # aborted now and then ("terminate called without an active exception")
+            dist.barrier()
 
     def close(self) -> None:
         self.logger.close()
