@@ -102,3 +102,7 @@ def test_console_script_make_demo_teacher(tmp_path):
     r = subprocess.run([sys.executable, "-m", "trainer.cli", "make-demo-teacher", str(out), "--dim", "30"],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "divisible" in r.stderr
+    (tmp_path / "file").write_text("")
+    r = subprocess.run([sys.executable, "-m", "trainer.cli", "make-demo-teacher", str(tmp_path / "file" / "t.pt")],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot write") and r.stderr.count("\n") == 1

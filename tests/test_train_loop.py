@@ -144,7 +144,7 @@ def test_nan_loss_stops_with_one_line(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: loss is nan at step 2")
-    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing saved from NaN weights
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # nothing saved from NaN weights
 
 
 def test_setup_errors(tmp_path, teacher):
@@ -157,6 +157,8 @@ def test_setup_errors(tmp_path, teacher):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot create out_dir"):
         Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, out_dir=str(tmp_path / "file" / "run"))))
+    with pytest.raises(UserError, match="cannot create checkpoint.dir"):
+        Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, **{"checkpoint.dir": str(tmp_path / "file" / "c")})))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

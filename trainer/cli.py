@@ -56,7 +56,10 @@ def make_demo_teacher(out: str, dim: int, depth: int, heads: int, patch: int, im
 
     if dim % heads or dim % 4 or img_size % patch:
         raise UserError("need dim divisible by heads and by 4, and img-size divisible by patch")
-    path = write_fairseq_checkpoint(out, ViTShape(img_size, patch, dim, depth, heads), seed=seed)
+    try:
+        path = write_fairseq_checkpoint(out, ViTShape(img_size, patch, dim, depth, heads), seed=seed)
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror}") from None
     click.echo(f"wrote {path}")
 
 

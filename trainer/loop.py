@@ -99,6 +99,11 @@ class Trainer:
 
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, self.is_main)
+        if self.is_main:  # a bad checkpoint.dir should fail now, not after hours of training
+            try:
+                ckpt_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create checkpoint.dir {ckpt_dir}: {e.strerror}") from None
         self.logger = RunLogger(self.out_dir, cfg.logging, self.is_main)
         self._resume()
 
