@@ -189,3 +189,29 @@ def test_torch_compile_matches_eager(tmp_path, teacher):
     run(tmp_path / "compiled", teacher, compile=True, **{"schedule.max_steps": 4})
     assert_same_params(final_params(tmp_path / "eager" / "run", 4), final_params(tmp_path / "compiled" / "run", 4),
                        atol=1e-5)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    from trainer import checkpoint as ckpt_mod
+
+    ck = ckpt_mod.Checkpointer(tmp_path / "c", keep_last=2, is_main=True)
+    ck.save({"step": 1}, 1)
+
+    def torn_save(obj, f):  # the disk fills up half way through
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", torn_save)
+    with pytest.raises(OSError):
+        ck.save({"step": 2}, 2)
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["step_00000001.pt"]
+    assert ck.latest() == tmp_path / "c" / "step_00000001.pt"
+    assert ckpt_mod.Checkpointer.load(ck.latest()) == {"step": 1}
+
+
+def test_d2v2_topk_variant_trains(tmp_path, teacher):
+    t = run(tmp_path, teacher, **{"loss.variant": "d2v2_topk", "loss.top_k": 2, "schedule.max_steps": 2})
+    head = final_params(tmp_path / "run", 2)["head.weight"]
+    assert torch.equal(head, t.task.student.head.weight.detach())  # the head is checkpointed
+    assert t.task.student.head.weight.grad is None  # zeroed after the last step: it was optimised
+    assert any(p is t.task.student.head.weight for g in t.optimizer.param_groups for p in g["params"])

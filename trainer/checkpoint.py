@@ -69,11 +69,15 @@ class Checkpointer:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.path_for(step)
         tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed write (disk full, signal) leaves nothing behind
+            raise
         # make the rename itself durable before deleting older checkpoints
         dir_fd = os.open(self.dir, os.O_RDONLY)
         try:
