@@ -235,7 +235,9 @@ def map_fairseq_keys(model_sd: dict, keep_blocks: int | None = None) -> dict[str
     beyond `keep_blocks`."""
     out = {}
     for key, value in model_sd.items():
-        if "decoder" in key or "_ema" in key or key.startswith("ema.") or not torch.is_tensor(value):
+        # decoder/_ema as the reference; ema./recon_proj: other data2vec_multi training-only parts
+        if ("decoder" in key or "_ema" in key or key.startswith(("ema.", "recon_proj."))
+                or not torch.is_tensor(value)):
             continue
         new = key[len(FAIRSEQ_PREFIX):] if key.startswith(FAIRSEQ_PREFIX) else key
         if new.startswith("blocks."):
