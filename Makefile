@@ -43,3 +43,9 @@ bench-loader: $(VENV)/.installed ## CPU loader path against the classic torchvis
 
 clean: ## Remove demo and benchmark outputs (keeps .venv)
 	rm -rf $(DEMO_OUT) bench_out
+
+train-image: $(VENV)/.installed ## Distil Data2Vec2 ViT-B/16 into 6 blocks (SHARDS=shards dir, CKPT=run dir; resumes)
+	$(OFFLINE) $(VENV)/bin/trainer train configs/image_kd.yaml "data.manifests=[$(SHARDS)]" "out_dir=$(CKPT)" resume=auto $(TRAIN_ARGS)
+
+bench-train: $(VENV)/.installed ## Time the demo training config on CPU through the streaming loader (SHARDS=dir)
+	$(OFFLINE) $(PY) bench/bench_train.py --shards $(SHARDS)

@@ -1,0 +1,118 @@
+"""GPU training benchmark, prepared to run as is on a CUDA machine: Data2Vec2 ViT-B/16 teacher
+(random weights in the fairseq format, so the real loading code runs) distilled into a 6-block
+student, bf16 autocast, batch 256, through the real Trainer.
+
+    python bench/gpu_train.py                         # synthetic batches already on the GPU
+    python bench/gpu_train.py --shards DIR            # real shards through trainer.data
+    python bench/gpu_train.py --compile               # with torch.compile
+    python bench/gpu_train.py --tiny --device cpu     # a seconds-long smoke run of this script
+
+Prints one line per timed interval and a summary:
+`gpu-train: N images/s, data-wait W%, peak mem M GiB (...)`. Synthetic data measures the
+model step alone (data-wait is then the loop's own overhead); --shards adds decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from trainer.config import load_config  # noqa: E402
+from trainer.errors import UserError  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.models.vit import ViTShape, write_fairseq_checkpoint  # noqa: E402
+
+
+class SyntheticLoader:
+    """One normalised random batch made on the device and served `length` times per epoch."""
+
+    def __init__(self, cfg, rank, world_size, device, kind, length=1000):
+        s = cfg.augment.size
+        dtype = torch.bfloat16 if cfg.output_dtype == "bfloat16" else torch.float32
+        g = torch.Generator(device="cpu").manual_seed(rank)
+        self.batch = {
+            "image": torch.randn(cfg.batch_size, 3, s, s, generator=g).to(device, dtype),
+            "label": torch.zeros(cfg.batch_size, dtype=torch.long, device=device),
+            "is_pad": torch.zeros(cfg.batch_size, dtype=torch.bool, device=device),
+        }
+        self.length, self.pos, self.epoch = length, 0, 0
+
+    def __len__(self):
+        return self.length
+
+    def set_epoch(self, e):
+        self.epoch, self.pos = e, 0
+
+    def __iter__(self):
+        while self.pos < self.length:
+            self.pos += 1
+            yield self.batch
+        self.set_epoch(self.epoch + 1)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "samples": self.pos}
+
+    def load_state_dict(self, d):
+        self.epoch, self.pos = d["epoch"], d["samples"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", default="", help="real shards (manifest.json or dir); default synthetic")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed interval")
+    ap.add_argument("--repeats", type=int, default=3, help="timed intervals after one warm-up interval")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tiny", action="store_true", help="small model and images: a smoke run of this script")
+    ap.add_argument("--out", default="bench_out/gpu_train")
+    args = ap.parse_args()
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    shape = ViTShape(32, 8, 64, 4, 4) if args.tiny else ViTShape(224, 16, 768, 12, 12)
+    teacher = write_fairseq_checkpoint(out / "teacher.pt", shape)
+    over = [
+        f"teacher.checkpoint={teacher}", f"teacher.num_heads={shape.num_heads}", f"out_dir={out / 'run'}",
+        f"device={args.device}",
+        "precision=bf16", "teacher.dtype=bfloat16", f"student.depth={2 if args.tiny else 6}",
+        f"data.batch_size={args.batch}", f"data.augment.size={shape.img_size}", "data.output_dtype=bfloat16",
+        f"schedule.max_steps={args.steps * (1 + args.repeats)}", f"logging.every_steps={args.steps}",
+        "checkpoint.every_steps=0", "logging.tensorboard=off", f"compile={str(args.compile).lower()}",
+    ]
+    if args.shards:
+        over += [f"data.manifests=[{args.shards}]", "data.decode_device=auto"]
+    cfg = load_config(REPO / "configs" / "image_kd.yaml", over)
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    trainer = Trainer(cfg, loader_factory=None if args.shards else SyntheticLoader)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    records = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()][1:]
+    ips = statistics.median(r["samples_per_s"] for r in records)
+    wait = statistics.median(r["data_wait"] for r in records)
+    peak = max(r["peak_mem_bytes"] for r in records) / 2**30
+    name = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; data: {'shards ' + args.shards if args.shards else 'synthetic'}")
+    print(f"gpu-train: {ips:.0f} images/s, data-wait {100 * wait:.1f}%, peak mem {peak:.1f} GiB "
+          f"(batch {args.batch}, bf16, {'tiny' if args.tiny else 'ViT-B/16'} teacher + "
+          f"{cfg.student.depth}-block student, compile={args.compile})")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,285 @@
+"""Training configuration: YAML -> small typed dataclasses, one per component.
+
+Layering: dataclass defaults < the YAML file < `key=value` overrides from the command line
+(`optim.lr=1e-3`, `data.manifests=[a,b]`, `resume=auto`). Every key is checked against the
+dataclass it lands in, and every value against the field's type and allowed range, so a typo
+fails with the key's full dotted name instead of being silently ignored. Each component only
+sees its own section (the teacher builder gets `TeacherConfig`, the loader gets `DataConfig`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.data.config import AugmentConfig, DataConfig  # noqa: F401  (AugmentConfig: nested type)
+from trainer.errors import UserError
+
+
+class ConfigError(UserError):
+    """A bad key or value in the config; the message names the key."""
+
+
+def _choice(*values: str) -> dict:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict:
+    return {"range": (lo, hi)}
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher: a Data2Vec2 ViT loaded from a fairseq checkpoint."""
+
+    checkpoint: str = ""  # path to the fairseq checkpoint (e.g. base_imagenet.pt); required
+    num_heads: int = field(default=0, metadata=_range(0))  # 0: from the checkpoint's cfg (else 12)
+    norm_eps: float = field(default=0.0, metadata=_range(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
+    dtype: str = field(default="bfloat16", metadata=_choice("bfloat16", "float16", "float32"))  # teacher forward precision
+
+
+@dataclass
+class StudentConfig:
+    """The student: the teacher's embeddings plus its first `depth` blocks."""
+
+    depth: int = field(default=6, metadata=_range(1))  # number of teacher blocks copied into the student
+    init: str = field(default="teacher", metadata=_choice("teacher", "random"))  # copy teacher weights or re-initialise
+    train_pos_embed: bool = True  # the reference (timm) trains the position embedding; False keeps it fixed
+
+
+@dataclass
+class LossConfig:
+    """How targets are built from layer outputs and compared."""
+
+    # "layer_avg": the thesis recipe (all blocks, instance norm over tokens, average, final
+    # parameter-free LayerNorm; student the same over its own blocks; MSE over all tokens).
+    # "d2v2_topk": original data2vec 2.0 targets (FFN outputs of the teacher's top-K blocks,
+    # [CLS] excluded); the student regresses them from its last block through a linear head.
+    variant: str = field(default="layer_avg", metadata=_choice("layer_avg", "d2v2_topk"))
+    top_k: int = field(default=10, metadata=_range(1))  # layers averaged by "d2v2_topk"
+    final_layer_norm: bool = True  # parameter-free LayerNorm over features after averaging (images: yes)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the reference's parameter groups."""
+
+    lr: float = field(default=5e-4, metadata=_range(0.0))  # base lr for a total batch of 256 (see scale_lr)
+    scale_lr: bool = True  # lr = lr * total batch / 256, total batch = batch_size * world * grad_accum
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = field(default=1e-6, metadata=_range(0.0))
+    weight_decay: float = field(default=0.01, metadata=_range(0.0))  # not on 1-D params, biases, pos, cls
+    grad_clip: float = field(default=0.0, metadata=_range(0.0))  # max global grad norm; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    """How long to train and how the lr moves."""
+
+    epochs: float = field(default=10.0, metadata=_range(0.0))  # used when max_steps is 0
+    max_steps: int = field(default=0, metadata=_range(0))  # optimiser steps; 0: epochs * steps per epoch
+    warmup_frac: float = field(default=0.1, metadata=_range(0.0, 1.0))  # linear warmup share of all steps
+    warmup_steps: int = field(default=-1, metadata=_range(-1))  # overrides warmup_frac when >= 0
+    min_lr_ratio: float = field(default=0.0, metadata=_range(0.0, 1.0))  # cosine floor as a fraction of lr
+    grad_accum: int = field(default=1, metadata=_range(1))  # micro-batches per optimiser step
+
+
+@dataclass
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = field(default=1000, metadata=_range(0))  # 0: only at the end
+    keep_last: int = field(default=3, metadata=_range(1))  # older checkpoints are deleted
+    dir: str = ""  # default: <out_dir>/checkpoints
+
+
+@dataclass
+class LoggingConfig:
+    """Console, JSONL and TensorBoard logs (rank 0 only)."""
+
+    every_steps: int = field(default=10, metadata=_range(1))  # also the NaN-check interval
+    tensorboard: str = field(default="auto", metadata=_choice("auto", "on", "off"))  # auto: when installed
+    jsonl: bool = True  # <out_dir>/log.jsonl
+
+
+@dataclass
+class Config:
+    """A whole training run. Run-wide scalars live at the top level."""
+
+    task: str = field(default="image_kd", metadata=_choice("image_kd"))  # which trainer.tasks module
+    out_dir: str = "runs/image_kd"  # run directory: resolved config, logs, checkpoints
+    resume: str = ""  # "": fresh run (refuses a run dir with checkpoints); "auto": latest if any; or a path
+    seed: int = 0  # model init and RNG (data order is data.seed)
+    device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
+    precision: str = field(default="bf16", metadata=_choice("bf16", "fp16", "fp32"))  # student autocast
+    compile: bool = False  # torch.compile the student
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
+    loader: str = "trainer.data:build_loader"  # import path of the loader factory (tests swap in a stand-in)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass with checking
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Coerce a YAML value to the annotated type, or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expected a section (mapping), got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return _convert(float(value), float, key)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if a is type(None) and value is None:
+                return None
+        return _convert(value, [a for a in typing.get_args(tp) if a is not type(None)][0], key)
+    return value
+
+
+def _check_field(f: dataclasses.Field, value: Any, key: str) -> None:
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    rng = f.metadata.get("range")
+    if rng is not None:
+        lo, hi = rng
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+            raise ConfigError(f"config key '{key}': {value!r} is outside {bounds}")
+
+
+def _build(cls: type, d: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in d.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{key}' (valid in {where}: {', '.join(fields)})")
+        if isinstance(value, bool) and "on" in fields[name].metadata.get("choices", ()):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        kwargs[name] = _convert(value, hints[name], key)
+        _check_field(fields[name], kwargs[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict (tuples as lists) that `load_config` reads back to an equal Config."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def _merge(base: dict, upd: dict) -> dict:
+    out = dict(base)
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=VALUE` -> {"a": {"b": {"c": VALUE}}}; VALUE is read as YAML (numbers, lists...)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw  # a plain string such as a path with odd characters
+    if value is None:
+        value = ""
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """defaults < YAML file < overrides, checked; raises ConfigError with the key's name."""
+    merged: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" (line {line + 1})" if line is not None else ""
+            raise ConfigError(f"config file {p} is not valid YAML{where}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        merged = loaded
+    for o in overrides:
+        merged = _merge(merged, parse_override(o))
+    return _build(Config, merged)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config; `load_config(path)` gives back the same Config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,1 @@
+"""Model definitions and checkpoint loaders (Data2Vec2 ViT)."""

@@ -1,0 +1,1 @@
+"""Training tasks: each builds a frozen teacher, a student and a loss (image_kd)."""
