@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 echo "== 1. a small ImageNet in the hub archive layout"
 "$PY" scripts/make_demo_imagenet.py "$OUT/src/imagenet"
 
-echo "== 2. shardify it (2 workers; 2 of 156 train images are broken on purpose)"
+echo "== 2. shardify it (2 workers; 2 of the 144 train images are broken on purpose)"
 "$PY" -m shardify imagenet --source "$OUT/src/imagenet" --out "$OUT/shards/imagenet" \
     --samples-per-shard 16 --workers 2 --max-reject-rate 0.05
 
@@ -20,10 +20,15 @@ echo "== 3. verify every byte and decode every image"
 echo "== 4. inspect, with a contact sheet"
 "$PY" -m shardify inspect "$OUT/shards/imagenet" --grid "$OUT/imagenet-grid.png" -n 32
 
-echo "== 5. a tiny OpenWebText (slice layout) and a tiny COCO-Karpathy, generated"
+echo "== 5. distil a tiny Data2Vec2-shaped teacher (random weights, real fairseq format) into a student"
+"$PY" -m trainer.cli make-demo-teacher "$OUT/teacher/d2v2_tiny.pt"
+"$PY" -m trainer.cli train configs/demo.yaml "data.manifests=[$OUT/shards/imagenet]" \
+    "teacher.checkpoint=$OUT/teacher/d2v2_tiny.pt" "out_dir=$OUT/runs/image_kd"
+
+echo "== 6. a tiny OpenWebText (slice layout) and a tiny COCO-Karpathy, generated"
 "$PY" scripts/make_demo_text_pairs.py "$OUT/src"
 
-echo "== 6. OpenWebText documents (train slices 0-4, validation slice 5), then pre-tokenised blocks"
+echo "== 7. OpenWebText documents (train slices 0-4, validation slice 5), then pre-tokenised blocks"
 "$PY" -m shardify openwebtext --source "$OUT/src/openwebtext" --out "$OUT/shards/openwebtext" \
     --split train --slices 0-4 --samples-per-shard 8 --workers 2 --max-reject-rate 0.1
 "$PY" -m shardify openwebtext --source "$OUT/src/openwebtext" --out "$OUT/shards/openwebtext" \
@@ -32,10 +37,10 @@ echo "== 6. OpenWebText documents (train slices 0-4, validation slice 5), then p
     --split train --slices 0-4 --tokenizer "$OUT/src/tokenizer" --block-size 64 \
     --samples-per-shard 8 --workers 2 --max-reject-rate 0.1
 
-echo "== 7. COCO-Karpathy image-text pairs"
+echo "== 8. COCO-Karpathy image-text pairs"
 "$PY" -m shardify pairs coco-karpathy --source "$OUT/src/coco" --out "$OUT/shards/coco" \
     --samples-per-shard 16 --workers 2
 
-echo "== 8. verify the text and pair shards, and look at the pairs"
+echo "== 9. verify the text and pair shards, and look at the pairs"
 for d in openwebtext openwebtext-tok coco; do "$PY" -m shardify verify "$OUT/shards/$d" --full --no-progress; done
 "$PY" -m shardify inspect "$OUT/shards/coco" --grid "$OUT/coco-grid.png" -n 16
