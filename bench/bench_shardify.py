@@ -4,9 +4,13 @@ Replicates a folder of real JPEGs into an ImageFolder tree of at least --min-fil
 1 GB for ImageNet-like photos), warms the page cache, then times, in the same run and
 interleaved so that machine noise hits every contender alike (medians of --repeats):
 
-- `shardify imagenet --source TREE --workers 1` and `--workers 2` (the CLI, as a user runs it)
+- `shardify imagenet --source TREE --workers 1` and `--workers 2` (the CLI, as a user runs it;
+  with 1 worker on a 2-core machine sha256 runs in a helper thread on the spare core, so the
+  run is also timed with `--hash-thread off`, one core, to show per-process scaling)
 - `tar cf` of the same tree (the work is I/O plus hashing: nothing can beat plain tar by much)
 - a bare `webdataset.ShardWriter` loop over the same files: what a user writes by hand
+- two `tar cf` over the two halves of the tree at once: how much two processes can gain on this
+  machine at all when the work is moving bytes (memory bandwidth bounds it)
 
 and prints the ratios. Every contender runs as its own process, so import costs count too.
 """
@@ -56,9 +60,25 @@ def replicate(images: Path, tree: Path, min_files: int) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
+def timed_pair(cmds: list[list[str]], out: Path) -> float:
+    """Two commands at once (two tars over halves of the tree): the machine's parallel I/O ceiling."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    os.sync()
+    start = time.perf_counter()
+    procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in cmds]
+    for p in procs:
+        if p.wait() != 0:
+            sys.exit(f"{p.args} failed")
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    return elapsed
+
+
 def timed(cmd: list[str], out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    os.sync()  # the previous contender's writeback must not steal this one's CPU
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
@@ -86,19 +106,30 @@ def main() -> None:
                 "--no-progress", "--overwrite"]
     contenders = {
         "shardify-1": (shardify + ["--workers", "1", "--out"], work / "o-s1"),
+        "shardify-1-own-core": (shardify + ["--workers", "1", "--hash-thread", "off", "--out"], work / "o-s1c"),
         "shardify-2": (shardify + ["--workers", "2", "--out"], work / "o-s2"),
         "tar": (["tar", "cf", str(work / "o-tar" / "all.tar"), "-C", str(tree), "train"], work / "o-tar"),
         "shardwriter": ([py, "-c", SHARDWRITER_LOOP, str(tree)], work / "o-sw"),
     }
-    times: dict[str, list[float]] = {name: [] for name in contenders}
+    synsets = sorted(p.name for p in (tree / "train").iterdir())
+    halves = [synsets[: len(synsets) // 2], synsets[len(synsets) // 2 :]]
+    tar_pair = [["tar", "cf", str(work / "o-tar2" / f"half{i}.tar"), "-C", str(tree / "train"), *h]
+                for i, h in enumerate(halves)]
+    times: dict[str, list[float]] = {name: [] for name in [*contenders, "tar-2-at-once"]}
     for rep in range(args.repeats):
         for name, (cmd, out) in contenders.items():
             full = cmd + [str(out)] if name != "tar" else cmd
             times[name].append(timed(full, out))
+        times["tar-2-at-once"].append(timed_pair(tar_pair, work / "o-tar2"))
         print(f"repeat {rep + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in med.items():
-        print(f"{name:<12} median {t:.2f}s  {n_files / t:,.0f} files/s  {n_bytes / t / 1e6:,.0f} MB/s")
+        print(f"{name:<20} median {t:.2f}s  {n_files / t:,.0f} files/s  {n_bytes / t / 1e6:,.0f} MB/s")
+    print(f"parallel ceiling of this machine: two tars over halves at once are {med['tar'] / med['tar-2-at-once']:.2f}x "
+          "faster than one tar over all")
+    own = med["shardify-1-own-core"]
+    print(f"one core per worker (--hash-thread off for 1 worker): 2-worker speedup {own / med['shardify-2']:.2f}, "
+          f"shardify/tar {own / med['tar']:.2f}")
     r1 = med["shardify-1"] / med["tar"]
     s2 = med["shardify-1"] / med["shardify-2"]
     w1 = med["shardify-1"] / med["shardwriter"]

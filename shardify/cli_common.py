@@ -51,15 +51,18 @@ def job_options(func):
         click.option("--max-reject-rate", default=0.01, show_default=True, type=click.FloatRange(0, 1),
                      help="Exit with status 1 when more than this share of inputs is rejected."),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
+        click.option("--hash-thread", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="Compute sha256 in a helper thread of each worker (auto: when workers < cores)."),
     ]
 
     @functools.wraps(func)
-    def wrapper(*args, seed, samples_per_shard, workers, num_nodes, node_rank, overwrite, no_progress, **kwargs):
+    def wrapper(*args, seed, samples_per_shard, workers, num_nodes, node_rank, overwrite, no_progress,
+                hash_thread, **kwargs):
         num_nodes = num_nodes if num_nodes is not None else _slurm_default("count")
         node_rank = node_rank if node_rank is not None else _slurm_default("rank")
         job = JobOptions(seed=seed, samples_per_shard=samples_per_shard, workers=workers,
                          num_nodes=num_nodes, node_rank=node_rank, overwrite=overwrite,
-                         progress=not no_progress)
+                         progress=not no_progress, hash_thread={"auto": None, "on": True, "off": False}[hash_thread])
         return func(*args, job=job, **kwargs)
 
     for option in reversed(options):

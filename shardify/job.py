@@ -39,6 +39,7 @@ class JobOptions:
     node_rank: int = 0  # which of them this is
     overwrite: bool = False  # start over when the directory holds a job with other options
     progress: bool = True  # show a progress bar on stderr
+    hash_thread: bool | None = None  # sha256 in a helper thread; None: when a core is spare
 
 
 def fingerprint(source: Source, opts: JobOptions) -> dict:
@@ -292,7 +293,7 @@ def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: 
     total = sum(len(items) for _, items in tasks)
     bar = _Progress(total, opts.progress and total > 0, f"{split}")
     # Hashing in a helper thread only pays when a core is left over for it.
-    hash_thread = opts.workers < (os.cpu_count() or 1)
+    hash_thread = opts.hash_thread if opts.hash_thread is not None else opts.workers < (os.cpu_count() or 1)
     try:
         if opts.workers == 1 or len(tasks) <= 1:
             _init_worker(source, str(out_dir), lambda msg: bar.update(*msg), hash_thread)
@@ -305,7 +306,7 @@ def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: 
             pending = pool.map_async(_task, [(split, i, items) for i, items in tasks], chunksize=1)
             while True:
                 try:
-                    bar.update(*q.get(timeout=0.2))
+                    bar.update(*q.get(timeout=0.02))
                 except queue.Empty:
                     if pending.ready():
                         break
