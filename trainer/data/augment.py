@@ -176,10 +176,11 @@ def cpu_resized_crop(arr: np.ndarray, box: tuple[int, int, int, int], flip: bool
                      mode: str = "bilinear") -> torch.Tensor:
     """One HWC uint8 RGB image -> [3, S, S] uint8: crop, resize, flip."""
     i, j, h, w = box
-    # the crop is a view: the HWC array read as NCHW has channels-last strides, which torch's
-    # vectorised uint8 antialias kernel takes directly (copying the crop first would cost more
-    # than the resize)
-    x = torch.from_numpy(arr).permute(2, 0, 1)[None, :, i:i + h, j:j + w]
+    # Copy the crop into its own contiguous HWC block: read as NCHW it is then a dense
+    # channels-last tensor, for which torch's vectorised uint8 antialias kernel runs about 1.6x
+    # faster than on a strided view into the whole image (measured: 0.20 vs 0.33 ms for a
+    # 300 px crop to 224), copy included.
+    x = torch.from_numpy(np.ascontiguousarray(arr[i:i + h, j:j + w])).permute(2, 0, 1)[None]
     y = F.interpolate(x, size=(S, S), mode=mode, antialias=True, align_corners=False)[0]
     return y.flip(-1) if flip else y
 
