@@ -180,7 +180,7 @@ def make_wds_mirror(root, name="cc3m", split="train", shards=2, per_shard=3, png
             for _ in range(per_shard):
                 key = f"{s:04d}{n:05d}"
                 caption = f"{name} {split} caption {n}"
-                url = f"http://img.example.com/{name}/{n}.jpg"
+                url = f"http://images.invalid/{name}/{n}.jpg"  # metadata only, never fetched
                 img = png_bytes() if (png_one and n == 1) else jpeg_bytes(30, 20 + n, _color(n))
                 _tar_add(tar, f"{key}.jpg", img)
                 _tar_add(tar, f"{key}.txt", caption.encode())
