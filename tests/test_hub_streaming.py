@@ -19,7 +19,9 @@ def test_shard_from_the_hub_equals_local(tmp_path, layout):
     repo = fx.LAYOUT_WRITERS[layout](tmp_path / "repo")
     common = ["--samples-per-shard", "5", "--max-reject-rate", "0.5", "--no-progress"]
     with FakeHub({"ILSVRC/imagenet-1k": repo}) as hub:
-        proc = subprocess.run([sys.executable, "-m", "shardify", "imagenet", "--out", str(tmp_path / "hub"), *common],
+        # two workers: the train archives/files are staged in parallel forked processes
+        proc = subprocess.run([sys.executable, "-m", "shardify", "imagenet", "--out", str(tmp_path / "hub"),
+                               "--workers", "2", *common],
                               env=hub_env(hub.url, tmp_path / "home"), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     local = subprocess.run([sys.executable, "-m", "shardify", "imagenet", "--source", str(repo),
