@@ -118,7 +118,7 @@ def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log)
             last[0] = now
             log(f"  listing {split}: {desc} ({count} inputs so far)")
 
-    ctx = ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress)
+    ctx = ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress, show_progress=opts.progress)
     items = source.list_items(split, ctx)
     seen: set[str] = set()
     unique: list[Item] = []

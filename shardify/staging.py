@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,8 +23,11 @@ from shardify.records import Item
 Streamer = Callable[[str], Iterator[tuple[str, str, bytes, dict]]]
 
 
+_REPORT_EVERY_S = 10.0
+
+
 def _stage_one(args) -> list:
-    streamer, unit, stage_dir = args
+    streamer, unit, stage_dir, show_progress = args
     stage_dir = Path(stage_dir)
     safe = unit.replace("/", "__")
     bin_path, list_path = stage_dir / f"{safe}.bin", stage_dir / f"{safe}.json"
@@ -32,20 +37,26 @@ def _stage_one(args) -> list:
     tmp = state.tmp_path(bin_path)
     entries = []
     offset = 0
+    start = last = time.monotonic()
     with open(tmp, "wb") as out:
         for key, origin, payload, meta in streamer(unit):
             out.write(payload)
             entries.append([key, origin, offset, len(payload), meta])
             offset += len(payload)
+            now = time.monotonic()
+            if show_progress and now - last > _REPORT_EVERY_S:  # a hub archive takes minutes
+                last = now
+                print(f"  staging {unit}: {len(entries)} inputs, {offset / 1e9:.2f} GB, "
+                      f"{offset / 1e6 / (now - start):.0f} MB/s", file=sys.stderr, flush=True)
     os.replace(tmp, bin_path)
     state.write_json_atomic(list_path, entries, indent=None)
     return entries
 
 
 def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, workers: int,
-                progress: Callable[[str, int], None]) -> list[Item]:
+                progress: Callable[[str, int], None], show_progress: bool = True) -> list[Item]:
     """Stage every unit (in parallel) and return the items in unit order, then stream order."""
-    jobs = [(streamer, unit, str(stage_dir)) for unit in units]
+    jobs = [(streamer, unit, str(stage_dir), show_progress) for unit in units]
     items: list[Item] = []
 
     def collect(unit: str, entries: list) -> None:

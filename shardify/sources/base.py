@@ -34,6 +34,7 @@ class ListContext:
     stage_dir: Path  # node-local scratch space for staged payloads (uncompressed tars)
     workers: int  # processes the source may use to list or stage units in parallel
     progress: Callable[[str, int], None]  # progress(description, items_listed_so_far)
+    show_progress: bool = True  # False with --no-progress: staging workers stay quiet too
 
 
 class Reader(ABC):

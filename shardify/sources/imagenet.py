@@ -142,7 +142,7 @@ class ImageNetSource(Source):
         if self.layout == "wds" and self.loc.local_path is not None:
             return [it for rel in files for it in self._list_local_wds(rel)]
         return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir,
-                           ctx.workers, ctx.progress)
+                           ctx.workers, ctx.progress, ctx.show_progress)
 
     def _stream_unit(self, split: str, rel: str):
         """Yield (key, origin, payload, meta) for every image of one archive/parquet/tar unit."""

@@ -260,8 +260,9 @@ class OpenWebTextSource(Source):
         units = self._units(split)
         streamer = _Streamer(self.loc, self.layout, {rel: n for n, rel in self.slice_files.items()},
                              self.clean, self.tokenizer)
-        workers = getattr(ctx, "workers", 1)
-        docs = stage_units(streamer, units, Path(ctx.stage_dir) / "documents", workers, ctx.progress)
+        workers = ctx.workers
+        docs = stage_units(streamer, units, Path(ctx.stage_dir) / "documents", workers, ctx.progress,
+                           ctx.show_progress)
         if not self.tokenizer:
             return docs
         return self._pack(split, docs, Path(ctx.stage_dir))

@@ -122,7 +122,7 @@ class WdsPairSource(Source):
         tars = self._tars[split]
         if self.loc.local_path is None:  # the hub: stream each tar once, stage the images
             items = stage_units(_StageStreamer(self.loc, split), tars, Path(ctx.stage_dir),
-                                getattr(ctx, "workers", 1), ctx.progress)
+                                ctx.workers, ctx.progress, ctx.show_progress)
             for item in items:
                 item.loc = ("staged", *item.loc)
             return items
