@@ -249,3 +249,25 @@ def test_a_node_leaves_other_nodes_temporaries_alone(sources, tmp_path):
     shard(sources["archives"], out, "--num-nodes", 2, "--node-rank", 0)
     run_cli("finalize", out, "--max-reject-rate", 0.5)
     assert not other.exists()  # finalize runs when every node is done: leftovers go
+
+
+def test_node_split_defaults_from_a_slurm_array(sources, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "5")  # the second task of an array 4-5
+    result = shard(sources["wds"], out, "--split", "train")
+    assert "this node writes 2" in result.output and not (out / "manifest.json").exists()
+    assert sorted(p.name for p in out.glob("train-*.tar")) == ["train-000001.tar", "train-000003.tar"]
+
+
+def test_the_unlabelled_test_split_has_no_cls_and_no_rejects(tmp_path):
+    src = fx.write_archives(tmp_path / "src", specials=False)
+    images = fx.good_images("validation", per_class=2)
+    with tarfile.open(src / "data" / "test_images.tar.gz", "w:gz") as tar:
+        for k, (_, _, data) in enumerate(images):
+            fx._tar_add(tar, f"ILSVRC2012_test_{k + 1:08d}.JPEG", data)
+    shard(src, tmp_path / "out", "--split", "test")
+    samples = read_shards(tmp_path / "out", "test")
+    assert len(samples) == len(images) and all(set(s) == {"jpg", "json"} for s in samples.values())
+    assert (tmp_path / "out" / "rejects.jsonl").read_text() == ""
