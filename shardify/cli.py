@@ -1,6 +1,8 @@
 """The `shardify` command line: thin click commands that parse options and call one function each.
 
     shardify imagenet --out DIR [--split S] [--source DIR | --revision REV]   write ImageNet shards
+    shardify openwebtext --out DIR --slices 0-4 [--tokenizer T]   (cli_openwebtext.py)
+    shardify pairs DATASET --out DIR                              (cli_pairs.py)
     shardify finalize DIR                       merge the nodes' partial results into manifest.json
     shardify verify DIR [--full]                check a shard directory against its manifest
     shardify inspect DIR [--grid out.png]       summary (and a contact sheet) of a shard directory
@@ -15,6 +17,8 @@ import click
 
 from shardify import __version__
 from shardify.cli_common import FriendlyGroup, execute, job_options
+from shardify.cli_openwebtext import openwebtext
+from shardify.cli_pairs import pairs
 
 
 @click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,9 +92,6 @@ def inspect_(directory, grid, split, count):
         n = contact_sheet(directory, grid, n=count, split=split)
         click.echo(f"wrote {grid} ({n} images)")
 
-
-from shardify.cli_openwebtext import openwebtext  # noqa: E402
-from shardify.cli_pairs import pairs  # noqa: E402
 
 main.add_command(openwebtext)
 main.add_command(pairs)
