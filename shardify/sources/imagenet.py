@@ -33,8 +33,8 @@ from shardify.storage import Location
 HUB_ID = "ILSVRC/imagenet-1k"
 SPLITS = ("train", "validation", "test")
 _SYNSET_SUFFIX = re.compile(r"_(n\d{8})$")
-_SYNSET = re.compile(r"^n\d{8}$")
 _IMAGE_EXT = (".jpeg", ".jpg", ".png")
+_WDS_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 
 
 @functools.cache
@@ -61,6 +61,33 @@ def _split_image_name(stem: str) -> tuple[str, str | None]:
 def _basename_stem(path: str) -> str:
     name = path.rsplit("/", 1)[-1]
     return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _wds_samples(tar: tarfile.TarFile, read_images: bool):
+    """Yield (key, (image member, bytes or None) or None, label or None) per WebDataset sample.
+
+    Members of a sample are adjacent (the WebDataset convention); `read_images=False` reads only
+    the small `cls` members, for tars read in place later.
+    """
+    current, image, label = None, None, None
+    for member in tar:
+        if not member.isfile():
+            continue
+        key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+        if key != current:
+            if current is not None:
+                yield current, image, label
+            current, image, label = key, None, None
+        ext = ext.lower()
+        if ext in _WDS_IMAGE_EXT and image is None:
+            image = (member, tar.extractfile(member).read() if read_images else None)
+        elif ext == "cls":
+            try:
+                label = int(tar.extractfile(member).read().strip())
+            except ValueError:
+                label = None  # rejected as no_label when written
+    if current is not None:
+        yield current, image, label
 
 
 def detect_layout(files: list[str]) -> str:
@@ -157,8 +184,9 @@ class ImageNetSource(Source):
         elif self.layout == "parquet":
             yield from self._stream_parquet(split, rel)
         else:  # remote wds tar: stream and stage
-            for key, origin, data, meta in self._iter_wds(rel, self.loc.open(rel, stream=True)):
-                yield key, origin, data, meta
+            with self.loc.open(rel, stream=True) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+                for key, image, label in _wds_samples(tar, read_images=True):
+                    yield make_key(key), f"{rel}:{key}", image[1] if image else b"", {"synset": None, "label": label}
 
     def _stream_parquet(self, split: str, rel: str):
         import pyarrow.parquet as pq
@@ -176,66 +204,19 @@ class ImageNetSource(Source):
                 for image, label in zip(images, labels):
                     image = image or {}
                     path = image.get("path") or ""
-                    key, synset = _split_image_name(_basename_stem(path)) if path else (f"{split}_{rel_stem(rel)}_{row:07d}", None)
+                    key, synset = _split_image_name(_basename_stem(path)) if path else (f"{split}_{_basename_stem(rel)}_{row:07d}", None)
                     payload = image.get("bytes") or b""
                     yield make_key(key), f"{rel}#{row}", payload, {"synset": synset, "label": label}
                     row += 1
 
-    def _iter_wds(self, rel: str, fileobj):
-        """Group a WebDataset tar's members by key; yield one image per sample with its label."""
-        with fileobj, tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            current, parts = None, {}
-            for member in tar:
-                if not member.isfile():
-                    continue
-                base = member.name.rsplit("/", 1)[-1]
-                key, _, ext = base.partition(".")
-                if key != current and current is not None:
-                    yield self._wds_sample(rel, current, parts)
-                    parts = {}
-                current = key
-                parts[ext.lower()] = (member, tar.extractfile(member).read())
-            if current is not None:
-                yield self._wds_sample(rel, current, parts)
-
-    def _wds_sample(self, rel: str, key: str, parts: dict):
-        image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
-        meta = {"synset": None, "label": None}
-        if "cls" in parts:
-            try:
-                meta["label"] = int(parts["cls"][1].strip())
-            except ValueError:
-                meta["label"] = None
-        return make_key(key), f"{rel}:{key}", image[1] if image else b"", meta
-
     def _list_local_wds(self, rel: str) -> list[Item]:
-        """Local mirror tars are read in place: list members with their data offsets."""
+        """Local mirror tars are read in place: list the image members with their data offsets."""
         path = self.loc.path(rel)
-        items = []
         with tarfile.open(path, mode="r:") as tar:
-            groups: dict[str, dict] = {}
-            order: list[str] = []
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext.lower()] = member
-            for key in order:
-                parts = groups[key]
-                image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
-                label = None
-                if "cls" in parts:
-                    try:
-                        label = int(tar.extractfile(parts["cls"]).read().strip())
-                    except ValueError:
-                        label = None
-                loc = (path, image.offset_data, image.size) if image else (path, 0, 0)
-                items.append(Item(key=make_key(key), origin=f"{rel}:{key}", loc=loc,
-                                  meta={"synset": None, "label": label}))
-        return items
+            return [Item(key=make_key(key), origin=f"{rel}:{key}",
+                         loc=(path, image[0].offset_data, image[0].size) if image else (path, 0, 0),
+                         meta={"synset": None, "label": label})
+                    for key, image, label in _wds_samples(tar, read_images=False)]
 
     # ---- reading and encoding (worker side)
     def open_reader(self, split: str) -> Reader:
@@ -269,10 +250,6 @@ def _label(item: Item) -> int | None:
             raise Reject("no_label", f"unknown synset {synset!r}")
         return index
     raise Reject("no_label", "the input has no class label")
-
-
-def rel_stem(rel: str) -> str:
-    return make_key(_basename_stem(rel))
 
 
 class _ImageNetReader(Reader):
