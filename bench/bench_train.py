@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed intervals (the median is reported)")
     ap.add_argument("--out", default="bench_out/train")
     ap.add_argument("--loader", default="trainer.data:build_loader",
-                    help="loader factory of the measured run (tests.train_fixtures:build_fake_loader: no shards)")
+                    help="loader factory (import path) of the measured run")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads; 1 by default: on a shared 2-core machine two spinning OpenMP "
                          "threads measured 10-40x slower under load than one")

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.train_fixtures import REPO, USE_REAL_SHARDS, write_image_shards
+from tests.train_fixtures import REPO, write_image_shards
 
 
 def run_script(tmp_path, *args) -> subprocess.CompletedProcess:
@@ -28,10 +28,7 @@ def test_gpu_script_smoke_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_bench_train_prints_its_line(tmp_path):
-    if USE_REAL_SHARDS:  # the real streaming path, as `make bench-train` runs it
-        data = ["--shards", str(write_image_shards(tmp_path / "shards"))]
-    else:
-        data = ["--loader", "tests.train_fixtures:build_fake_loader"]
+    data = ["--shards", str(write_image_shards(tmp_path / "shards"))]  # the real streaming path
     r = run_script(tmp_path, "bench/bench_train.py", *data, "--steps", "2", "--repeats", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"^train: \d+\.\d\d steps/s, data-wait \d+\.\d%$", r.stdout.strip().splitlines()[-1]), r.stdout

@@ -1,8 +1,7 @@
 """The Trainer on CPU: logs and checkpoints, gradient accumulation, exact resume after SIGKILL,
 and the one-line stops (existing run, missing checkpoint, NaN loss).
 
-Data comes from the stand-in loader in tests/train_fixtures.py (`loader=` override); with the
-real loader merged, these run on demo shards by replacing that override with data.manifests.
+Data: tiny shards from tests/train_fixtures.py through the real streaming loader.
 """
 
 from __future__ import annotations

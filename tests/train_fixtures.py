@@ -1,24 +1,14 @@
-"""Fixtures for the trainer tests: tiny image shards, the real loader or a stand-in, tiny configs.
+"""Fixtures for the trainer tests: tiny image shards, the loader with a kill hook, tiny configs.
 
-Data: when `trainer.data.build_loader` exists (the streaming loader is merged), the tests train
-on tiny real shards written here in the docs/format.md layout, through the real loader;
-otherwise on `build_fake_loader`. `USE_REAL_SHARDS` is that one switch.
+The tests train on tiny shards written here in the docs/format.md layout (deterministic JPEGs of
+odd sizes), through the real streaming loader (`trainer.data.build_loader`).
 
-`build_fake_loader` follows the loader contract (docs in trainer/data): the order of an epoch is
-a pure function of (seed, epoch); rank r of W takes its slice of each global batch, so every
-rank has the same number of batches and a run can resume on another process count; the state
-is (epoch, samples consumed). Images are random but a pure function of (seed, sample id), so
-two runs see identical data. Swap to real shards by dropping the `loader=` override and setting
-`data.manifests` (see `tiny_overrides`).
-
-Fault injection for the kill-and-resume test (either loader): with FAKE_LOADER_KILL_AT=N in the
-environment, the process SIGKILLs itself when asked for its N-th batch (counted from 0 over the
-whole run).
+Fault injection for the kill-and-resume test: with FAKE_LOADER_KILL_AT=N in the environment,
+the process SIGKILLs itself when asked for its N-th batch (counted from 0 over the whole run).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import os
@@ -34,18 +24,7 @@ from trainer.models.vit import ViTShape, write_fairseq_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "demo.yaml"
-FAKE_SAMPLES = 48  # dataset size; global batches per epoch = FAKE_SAMPLES // global batch
-
-
-def _real_loader_available() -> bool:
-    if importlib.util.find_spec("trainer.data.loader") is None:
-        return False
-    import trainer.data
-
-    return hasattr(trainer.data, "build_loader")
-
-
-USE_REAL_SHARDS = _real_loader_available()
+SAMPLES = 48  # size of the fixture dataset
 
 
 def kill_at_from_env() -> int:
@@ -85,7 +64,7 @@ def build_real_loader(cfg, rank, world_size, device, kind):
     return KillAt(build_loader(cfg, rank, world_size, device, kind), kill_at_from_env())
 
 
-def write_image_shards(root: Path, n: int = FAKE_SAMPLES, per_shard: int = 10) -> Path:
+def write_image_shards(root: Path, n: int = SAMPLES, per_shard: int = 10) -> Path:
     """n JPEGs of odd sizes with cls and json, over ceil(n/per_shard) shards, plus manifest.json."""
     root.mkdir(parents=True, exist_ok=True)
     shards, i = [], 0
@@ -118,67 +97,17 @@ def write_image_shards(root: Path, n: int = FAKE_SAMPLES, per_shard: int = 10) -
     return root
 
 
-class FakeImageLoader:
-    def __init__(self, cfg, rank: int, world_size: int, device: torch.device, kind: str):
-        assert kind == "image"
-        self.cfg, self.rank, self.world, self.device = cfg, rank, world_size, device
-        self.global_batch = cfg.batch_size * world_size
-        self.epoch = 0
-        self.consumed = 0  # samples of this epoch consumed by all ranks together
-
-    def __len__(self) -> int:
-        return FAKE_SAMPLES // self.global_batch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.consumed = epoch, 0
-
-    def _image(self, sample: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.cfg.seed * 100003 + sample)
-        s = self.cfg.augment.size
-        return torch.randn(3, s, s, generator=g)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch)
-        order = torch.randperm(FAKE_SAMPLES, generator=g).tolist()
-        while self.consumed + self.global_batch <= FAKE_SAMPLES:
-            start = self.consumed + self.rank * self.cfg.batch_size
-            ids = order[start : start + self.cfg.batch_size]
-            batch = {
-                "image": torch.stack([self._image(i) for i in ids]).to(self.device),
-                "label": torch.tensor([i % 10 for i in ids]).to(self.device),
-                "key": [f"fake_{i:05d}" for i in ids],
-                "is_pad": torch.zeros(len(ids), dtype=torch.bool, device=self.device),
-            }
-            # count the batch as consumed once it is handed out, like the real loader's state
-            self.consumed += self.global_batch
-            yield batch
-        self.set_epoch(self.epoch + 1)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, d: dict) -> None:
-        assert d["consumed"] % self.global_batch == 0, "resume needs the same global batch"
-        self.epoch, self.consumed = d["epoch"], d["consumed"]
-
-
-def build_fake_loader(cfg, rank, world_size, device, kind):
-    return KillAt(FakeImageLoader(cfg, rank, world_size, device, kind), kill_at_from_env())
-
-
 def make_teacher(path: Path, dim: int = 32, depth: int = 3, heads: int = 2, patch: int = 8, img: int = 16) -> Path:
     return write_fairseq_checkpoint(path, ViTShape(img, patch, dim, depth, heads), seed=0)
 
 
 def tiny_overrides(tmp: Path, teacher: Path, **extra) -> list[str]:
-    """A deterministic CPU config on top of configs/demo.yaml: real shards through the real
-    loader when it is there (written once per test directory), else the stand-in loader."""
-    data = {"loader": "tests.train_fixtures:build_fake_loader"}
-    if USE_REAL_SHARDS:
-        shards = tmp / "shards"  # the writer is deterministic: every run directory gets the same data
-        if not (shards / "manifest.json").is_file():
-            write_image_shards(shards)
-        data = {"loader": "tests.train_fixtures:build_real_loader", "data.manifests": f"[{shards}]"}
+    """A deterministic CPU config on top of configs/demo.yaml, on tiny shards (written once per
+    test directory) through the real loader with the kill hook."""
+    shards = tmp / "shards"  # the writer is deterministic: every run directory gets the same data
+    if not (shards / "manifest.json").is_file():
+        write_image_shards(shards)
+    data = {"loader": "tests.train_fixtures:build_real_loader", "data.manifests": f"[{shards}]"}
     over = {
         "out_dir": str(tmp / "run"),
         **data,
