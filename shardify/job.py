@@ -104,10 +104,11 @@ def prepare_output(out_dir: Path, source: Source, opts: JobOptions) -> None:
     })
 
 
-def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log) -> tuple[list, list]:
+def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log) -> tuple[list, list, list]:
     """List a split, reject duplicate keys, and cut the seeded order into shards.
 
-    Returns (items per shard, listing rejects) and records the plan in the state directory.
+    Returns (items per shard, listing rejects, key digest per shard) and records the plan in the
+    state directory.
     """
     stage_dir = state.state_dir(out_dir) / "stage" / split
     last = [0.0]
@@ -133,15 +134,16 @@ def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log)
     n_shards = planning.num_shards(len(unique), opts.samples_per_shard)
     bounds = planning.shard_bounds(len(unique), n_shards)
     per_shard = [[unique[j] for j in order[a:b]] for a, b in bounds]
+    digests = [str(state.key_digest(it.key for it in shard)) for shard in per_shard]
     state.write_json_atomic(state.state_dir(out_dir) / f"plan-{split}.json", {
         "split": split,
         "inputs": len(items),
         "shards": n_shards,
-        "key_digests": [str(state.key_digest(it.key for it in shard)) for shard in per_shard],
+        "key_digests": digests,
         "listing_rejects": listing_rejects,
         "extras": source.split_extras(split, ctx),
     })
-    return per_shard, listing_rejects
+    return per_shard, listing_rejects, digests
 
 
 def _reject_record(split: str, item: Item, rej: Reject, shard: str | None) -> dict:
@@ -149,9 +151,23 @@ def _reject_record(split: str, item: Item, rej: Reject, shard: str | None) -> di
             "detail": rej.detail, "shard": shard}
 
 
-def shard_done(out_dir: Path, split: str, index: int) -> bool:
+def _remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> None:
+    """Shards past the end of the plan are left from a run over a larger source: delete them, so
+    that nothing in the directory looks like part of the dataset without being in it."""
+    for path in list(out_dir.glob(f"{split}-*.tar")) + list(out_dir.glob(f"{split}-*.idx")):
+        index = path.stem[len(split) + 1:]
+        if index.isdigit() and int(index) >= n_shards:
+            path.unlink(missing_ok=True)
+            (state.state_dir(out_dir) / "shards" / f"{path.stem}.json").unlink(missing_ok=True)
+
+
+def shard_done(out_dir: Path, split: str, index: int, key_digest: str) -> bool:
+    """A shard is done when its tar and stats exist and it holds the planned inputs (a local
+    source that changed between two runs changes the plan: such shards are written again)."""
     name = planning.shard_name(split, index)
-    return (out_dir / f"{name}.tar").exists() and (state.state_dir(out_dir) / "shards" / f"{name}.json").exists()
+    stats = state.state_dir(out_dir) / "shards" / f"{name}.json"
+    return ((out_dir / f"{name}.tar").exists() and stats.exists()
+            and state.read_json(stats)["key_digest"] == key_digest)
 
 
 # ---------------------------------------------------------------- worker side
@@ -270,12 +286,13 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
 
     for split in splits:
         log(f"{source.dataset} {split}: listing inputs")
-        per_shard, listing_rejects = plan_split(source, split, out_dir, opts, log)
+        per_shard, listing_rejects, digests = plan_split(source, split, out_dir, opts, log)
         n_inputs = sum(len(s) for s in per_shard) + len(listing_rejects)
+        _remove_stale_shards(out_dir, split, len(per_shard))
         mine = planning.node_shards(len(per_shard), opts.num_nodes, opts.node_rank)
         if opts.num_nodes > 1:  # only this node's leftovers: the others may be writing theirs
             state.remove_temporaries(out_dir, [planning.shard_name(split, i) for i in mine])
-        todo = [i for i in mine if not shard_done(out_dir, split, i)]
+        todo = [i for i in mine if not shard_done(out_dir, split, i, digests[i])]
         log(f"{source.dataset} {split}: {n_inputs} inputs -> {len(per_shard)} shards; "
             f"this node writes {len(mine)} ({len(mine) - len(todo)} already complete)")
         _write_shards(source, out_dir, split, [(i, per_shard[i]) for i in todo], opts)

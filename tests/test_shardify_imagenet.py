@@ -271,3 +271,20 @@ def test_the_unlabelled_test_split_has_no_cls_and_no_rejects(tmp_path):
     samples = read_shards(tmp_path / "out", "test")
     assert len(samples) == len(images) and all(set(s) == {"jpg", "json"} for s in samples.values())
     assert (tmp_path / "out" / "rejects.jsonl").read_text() == ""
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_a_changed_local_source_is_rewritten_on_rerun(tmp_path, change):
+    src = fx.write_imagefolder(tmp_path / "src", per_class=4, specials=False)
+    out = tmp_path / "out"
+    shard(src, out, "--split", "train", "--samples-per-shard", 4)
+    folder = src / "train" / fx.SYNSETS[0]
+    if change == "add":  # one more image: the plan changes, the old shards are stale
+        (folder / f"{fx.SYNSETS[0]}_00099.JPEG").write_bytes(fx.jpeg_bytes(99))
+    else:  # a class fewer: fewer shards, the last old one must not stay behind
+        for path in folder.iterdir():
+            path.unlink()
+    shard(src, out, "--split", "train", "--samples-per-shard", 4)
+    shard(src, tmp_path / "fresh", "--split", "train", "--samples-per-shard", 4)
+    assert tree_bytes(out) == tree_bytes(tmp_path / "fresh")
+    assert run_cli("verify", out, "--no-progress").output.strip().endswith("OK")
