@@ -107,13 +107,17 @@ def check_reject_rate(manifest: dict, max_reject_rate: float) -> None:
 
 
 class FriendlyGroup(click.Group):
-    """A click group that prints UserError as one line (exit 2) instead of a traceback."""
+    """A click group that prints UserError and OS errors as one line (exit 2), not a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # unwritable output, full disk, unreadable input: the user's to fix
+            where = f": {exc.filename}" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume", err=True)

@@ -288,3 +288,10 @@ def test_a_changed_local_source_is_rewritten_on_rerun(tmp_path, change):
     shard(src, tmp_path / "fresh", "--split", "train", "--samples-per-shard", 4)
     assert tree_bytes(out) == tree_bytes(tmp_path / "fresh")
     assert run_cli("verify", out, "--no-progress").output.strip().endswith("OK")
+
+
+def test_an_unwritable_output_is_one_line(sources, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(sources["wds"]), "--out", str(blocker / "out")])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
