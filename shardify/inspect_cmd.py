@@ -18,7 +18,7 @@ def summary(out_dir) -> str:
         f"dataset   {manifest['dataset']}  (source {src.get('id')} @ {src.get('revision') or 'local'}, "
         f"layout {src.get('layout')})",
         f"fields    {', '.join(manifest['fields'])}",
-        f"options   " + ", ".join(f"{k}={v}" for k, v in manifest["options"].items()),
+        "options   " + ", ".join(f"{k}={v}" for k, v in manifest["options"].items()),
     ]
     for split, info in manifest["splits"].items():
         sizes = [sh["samples"] for sh in info["shards"]] or [0]

@@ -10,13 +10,12 @@ in the shard's reject list, so finalize can reconcile inputs = written + rejecte
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import queue
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from shardify import __version__

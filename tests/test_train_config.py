@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 
 from tests.train_fixtures import DEMO_CONFIG, REPO
 from trainer.cli import main

@@ -17,7 +17,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint

@@ -18,7 +18,6 @@ Keys are the original image ids (`n01440764_10026`, `ILSVRC2012_val_00000001`).
 from __future__ import annotations
 
 import functools
-import io
 import json
 import re
 import tarfile
