@@ -39,6 +39,6 @@ class DataConfig:
     decode_device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
     output_dtype: str = "float32"  # "float32" or "bfloat16" for image tensors
     text_max_len: int = 64  # caption length in tokens (padded) for image-text data
-    tokenizer: str = ""  # tokenizer.json path or directory for on-the-fly text tokenisation
+    tokenizer: str = ""  # tokenizer.json / vocab.txt path or directory, for on-the-fly text tokenisation
     block_size: int = 256  # OpenWebText block length in tokens, incl. [CLS] and [SEP]
     augment: AugmentConfig = field(default_factory=AugmentConfig)

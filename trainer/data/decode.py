@@ -16,44 +16,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from shardify.images import parse_jpeg_header
+from shardify.records import Reject
+
 from .augment import cpu_resized_crop
 
 # libjpeg-turbo's fast integer IDCT and upsampling: the exactness cost is about one grey level,
 # the speed gain is what makes the CPU path keep up with a bare decode
 FAST_DCT = True
 
-_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
 def jpeg_size(data: bytes) -> tuple[int, int]:
-    """(height, width) from the JPEG frame header, without decoding; ValueError if not a JPEG."""
-    n = len(data)
-    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
-        raise ValueError("not a JPEG (no SOI marker)")
-    i = 2
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            raise ValueError(f"bad JPEG marker at byte {i}")
-        m = data[i + 1]
-        if m == 0xFF:  # fill byte
-            i += 1
-            continue
-        if m == 0x01 or 0xD0 <= m <= 0xD8:  # markers without a length
-            i += 2
-            continue
-        seg = (data[i + 2] << 8) | data[i + 3]
-        if m in _SOF:
-            if i + 9 > n:
-                break
-            h = (data[i + 5] << 8) | data[i + 6]
-            w = (data[i + 7] << 8) | data[i + 8]
-            if h == 0 or w == 0:
-                raise ValueError("JPEG frame header with zero size")
-            return h, w
-        if m == 0xD9 or m == 0xDA:  # end of image / start of scan before any frame header
-            break
-        i += 2 + seg
-    raise ValueError("JPEG frame header not found (truncated?)")
+    """(height, width) from the JPEG frame header, without decoding; ValueError if not a JPEG.
+
+    The header walk is shardify's (the module that decides what a shard's `jpg` may be)."""
+    try:
+        header = parse_jpeg_header(data)
+    except Reject as rej:
+        raise ValueError(f"{rej.reason}: {rej.detail}") from None
+    if header.height == 0 or header.width == 0:
+        raise ValueError("JPEG frame header with zero size")
+    return header.height, header.width
 
 
 def reduction(h: int, w: int, S: int) -> int:

@@ -24,22 +24,22 @@ import os
 
 import numpy as np
 
+from shardify.records import UserError
+from shardify.text import clean_text
+from shardify.tokenize import resolve_tokenizer, special_ids
+
 
 def load_tokenizer(path: str):
-    """A `tokenizers.Tokenizer` from a tokenizer.json path or a directory holding one."""
-    from tokenizers import Tokenizer
-
+    """A `tokenizers.Tokenizer` from a tokenizer.json / vocab.txt path or a directory holding
+    one, loaded exactly as shardify loads it for pre-tokenising (padding and truncation off)."""
     if not path:
         raise ValueError("data.tokenizer is empty: set it to a tokenizer.json path (or its directory)")
-    p = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-    if not os.path.isfile(p):
-        raise FileNotFoundError(f"tokenizer not found: {p}")
-    tok = Tokenizer.from_file(p)
-    # tokenizer.json files often carry padding/truncation settings (sentence-transformers pad
-    # to 128); blocks and captions are cut and padded here, explicitly, so switch those off
-    tok.no_padding()
-    tok.no_truncation()
-    return tok
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"tokenizer not found: {path}")
+    try:
+        return resolve_tokenizer(path).load()
+    except UserError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class TextEncoder:
@@ -52,11 +52,11 @@ class TextEncoder:
     def _load(self):
         if self._tok is None:
             tok = load_tokenizer(self.path)
-            ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
-            missing = [t for t, i in ids.items() if i is None]
-            if missing:
-                raise ValueError(f"tokenizer {self.path} lacks {', '.join(missing)} (a BERT-style vocabulary is needed)")
-            self.cls, self.sep, self.pad = ids["[CLS]"], ids["[SEP]"], ids["[PAD]"]
+            try:
+                special = special_ids(tok)
+            except UserError as exc:
+                raise ValueError(f"tokenizer {self.path}: {exc}") from None
+            self.cls, self.sep, self.pad = special.cls, special.sep, special.pad
             self._tok = tok
         return self._tok
 
@@ -66,8 +66,7 @@ class TextEncoder:
 
     def encode_block(self, text: str, block_size: int) -> np.ndarray:
         """One OWT block (ids, unpadded) from a document's text."""
-        lines = [ln.strip() for ln in text.splitlines()]
-        lines = [ln for ln in lines if ln and ln != "---" and "\x00" not in ln]
+        lines = clean_text(text).splitlines()  # the reference cleaning, as shardify applies it
         ids: list[int] = []
         for piece in self.ids(lines):
             ids.extend(piece)
