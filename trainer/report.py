@@ -19,7 +19,8 @@ import click
 
 from trainer.errors import UserError
 
-_NOT_PLOTTED = {"step", "total_steps", "epoch"}
+# bookkeeping, not curves: elapsed and ETA are wall-clock, val_batches/val_s the size and cost of a validation
+_NOT_PLOTTED = {"step", "total_steps", "epoch", "elapsed_s", "eta_s", "val_batches", "val_s", "best"}
 # title, y label, scale applied to the values
 _KNOWN = {
     "lr": ("learning rate", "lr", 1.0),
@@ -151,23 +152,39 @@ _METRIC_NAMES = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1", "kn
                  "t2i_R@1": "image R@1", "t2i_R@5": "image R@5", "t2i_R@10": "image R@10", "score": "score"}
 
 
+def _data_of(rec: dict) -> dict:
+    sets = rec.get("data") or {}
+    return sets.get("validation") or sets.get("test") or next(iter(sets.values()), {})
+
+
 def eval_table(records: list[dict]) -> list[str]:
+    """One table per benchmark and data: a row per evaluated model, then chance and the thesis."""
     from trainer.eval.published import published
 
-    lines = ["| benchmark | data | model | metric | ours | chance | thesis |",
-             "|---|---|---|---|---:|---:|---:|"]
+    groups: dict[tuple, list[dict]] = {}
     for rec in records:
-        pub = published(rec.get("benchmark", ""), rec.get("dataset", ""))
-        sets = rec.get("data") or {}
-        split = (sets.get("validation") or sets.get("test") or next(iter(sets.values()), {})).get("split", "")
-        data = f"{rec.get('dataset', '')} {split}".strip()
-        for metric, value in _rows(rec):
-            theirs = (pub or {}).get("metrics", {}).get(metric)
-            thesis = f"{theirs:.2f} ({pub['model']})" if theirs is not None else ""
-            ch = _chance(rec, metric)
-            lines.append(f"| {rec['benchmark'].replace('_', ' ')} | {data} | {_model_name(rec)} | "
-                         f"{_METRIC_NAMES.get(metric, metric)} | {value:.2f} | "
-                         f"{'' if ch is None else f'{ch:.2f}'} | {thesis} |")
+        d = _data_of(rec)
+        groups.setdefault((rec.get("benchmark", ""), rec.get("dataset", ""), d.get("split", ""),
+                           d.get("sha256", "")), []).append(rec)
+    lines: list[str] = []
+    for (bench, dataset, split, _), recs in groups.items():
+        # students first, then the teachers they are compared with
+        recs = sorted(recs, key=lambda r: (r.get("model", {}).get("kind") != "student", _model_name(r)))
+        metrics = [m for m, _ in _rows(recs[0])]
+        pub = published(bench, dataset)
+        lines += [f"**{bench.replace('_', ' ')}**, {dataset} {split}", "",
+                  "| model | " + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics) + " |",
+                  "|---|" + "---:|" * len(metrics)]
+        for rec in recs:
+            vals = dict(_rows(rec))
+            lines.append(f"| {_model_name(rec)} | " + " | ".join(
+                f"{vals[m]:.2f}" if m in vals else "" for m in metrics) + " |")
+        chance = [_chance(recs[0], m) for m in metrics]
+        lines.append("| *chance* | " + " | ".join("" if c is None else f"{c:.2f}" for c in chance) + " |")
+        if pub:
+            lines.append(f"| *thesis: {pub['model']}* ({pub['setting']}) | " + " | ".join(
+                f"{pub['metrics'][m]:.2f}" if m in pub["metrics"] else "" for m in metrics) + " |")
+        lines.append("")
     return lines
 
 
@@ -216,9 +233,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     md += ["", "## Evaluation", ""]
     if evals:
         md += _probe_comparison(evals)
-        md += ["", *eval_table(evals), "",
-               "Chance: top-k = k / classes present, R@k = k / candidates. Thesis figures: the published "
-               "results for the same benchmark (full datasets, full training), see docs/evaluation.md."]
+        md += ["", *eval_table(evals),
+               "Chance: top-k = k / classes present, R@k = k / candidates. Thesis: the published figure for "
+               "the same benchmark (full datasets, full training; see docs/evaluation.md)."]
     else:
         md.append(f"No evaluation records in `{run / 'eval'}` (run `trainer eval ... {run}`).")
     md += ["", "## Training curves", ""]

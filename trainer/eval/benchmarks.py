@@ -96,7 +96,8 @@ def run_probe(model: EvalModel, model_path: str, train_shards: str, val_shards: 
     name = label or model.task
     print(f"linear probe [{name}, {pool}] top-1 {probe['top1']:.2f} top-5 {probe['top5']:.2f} | "
           f"k-NN (k={knn['k']}) top-1 {knn['top1']:.2f} top-5 {knn['top5']:.2f} | "
-          f"{len(train['labels'])} train / {len(val['labels'])} val images, {C} classes -> {out_path}")
+          f"{len(train['labels'])} train / {len(val['labels'])} val images in {probe['classes_with_samples']} "
+          f"classes -> {out_path}")
     return rec
 
 
