@@ -246,3 +246,27 @@ def test_report_plots_and_summary(tmp_path):
     assert table[7].startswith("| *thesis: DistilData2Vec2*") and table[7].endswith("| 71.10 |  |  |  |")
     assert "student 50.00 vs teacher 62.50 (80% of it)" in md
     assert "task: image_kd" in md
+
+
+@pytest.mark.slow
+def test_probe_of_a_trained_student_run_dir_and_its_export_agree(shards, tmp_path, capsys):
+    from train_fixtures import DEMO_CONFIG, tiny_overrides
+
+    teacher = make_teacher(tmp_path / "t.pt", img=16)
+    over = tiny_overrides(tmp_path, teacher, **{"data.manifests": f"[{shards}]", "schedule.max_steps": 4,
+                                                "checkpoint.every_steps": 0})
+    main(["train", str(DEMO_CONFIG), *over])
+    run = tmp_path / "run"
+    main(["export", str(run), "--out", str(tmp_path / "student.pt")])
+    common = ["--train-shards", str(shards), "--workers", "0", "--epochs", "20", "--knn-k", "5"]
+    main(["eval", "probe", str(run), *common])
+    main(["eval", "probe", str(tmp_path / "student.pt"), *common, "--out", str(tmp_path / "exp.json")])
+    out = capsys.readouterr().out
+    assert "linear probe [image_kd, mean]" in out
+    from_run = json.loads((run / "eval" / "linear_probe.json").read_text())
+    from_export = json.loads((tmp_path / "exp.json").read_text())
+    assert from_run["model"]["kind"] == "student" and from_run["model"]["task"] == "image_kd"
+    assert from_run["model"]["step"] == 4 and from_run["config"]["task"] == "image_kd"
+    assert Path(from_run["model"]["source"]).name == "step_00000004.pt"
+    assert from_run["metrics"] == from_export["metrics"]  # same weights, same numbers
+    assert from_run["options"]["augment"]["size"] == 16 and from_run["options"]["augment"]["train"] is False
