@@ -210,3 +210,12 @@ def test_zero_shot_templates_and_class_names(tmp_path):
     f.write_text("one\n")
     with pytest.raises(ValueError, match="1 names"):
         class_names(m, str(f))
+
+
+def test_linear_probe_sees_small_variation_on_a_large_offset():
+    # the [CLS] of a post-LN block: a large constant vector, classes differ by 1% of it
+    x, y = _blobs(20, 3, 8, seed=0)
+    xv, yv = _blobs(5, 3, 8, seed=1)
+    offset = torch.randn(8, generator=torch.Generator().manual_seed(9)) * 100
+    out = probe_eval(offset + 0.01 * x, y, offset + 0.01 * xv, yv, 3, ProbeConfig(epochs=10, batch_size=60))
+    assert out["top1"] == 100.0  # without the standardisation: chance (the LayerNorm sees the offset)

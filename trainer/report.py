@@ -235,7 +235,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         md += _probe_comparison(evals)
         md += ["", *eval_table(evals),
                "Chance: top-k = k / classes present, R@k = k / candidates. Thesis: the published figure for "
-               "the same benchmark (full datasets, full training; see docs/evaluation.md)."]
+               "the same benchmark (full datasets, full training; see docs/methods.md)."]
     else:
         md.append(f"No evaluation records in `{run / 'eval'}` (run `trainer eval ... {run}`).")
     md += ["", "## Training curves", ""]

@@ -42,7 +42,7 @@ def _manifest(shards: str) -> dict:
 
 def _image_features(model: EvalModel, shards: str, split: str, cache: FeatureCache, batch_size: int,
                     workers: int, device: torch.device, what: str) -> dict:
-    encoder = model.encoder("image", "this evaluation")
+    encoder = model.encoder("image", "the probe and zero-shot")
     cfg = eval_data_config(shards, split, model.augment, batch_size, workers)
     facts = {"model_sha256": model.sha256, "encoder": "image", "manifest_sha256": read_manifest(shards)[1],
              "split": split, "augment": asdict(cfg.augment)}
@@ -105,7 +105,7 @@ def _text_embedder(model: EvalModel, tokenizer: str, max_len: int, device: torch
     """list of captions -> [n, D] normalised token-0 embeddings, tokenised as the loader does."""
     import torch.nn.functional as F
 
-    text = model.encoder("text", "this evaluation").to(device).eval()
+    text = model.encoder("text", "zero-shot").to(device).eval()
     if not tokenizer:
         raise UserError("no tokenizer: the model's config names none; pass --tokenizer")
     enc = TextEncoder(tokenizer)

@@ -2,8 +2,14 @@
 
 The encoder never runs here: features are extracted once (features.py) and the head is trained
 on them with AdamW, a cosine schedule and cross-entropy, in shuffled mini-batches from a seeded
-generator, so a rerun gives the same head. The LayerNorm puts features of encoders without a
-final norm (Data2Vec2's post-LN blocks, a student's last block) on a common scale.
+generator, so a rerun gives the same head.
+
+Before the LayerNorm, each feature dimension is standardised with the mean and std of the
+training features (fixed, like MAE's probe BatchNorm without affine parameters in eval mode).
+Without it a feature whose variation between images is tiny next to its size (the [CLS] of a
+post-LN block often is) stays invisible to a short probe, although k-NN, which only ranks
+cosines, separates the classes fine. The LayerNorm then puts encoders without a final norm
+(Data2Vec2's post-LN blocks, a student's last block) on a common scale.
 """
 
 from __future__ import annotations
@@ -29,13 +35,15 @@ class ProbeConfig:
 class LinearProbe(nn.Module):
     def __init__(self, dim: int, num_classes: int):
         super().__init__()
+        self.register_buffer("feat_mean", torch.zeros(dim))
+        self.register_buffer("feat_std", torch.ones(dim))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(x_ND))
+        return self.head(self.norm((x_ND - self.feat_mean) / self.feat_std))
 
 
 def train_probe(train_ND: torch.Tensor, labels_N: torch.Tensor, num_classes: int,
@@ -50,6 +58,8 @@ def train_probe(train_ND: torch.Tensor, labels_N: torch.Tensor, num_classes: int
         probe = LinearProbe(train_ND.shape[1], num_classes).to(device)
     x, y = train_ND.float().to(device), labels_N.long().to(device)
     N = x.shape[0]
+    probe.feat_mean.copy_(x.mean(0))
+    probe.feat_std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
     steps_per_epoch = math.ceil(N / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW([

@@ -42,7 +42,8 @@ class EvalModel:
 
     def encoder(self, name: str, command: str) -> nn.Module:
         if name not in self.encoders:
-            raise UserError(f"{command} needs an {name} encoder; this {self.task} model has "
+            article = "an" if name[0] in "aeiou" else "a"
+            raise UserError(f"{command} needs {article} {name} encoder; this {self.task} model has "
                             f"{', '.join(sorted(self.encoders)) or 'none'}")
         return self.encoders[name]
 

@@ -1,4 +1,4 @@
-"""The thesis's published figures, to set an evaluation beside (docs/evaluation.md lists them).
+"""The thesis's published figures, to set an evaluation beside (docs/methods.md lists them).
 
 Keyed by (benchmark, dataset as the shard manifest names it); each entry names the model the
 thesis reported, the training task that produces such a student, and metric -> figure (%).
