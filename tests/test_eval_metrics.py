@@ -188,7 +188,8 @@ def test_zero_shot_averages_normalised_template_embeddings():
         return T([table[t] for t in texts])
 
     cls = class_embeddings(embed, ["cat", "dog"], templates)
-    assert seen == [["a cat.", "the cat!"], ["a dog.", "the dog!"]]
+    assert seen == [["a cat.", "the cat!", "a dog.", "the dog!"]]
+    assert torch.equal(class_embeddings(embed, ["cat", "dog"], templates, chunk=3), cls)  # chunking: same
     # cat: mean of [1,0] and [0,1] (normalised first, so the long [3,0] does not dominate), normalised
     assert cls[0].tolist() == pytest.approx([2 ** -0.5, 2 ** -0.5])
     assert cls[1].tolist() == pytest.approx([0.0, 1.0])

