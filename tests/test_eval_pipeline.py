@@ -325,6 +325,11 @@ def test_zero_shot_end_to_end_with_an_oracle_text_tower(shards, tmp_path, capsys
                         "cpu", None, str(tmp_path / "zs2.json"))
     assert rec["metrics"]["top1"] == pytest.approx(100 / 3)
     assert rec["options"]["class_names"] == str(names)
+    # only the 3 classes with validation images named: labels remapped, yellow gone
+    rec = run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", None, 22, None, 4, 0, "cpu",
+                        None, str(tmp_path / "zs3.json"), present_only=True)
+    assert rec["metrics"]["top1"] == 100.0 and rec["metrics"]["classes"] == 3
+    assert rec["metrics"]["classes_without_samples"] == 0 and rec["options"]["present_only"] is True
 
 
 def test_retrieval_benchmark_end_to_end_writes_its_record(tmp_path, capsys):

@@ -128,13 +128,15 @@ def retrieval_cmd(model, shards, split, name, tokenizer, max_len, out, device, b
               help="one name per line or synset<TAB>name [default: the manifest's class_names]")
 @click.option("--max-tokens", type=int, default=22, show_default=True, help="prompt length in tokens")
 @click.option("--tokenizer", default=None, help="tokenizer.json or vocab.txt [default: the model's]")
+@click.option("--present-classes-only", is_flag=True,
+              help="name only the classes that have validation images (small demo sets; not the benchmark)")
 @click.option("--cache-dir", default=None, help="feature cache [default: features/ beside --out]; '' disables it")
 @_common
-def zero_shot_cmd(model, val_shards, val_split, class_names, max_tokens, tokenizer, cache_dir, out, device,
-                  batch_size, workers) -> None:
+def zero_shot_cmd(model, val_shards, val_split, class_names, max_tokens, tokenizer, present_classes_only, cache_dir,
+                  out, device, batch_size, workers) -> None:
     """ImageNet zero-shot top-1/top-5 with the 80 CLIP prompt templates (multimodal students)."""
     from .benchmarks import run_zero_shot
     from .models import load_eval_model
 
     run_zero_shot(load_eval_model(model), model, val_shards, val_split, class_names, max_tokens, tokenizer,
-                  batch_size, workers, device, cache_dir, out)
+                  batch_size, workers, device, cache_dir, out, present_only=present_classes_only)
