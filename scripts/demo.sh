@@ -61,9 +61,12 @@ echo "== 20. linear probe and k-NN of the image student and of its teacher (same
 if [ -d "$MM_RUN" ]; then
     echo "== 21. image-text retrieval of the multimodal student on the embedded COCO-Karpathy test pairs"
     "$PY" -m trainer.cli eval retrieval "$MM_RUN" --shards "$OUT/shards/coco" --split test --workers 2
+    echo "== 22. zero-shot classification of the demo ImageNet with the 80 prompt templates (its 6 classes named)"
+    "$PY" -m trainer.cli eval zero-shot "$MM_RUN" --val-shards "$OUT/shards/imagenet" --present-classes-only \
+        --workers 2
 fi
 
-echo "== 22. reports: training curves and evaluations beside the thesis's figures"
+echo "== 23. reports: training curves and evaluations beside the thesis's figures"
 for run in "$IMG_RUN" "$TEXT_RUN" "$MM_RUN"; do
     if [ -f "$run/log.jsonl" ]; then "$PY" -m trainer.cli report "$run"; fi
 done
@@ -71,3 +74,7 @@ done
 echo
 echo "== done. The image student's report ($IMG_RUN/report/report.md):"
 sed -n '/^## Evaluation/,/^## Training curves/p' "$IMG_RUN/report/report.md" | sed '$d'
+if [ -f "$MM_RUN/report/report.md" ]; then
+    echo "== the multimodal student's evaluations ($MM_RUN/report/report.md):"
+    sed -n '/^## Evaluation/,/^## Training curves/p' "$MM_RUN/report/report.md" | sed '$d'
+fi
