@@ -149,6 +149,10 @@ def test_retrieval_several_captions_per_image_by_hand():
     # its other caption is not near; B's only caption (0.6) is beaten by A's first (0.8)
     assert m["i2t_R@1"] == 50.0 and m["i2t_R@2"] == 100.0
     assert (m["images"], m["captions"]) == (2, 3)
+    # random ranking: A owns 2 of 3 captions (top-1 is one of them with p 2/3), B 1 of 3
+    assert m["chance"]["i2t_R@1"] == pytest.approx(100 * (2 / 3 + 1 / 3) / 2)
+    assert m["chance"]["i2t_R@2"] == pytest.approx(100 * (1 + (1 - 1 / 3)) / 2)  # B: C(2,2)/C(3,2) = 1/3 miss
+    assert m["chance"]["t2i_R@1"] == 50.0 and m["chance"]["t2i_R@5"] == 100.0
 
 
 def test_retrieval_ties_count_against_and_own_captions_do_not():

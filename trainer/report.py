@@ -118,9 +118,7 @@ def plot_panels(data: dict, out_dir: Path) -> list[tuple[str, str]]:
 def _chance(rec: dict, metric: str) -> float | None:
     m = rec.get("metrics", {})
     if metric.startswith(("i2t_R@", "t2i_R@")):
-        n = m.get("captions") if metric.startswith("i2t") else m.get("images")
-        k = int(metric.split("@")[1])
-        return min(100.0, 100.0 * k / n) if n else None
+        return (m.get("chance") or {}).get(metric)
     part = m.get("knn", m) if metric.startswith("knn_") else m.get("linear_probe", m)
     # zero-shot scores every class name; a probe or k-NN can only answer classes it was trained on
     c = m.get("classes") if rec.get("benchmark") == "zero_shot" else part.get("classes_with_samples")
@@ -235,7 +233,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     if evals:
         md += _probe_comparison(evals)
         md += ["", *eval_table(evals),
-               "Chance: top-k = k / classes present (zero-shot: k / classes named), R@k = k / candidates. Thesis: the published figure for "
+               "Chance: top-k = k / classes present (zero-shot: k / classes named); R@k: a random ranking. Thesis: the published figure for "
                "the same benchmark (full datasets, full training; see docs/methods.md)."]
     else:
         md.append(f"No evaluation records in `{run / 'eval'}` (run `trainer eval ... {run}`).")

@@ -10,6 +10,7 @@ Ties count against the model (as in metrics.py): a rival at exactly the same sco
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -63,4 +64,18 @@ def retrieval_metrics(image_ID: torch.Tensor, image_ids: Sequence, text_TD: torc
     for k in ks:
         out[f"t2i_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
     out["images"], out["captions"] = I, T
+    out["chance"] = chance_recall(torch.bincount(owner_T, minlength=I)[has_caption].tolist(), ks)
+    return out
+
+
+def chance_recall(captions_per_image: Sequence[int], ks=(1, 5, 10)) -> dict[str, float]:
+    """Recall@k of a random ranking: text -> image k / I; image -> text, for an image with P of
+    the T captions, 1 - C(T-P, k) / C(T, k) (some own caption among k random ones), averaged."""
+    I, T = len(captions_per_image), sum(captions_per_image)
+    out = {}
+    for k in ks:
+        kk = min(k, T)
+        out[f"i2t_R@{k}"] = 100.0 * sum(1 - math.comb(T - p, kk) / math.comb(T, kk) for p in captions_per_image) / I
+    for k in ks:
+        out[f"t2i_R@{k}"] = 100.0 * min(k, I) / I
     return out
