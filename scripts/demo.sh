@@ -59,8 +59,11 @@ echo "== 20. linear probe and k-NN of the image student and of its teacher (same
     --train-shards "$OUT/shards/imagenet" --workers 2 --out "$IMG_RUN/eval/linear_probe-teacher.json"
 
 if [ -d "$MM_RUN" ]; then
-    echo "== 21. image-text retrieval of the multimodal student on the embedded COCO-Karpathy test pairs"
+    echo "== 21. image-text retrieval of the multimodal student: the COCO-Karpathy test pairs (unseen), then the"
+    echo "       train pairs it was trained on (the tiny test split is mostly a check that the protocol runs)"
     "$PY" -m trainer.cli eval retrieval "$MM_RUN" --shards "$OUT/shards/coco" --split test --workers 2
+    "$PY" -m trainer.cli eval retrieval "$MM_RUN" --shards "$OUT/shards/coco" --split train --workers 2 \
+        --out "$MM_RUN/eval/retrieval_coco-karpathy-train.json"
     echo "== 22. zero-shot classification of the demo ImageNet with the 80 prompt templates (its 6 classes named)"
     "$PY" -m trainer.cli eval zero-shot "$MM_RUN" --val-shards "$OUT/shards/imagenet" --present-classes-only \
         --workers 2
