@@ -206,7 +206,6 @@ def test_pair_embeddings_embed_each_image_once(tmp_path):
 
 
 def test_report_plots_and_summary(tmp_path):
-    from trainer.eval.features import read_manifest  # noqa: F401  (the record's data section below)
     from trainer.report import panels, write_report
 
     run = tmp_path / "run"

@@ -23,7 +23,7 @@ from .linear_probe import ProbeConfig, probe_eval
 from .models import EvalModel
 from .results import manifest_record, write_result
 from .retrieval import retrieval_metrics
-from .zero_shot import MAX_TOKENS, TEMPLATES, class_embeddings, class_names, zero_shot_eval
+from .zero_shot import TEMPLATES, class_embeddings, class_names, zero_shot_eval
 
 
 def resolve_device(name: str) -> torch.device:
