@@ -85,7 +85,7 @@ def run_probe(model: EvalModel, model_path: str, train_shards: str, val_shards: 
     val = _image_features(model, val_shards, val_split, cache, batch_size, workers, dev, f"{val_split} features")
     C = _num_classes(manifest, train["labels"], val["labels"])
     probe = probe_eval(train[pool], train["labels"], val[pool], val["labels"], C, probe_cfg, dev)
-    knn = knn_eval(train[pool], train["labels"], val[pool], val["labels"], C, knn_k, knn_t)
+    knn = knn_eval(train[pool], train["labels"], val[pool], val["labels"], C, knn_k, knn_t, device=dev)
     metrics = {"top1": probe["top1"], "top5": probe["top5"], "linear_probe": probe, "knn": knn,
                "train_images": len(train["labels"]), "val_images": len(val["labels"]), "classes": C}
     data = {"train": manifest_record(train_shards, train_split),

@@ -28,14 +28,16 @@ def _neighbours(sim_QN: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def knn_scores(train_ND: torch.Tensor, train_labels_N: torch.Tensor, query_QD: torch.Tensor,
-               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 256) -> torch.Tensor:
-    """Class scores [Q, num_classes] of each query from its k nearest training samples."""
+               num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 256,
+               device: str | torch.device | None = None) -> torch.Tensor:
+    """Class scores [Q, num_classes] of each query from its k nearest training samples, computed
+    on `device` (default: where train_ND is; ImageNet's 50k x 1.28M similarities want a GPU)."""
     if train_ND.shape[0] == 0:
         raise ValueError("k-NN needs at least one training sample")
     if k < 1 or temperature <= 0:
         raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     k = min(k, train_ND.shape[0])
-    train = F.normalize(train_ND.float(), dim=1)
+    train = F.normalize(train_ND.float().to(device or train_ND.device), dim=1)
     labels = train_labels_N.long().to(train.device)
     out = torch.zeros(query_QD.shape[0], num_classes, device=train.device)
     for s in range(0, query_QD.shape[0], chunk):
@@ -47,9 +49,9 @@ def knn_scores(train_ND: torch.Tensor, train_labels_N: torch.Tensor, query_QD: t
 
 
 def knn_eval(train_ND, train_labels_N, val_ND, val_labels_N, num_classes: int, k: int = 20,
-             temperature: float = 0.07) -> dict:
+             temperature: float = 0.07, device=None) -> dict:
     """Top-1/top-5 (and mean per-class top-1) of k-NN on the validation features."""
-    scores = knn_scores(train_ND, train_labels_N, val_ND, num_classes, k, temperature)
+    scores = knn_scores(train_ND, train_labels_N, val_ND, num_classes, k, temperature, device=device)
     labels = val_labels_N.long().to(scores.device)
     return {**topk_accuracy(scores, labels), **per_class_accuracy(scores, labels),
             "k": min(k, int(train_ND.shape[0])), "temperature": temperature}
