@@ -182,14 +182,15 @@ class BEiTv2ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(shape, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=shape.norm_eps) if final_norm else nn.Identity()
 
-    def init_weights(self, seed: int = 0) -> None:
-        """Random init in the style of the original (trunc-normal 0.02; bias tables too, so
-        that the relative position bias matters in tests)."""
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random init in the style of the original (trunc-normal, std 0.02; bias tables too,
+        so that the relative position bias matters in tests). A larger `std` gives a random
+        teacher whose [CLS] depends visibly on the image (demos, tests that must learn)."""
         g = torch.Generator().manual_seed(seed)
 
         def tn(t: torch.Tensor) -> None:
             with torch.no_grad():
-                t.copy_((torch.randn(t.shape, generator=g) * 0.02).clamp_(-0.04, 0.04))
+                t.copy_((torch.randn(t.shape, generator=g) * std).clamp_(-2 * std, 2 * std))
 
         for name, p in self.named_parameters():
             if name.endswith(("gamma_1", "gamma_2")):
@@ -292,12 +293,12 @@ def load_beitv2(path: str | Path, drop_path_rate: float = 0.1, final_norm: bool 
 
 
 def write_beitv2_checkpoint(path: str | Path, shape: BEiTShape, seed: int = 0, wrap: str = "model",
-                            vocab_size: int = 64) -> Path:
+                            vocab_size: int = 64, init_std: float = 0.02) -> Path:
     """Write a random BEiTv2 in the original pretraining layout: the encoder's keys (with the
     relative position index buffers and the final norm) plus `mask_token`, `lm_head` and a
     `cls_pt_layers` block the loader must drop, under `wrap` ("model" or "module")."""
     model = BEiTv2ViT(shape, final_norm=True)
-    model.init_weights(seed)
+    model.init_weights(seed, init_std)
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     D = shape.dim
     g = torch.Generator().manual_seed(seed + 1)

@@ -160,7 +160,8 @@ def load_bert_tower(path: str | Path, depth: int) -> nn.Module:
 class SMKEStudent(nn.Module):
     """Both towers, the token-type embedding, the shared block, the distillation head and the
     learnable logit scales. `forward(image, input_ids, padding_mask)` returns a dict with
-    `x_image, x_interm_image, encoder_out_image` and the same for `_text`."""
+    `x_image, x_interm_image, encoder_out_image`, the same for `_text`, and the log logit
+    scales `logit_scales` ([x_interm, x]) and `kd_logit_scale`."""
 
     def __init__(self, image_tower: Data2Vec2ViT, text_tower: nn.Module, *, num_heads: int, mlp_ratio: float,
                  layer_scale: float, tte_init: float, out_dim: int, logit_scale_init: float,
@@ -222,7 +223,9 @@ class SMKEStudent(nn.Module):
                 "encoder_out": self.head(self.fc_norm(cls))}
 
     def forward(self, image: torch.Tensor, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        out = {}
+        # the logit scales travel in the output so the loss reaches them through the (possibly
+        # DDP-wrapped) forward, as open_clip does
+        out = {"logit_scales": self.logit_scales, "kd_logit_scale": self.kd_logit_scale}
         for k, v in self.outputs(*self.image_tokens(image)).items():
             out[k + "_image"] = v
         for k, v in self.outputs(*self.text_tokens(input_ids, padding_mask)).items():
