@@ -316,3 +316,11 @@ def write_beitv2_checkpoint(path: str | Path, shape: BEiTShape, seed: int = 0, w
     tmp.write_bytes(buf.getvalue())
     tmp.replace(p)
     return p
+
+
+def write_demo_beitv2(path: str | Path, img_size: int, patch: int, dim: int, depth: int, heads: int,
+                      seed: int = 0) -> Path:
+    """A random demo teacher in the original layout, initialised wide (std 0.2, LayerScale 1) so
+    that its [CLS] differs from image to image and a demo has something to distil."""
+    shape = BEiTShape(img_size=img_size, patch_size=patch, dim=dim, depth=depth, num_heads=heads, layer_scale=1.0)
+    return write_beitv2_checkpoint(path, shape, seed=seed, init_std=0.2)

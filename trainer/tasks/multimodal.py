@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError, _choice, _range
+from trainer.config import ConfigError
 from trainer.errors import UserError
+from trainer.fields import between, choice
 from trainer.losses import LOGIT_SCALE_MAX, MemoryBank, contrastive_kd_loss, itc_loss
 from trainer.models import beitv2 as beit
 from trainer.models import vit as d2v
@@ -41,9 +42,9 @@ class ImageTowerConfig:
     """The image tower: Data2Vec2 embeddings and first blocks, from the fairseq teacher checkpoint."""
 
     checkpoint: str = ""  # Data2Vec2 fairseq checkpoint (base_imagenet.pt); required
-    depth: int = field(default=6, metadata=_range(1))  # blocks copied into the tower
-    num_heads: int = field(default=0, metadata=_range(0))  # 0: from the checkpoint's cfg (else 12)
-    norm_eps: float = field(default=0.0, metadata=_range(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
+    depth: int = field(default=6, metadata=between(1))  # blocks copied into the tower
+    num_heads: int = field(default=0, metadata=between(0))  # 0: from the checkpoint's cfg (else 12)
+    norm_eps: float = field(default=0.0, metadata=between(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
     train_pos_embed: bool = True  # False keeps the sin-cos position embedding fixed
 
 
@@ -52,42 +53,42 @@ class TextTowerConfig:
     """The text tower: BERT embeddings and first layers, from a local Hugging Face directory."""
 
     path: str = ""  # directory with config.json + model.safetensors (e.g. bert-base-uncased); required
-    depth: int = field(default=6, metadata=_range(1))  # layers copied into the tower
+    depth: int = field(default=6, metadata=between(1))  # layers copied into the tower
 
 
 @dataclass
 class MultimodalTeacherConfig:
     """The frozen image teacher whose last-block [CLS] is the distillation target."""
 
-    kind: str = field(default="beitv2", metadata=_choice("beitv2", "data2vec2"))  # checkpoint format
+    kind: str = field(default="beitv2", metadata=choice("beitv2", "data2vec2"))  # checkpoint format
     checkpoint: str = ""  # beitv2: original .pth (beitv2_base_patch16_224_pt1k.pth); data2vec2: fairseq .pt
     final_norm: bool = False  # beitv2: keep the final LayerNorm (the thesis replaces it by an identity)
-    drop_path: float = field(default=0.1, metadata=_range(0.0, 1.0))  # built with it; inactive in eval mode
-    num_heads: int = field(default=0, metadata=_range(0))  # data2vec2 only: 0 = from the checkpoint's cfg
-    dtype: str = field(default="bfloat16", metadata=_choice("bfloat16", "float16", "float32"))  # forward precision
+    drop_path: float = field(default=0.1, metadata=between(0.0, 1.0))  # built with it; inactive in eval mode
+    num_heads: int = field(default=0, metadata=between(0))  # data2vec2 only: 0 = from the checkpoint's cfg
+    dtype: str = field(default="bfloat16", metadata=choice("bfloat16", "float16", "float32"))  # forward precision
 
 
 @dataclass
 class SharedModelConfig:
     """The new parts of the student: token-type embedding and the shared block."""
 
-    num_heads: int = field(default=12, metadata=_range(1))  # heads of the shared block
-    mlp_ratio: float = field(default=4.0, metadata=_range(0.0))  # shared block MLP width / model width
-    layer_scale: float = field(default=0.2, metadata=_range(0.0))  # LayerScale init of the shared block
-    token_type_scale: float = field(default=1e-5, metadata=_range(0.0))  # LayerScale init on the token-type embedding
+    num_heads: int = field(default=12, metadata=between(1))  # heads of the shared block
+    mlp_ratio: float = field(default=4.0, metadata=between(0.0))  # shared block MLP width / model width
+    layer_scale: float = field(default=0.2, metadata=between(0.0))  # LayerScale init of the shared block
+    token_type_scale: float = field(default=1e-5, metadata=between(0.0))  # LayerScale init on the token-type embedding
 
 
 @dataclass
 class MultimodalLossConfig:
     """Image-text contrastive loss and contrastive distillation with a memory bank."""
 
-    itc_weight: float = field(default=1.0, metadata=_range(0.0))  # weight of the image-text contrastive loss
+    itc_weight: float = field(default=1.0, metadata=between(0.0))  # weight of the image-text contrastive loss
     itc_on_interm: bool = True  # also the ITC loss on x_interm, averaged (reference code; the thesis text drops it)
-    temperature: float = field(default=0.07, metadata=_range(0.01, 1.0))  # ITC logit scales start at ln(1/t)
-    kd_weight: float = field(default=1.0, metadata=_range(0.0))  # weight of the contrastive distillation
-    kd_temperature: float = field(default=0.07, metadata=_range(0.01, 1.0))  # distillation logit scale starts at ln(1/t)
+    temperature: float = field(default=0.07, metadata=between(0.01, 1.0))  # ITC logit scales start at ln(1/t)
+    kd_weight: float = field(default=1.0, metadata=between(0.0))  # weight of the contrastive distillation
+    kd_temperature: float = field(default=0.07, metadata=between(0.01, 1.0))  # distillation logit scale starts at ln(1/t)
     learn_kd_temperature: bool = True  # False freezes the distillation temperature (the reference never trained it)
-    memory_bank_size: int = field(default=65536, metadata=_range(0))  # earlier teacher targets kept as negatives; 0: none
+    memory_bank_size: int = field(default=65536, metadata=between(0))  # earlier teacher targets kept as negatives; 0: none
 
 
 @dataclass
