@@ -7,10 +7,12 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 IMAGES ?= ../shared/bench-images
 SHARDS ?= demo_out/shards/imagenet
 CKPT ?= runs/image_kd
+MM_SHARDS ?= shards/coco-karpathy,shards/cc3m,shards/cc12m
+MM_CKPT ?= runs/multimodal
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-train train-image clean
+.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-train train-image train-multimodal clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -46,6 +48,9 @@ clean: ## Remove demo and benchmark outputs (keeps .venv)
 
 train-image: $(VENV)/.installed ## Distil Data2Vec2 ViT-B/16 into 6 blocks (SHARDS=shards dir, CKPT=run dir; resumes)
 	$(OFFLINE) $(VENV)/bin/trainer train configs/image_kd.yaml "data.manifests=[$(SHARDS)]" "out_dir=$(CKPT)" resume=auto $(TRAIN_ARGS)
+
+train-multimodal: $(VENV)/.installed ## S-SMKE: Data2Vec2 + BERT towers, shared block, BEiTv2 teacher (MM_SHARDS=a,b,c MM_CKPT=run dir; resumes)
+	$(OFFLINE) $(VENV)/bin/trainer train configs/multimodal.yaml "data.manifests=[$(MM_SHARDS)]" "out_dir=$(MM_CKPT)" resume=auto $(TRAIN_ARGS)
 
 bench-train: $(VENV)/.installed ## Time the demo training config on CPU through the streaming loader (SHARDS=dir)
 	$(OFFLINE) $(PY) bench/bench_train.py --shards $(SHARDS)

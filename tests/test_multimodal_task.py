@@ -225,3 +225,28 @@ def test_sigkill_and_resume_equal_an_uninterrupted_run(world, tmp_path):
     rb, gb = ref["task_state"]["memory_bank"], got["task_state"]["memory_bank"]
     assert rb["ptr"] == gb["ptr"]
     torch.testing.assert_close(gb["rows"], rb["rows"], rtol=0, atol=1e-6)
+
+
+def test_thesis_config_holds_the_recipe(monkeypatch):
+    path = REPO / "configs" / "multimodal.yaml"
+    with pytest.raises(ConfigError, match="image_tower.checkpoint.*not found"):
+        load_config(path)  # the teacher files are the user's: checked before anything is built
+    monkeypatch.setattr(MultimodalTask, "check_config", classmethod(lambda cls, cfg: None))
+    cfg = load_config(path)
+    t = cfg.task_cfg
+    assert (cfg.task, cfg.data.batch_size, cfg.optim.lr, cfg.schedule.epochs) == ("multimodal", 256, 1e-4, 7)
+    assert cfg.data.augment.scale == (0.9, 1.0) and cfg.data.augment.color_jitter == 0.4
+    assert cfg.data.text_max_len == 64 and len(cfg.data.manifests) == 3
+    assert (t.image_tower.depth, t.text_tower.depth, t.teacher.kind, t.teacher.final_norm) == (6, 6, "beitv2", False)
+    assert (t.model.layer_scale, t.model.token_type_scale, t.loss.memory_bank_size) == (0.2, 1e-5, 65536)
+
+
+def test_dry_run_of_the_demo_config(world, tmp_path, capsys):
+    from trainer.cli import main
+
+    try:
+        main(["train", str(CONFIG), *overrides(world, tmp_path / "run"), "--dry-run"])
+    except SystemExit as e:  # main exits only on errors
+        pytest.fail(f"dry run exited with {e.code}")
+    assert "multimodal" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
