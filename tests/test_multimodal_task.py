@@ -250,3 +250,15 @@ def test_dry_run_of_the_demo_config(world, tmp_path, capsys):
         pytest.fail(f"dry run exited with {e.code}")
     assert "multimodal" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
+    import re
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "bench/gpu_multimodal.py", "--tiny", "--device", "cpu", "--batch", "4",
+                        "--steps", "2", "--repeats", "1", "--bank", "64", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^gpu-multimodal: \d+ samples/s, data-wait \d+\.\d%, peak mem \d+\.\d GiB", r.stdout, re.M), r.stdout
