@@ -38,6 +38,7 @@ def overrides(world, out: Path, **extra) -> list[str]:
         "out_dir": str(out),
         "data.manifests": f"[{world['shards']}]",
         "data.tokenizer": tokenizer_path(),
+        "data.val_split": "",  # the fixture shards hold a train split only
         "data.text_max_len": 12,
         "data.batch_size": 8,
         "data.augment.size": 16,
@@ -262,3 +263,25 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"^gpu-multimodal: \d+ samples/s, data-wait \d+\.\d%, peak mem \d+\.\d GiB", r.stdout, re.M), r.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_fill_the_bank_with_the_global_batch(world, tmp_path):
+    """The bank works with N processes (the reference crashed with one, we test both): every
+    rank holds the same bank, made of the targets of the whole global batch."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    extra = {"loss.memory_bank_size": 48, "checkpoint.every_steps": 0}  # 6 steps x 8 samples: all kept
+    _run(world, tmp_path / "one", **extra)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    args = overrides(world, tmp_path / "two", **extra, **{"data.batch_size": 4})
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "trainer.cli", "train", str(CONFIG),
+                        *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = _ckpt(tmp_path / "one", 6)["task_state"]["memory_bank"]
+    two = _ckpt(tmp_path / "two", 6)["task_state"]["memory_bank"]
+    assert one["rows"].shape == two["rows"].shape == (48, 24) and one["ptr"] == two["ptr"] == 0
+
+    def by_row(t):  # the same samples, whatever order the ranks' slices came in
+        return t[torch.argsort(t[:, 0])]
+
+    torch.testing.assert_close(by_row(two["rows"]), by_row(one["rows"]), atol=1e-5, rtol=1e-5)
