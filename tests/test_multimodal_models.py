@@ -228,3 +228,17 @@ def test_tower_errors(towers, tmp_path):
     with pytest.raises(UserError, match="same width"):
         SMKEStudent(image_tower_from_data2vec2(d2v, 2), load_bert_tower(wide, 2), num_heads=4, mlp_ratio=4.0,
                     layer_scale=0.2, tte_init=1e-5, out_dim=8, logit_scale_init=1.0, kd_logit_scale_init=1.0)
+
+
+def test_make_demo_teacher_writes_a_loadable_beitv2(tmp_path):
+    from trainer.cli import main
+
+    out = tmp_path / "beit.pth"
+    main(["make-demo-teacher", str(out), "--kind", "beitv2", "--dim", "32", "--heads", "4", "--depth", "2",
+          "--patch", "8", "--img-size", "16"])
+    model = load_beitv2(out).eval()
+    assert (model.shape.dim, model.shape.depth, model.shape.num_heads, model.shape.img_size) == (32, 2, 4, 16)
+    # initialised wide: the targets of different images differ clearly
+    with torch.no_grad():
+        t = F.normalize(model.forward_cls(torch.randn(4, 3, 16, 16)), dim=-1)
+    assert (t @ t.t())[~torch.eye(4, dtype=torch.bool)].max() < 0.95

@@ -7,6 +7,9 @@ compared with MSE over all tokens.
 
 "d2v2_topk" (original data2vec 2.0): the same recipe over the FFN outputs of the top K layers,
 with the [CLS] token left out (fairseq strips extra tokens before building targets).
+
+Multimodal (S-SMKE), at the end of the file: the image-text contrastive loss and the
+contrastive distillation against a memory bank, both over the global batch of all processes.
 """
 
 from __future__ import annotations
