@@ -205,3 +205,29 @@ def test_loader_batches_are_identical_with_either_backend(tmp_path, monkeypatch)
     assert len(runs[0]) == len(runs[1]) == 3
     for a, b in zip(*runs):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+
+
+@needs_tj
+def test_damage_below_the_crop_is_not_read(monkeypatch):
+    """What the region decode gives up (docs/loader.md): entropy data below the box's last row is
+    never read, so damage there (the end-of-image marker intact) leaves the crop's pixels as
+    they are, while the whole-image decode refuses the file."""
+    H, W = 160, 96
+    data = photo(H, W, 6)
+    g = np.random.default_rng(1)
+    for _ in range(50):
+        bad = bytearray(data)
+        p = int(g.integers(len(data) - 200, len(data) - 10))
+        bad[p:p + 4] = bytes(g.integers(0, 256, 4, dtype=np.uint8))
+        try:
+            simplejpeg.decode_jpeg(bytes(bad), colorspace="RGB", strict=True)
+        except ValueError:
+            break
+    else:
+        pytest.fail("no damage the whole-image decoder refuses")
+    box = (0, 0, 40, 60)  # the top quarter
+    monkeypatch.setattr(dec, "REGION_DECODE", True)
+    assert torch.equal(cpu_decode_crop(bytes(bad), H, W, box, False, 16), cpu_decode_crop(data, H, W, box, False, 16))
+    monkeypatch.setattr(dec, "REGION_DECODE", False)
+    with pytest.raises(ValueError):
+        cpu_decode_crop(bytes(bad), H, W, box, False, 16)

@@ -3,9 +3,12 @@
 CPU path (DataLoader workers): the crop decides the decode. When the crop box is at least 2x
 (4x, 8x) the output size on both sides, libjpeg-turbo decodes at 1/2 (1/4, 1/8) scale in the
 DCT domain, which skips most of the IDCT and colour-conversion work; the fast integer IDCT and
-fast upsampling are used throughout. The crop is then resized to S x S with the shared uint8
-antialiased kernel. Downscaled decoding is the one place where the CPU path departs from the
-exact maths: the box is mapped to the nearest pixel of the smaller image.
+fast upsampling are used throughout. Only the box's rows and columns are decoded (libturbojpeg
+3's cropping region, `tjregion.py`); where that library cannot be loaded, simplejpeg decodes
+the whole image at the same scale, with a note in the log, and the pixels are the same. The
+crop is then resized to S x S with the shared uint8 antialiased kernel. Downscaled decoding is
+the one place where the CPU path departs from the exact maths: the box is mapped to the
+nearest pixel of the smaller image.
 
 GPU path: workers ship the raw bytes; `decode_cuda` decodes the whole batch with nvJPEG
 (`torchvision.io.decode_jpeg(list, device="cuda")`), grey images come out as RGB.
