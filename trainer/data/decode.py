@@ -79,7 +79,8 @@ def cpu_decode_crop(data: bytes, H: int, W: int, box, flip: bool, S: int, mode: 
         i, j, h, w = i0, j0, i1 - i0, j1 - j0
     tj = region_decoder()
     if tj is not None:  # decode only the box's rows and (iMCU-aligned) columns
-        if i + h < Hs and data.rfind(b"\xff\xd9") < parse_jpeg_header(data).scan_offset:
+        if (i + h < Hs and not data.endswith(b"\xff\xd9")
+                and data.rfind(b"\xff\xd9") < parse_jpeg_header(data).scan_offset):
             # the library stops reading at the box's last row, so it cannot see a file cut
             # short below it; shardify's test (entropy data never holds FF D9) can
             raise ValueError("Premature end of JPEG file (no end-of-image marker after the scan data)")
