@@ -28,7 +28,7 @@ TJ = tjregion.load()
 needs_tj = pytest.mark.skipif(TJ is None, reason=f"region decoder unavailable: {tjregion.why_not()}")
 
 
-def photo(h: int, w: int, seed: int, subsampling: int = 2, grey: bool = False) -> bytes:
+def photo(h: int, w: int, seed: int, subsampling: int = 2, grey: bool = False, progressive: bool = False) -> bytes:
     """A JPEG with edges and texture (so upsampling differences would show), given chroma
     subsampling (PIL: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0)."""
     g = np.random.default_rng(seed)
@@ -37,13 +37,14 @@ def photo(h: int, w: int, seed: int, subsampling: int = 2, grey: bool = False) -
     im = Image.fromarray(img.astype(np.uint8))
     buf = io.BytesIO()
     if grey:
-        im.convert("L").save(buf, format="JPEG", quality=85)
+        im.convert("L").save(buf, format="JPEG", quality=85, progressive=progressive)
     else:
-        im.save(buf, format="JPEG", quality=85, subsampling=subsampling)
+        im.save(buf, format="JPEG", quality=85, subsampling=subsampling, progressive=progressive)
     return buf.getvalue()
 
 
-KINDS = [dict(subsampling=2), dict(subsampling=1), dict(subsampling=0), dict(grey=True)]
+KINDS = [dict(subsampling=2), dict(subsampling=1), dict(subsampling=0), dict(grey=True),
+         dict(subsampling=2, progressive=True)]
 
 
 @pytest.fixture
@@ -115,10 +116,11 @@ def test_both_backends_give_identical_crops(monkeypatch, fast):
     assert n > 5  # the DCT-scaled paths were exercised, not only full-scale decodes
 
 
+@pytest.mark.parametrize("progressive", [False, True])
 @pytest.mark.parametrize("backend", ["region", "whole"], indirect=True)
-def test_broken_jpegs_are_rejected_by_both_backends(backend):
+def test_broken_jpegs_are_rejected_by_both_backends(backend, progressive):
     H, W = 96, 128
-    data = photo(H, W, 3)
+    data = photo(H, W, 3, progressive=progressive)
     box, S = (0, 0, 20, 30), 16  # a region at the top: the damage lies in rows it skips
     cpu_decode_crop(data, H, W, box, False, S)  # the intact file decodes
     truncated = [data[: len(data) // 2], data[:-40], data[:-2]]
