@@ -16,7 +16,6 @@ from trainer.data import AugmentConfig
 from trainer.data import decode as dec
 from trainer.data.augment import Draws, color_jitter, draw_params, finish, resized_crops, sample_crop
 from trainer.data.decode import cpu_decode_crop, decode_rgb, jpeg_size, reduction
-from test_loader_region_decode import backend  # noqa: F401  (fixture: region or whole-image decode)
 
 
 def ks_stat(a, b) -> float:

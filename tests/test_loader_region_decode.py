@@ -47,15 +47,6 @@ KINDS = [dict(subsampling=2), dict(subsampling=1), dict(subsampling=0), dict(gre
          dict(subsampling=2, progressive=True)]
 
 
-@pytest.fixture
-def backend(request, monkeypatch):
-    """'region' (libturbojpeg 3) or 'whole' (simplejpeg) for cpu_decode_crop."""
-    if request.param == "region" and TJ is None:
-        pytest.skip(f"region decoder unavailable: {tjregion.why_not()}")
-    monkeypatch.setattr(dec, "REGION_DECODE", request.param == "region")
-    return request.param
-
-
 @needs_tj
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("kind", range(len(KINDS)))
