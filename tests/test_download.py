@@ -7,8 +7,9 @@ import time
 import pytest
 
 import text_pair_fixtures as fx
-from shardify.download import DownloadConfig, DownloadReader, HostRateLimiter, check_image_bytes, fetch
+from shardify.download import DownloadConfig, HostRateLimiter, check_image_bytes, fetch
 from shardify.records import Item, Reject
+from shardify.sources.pairs_urls import DownloadReader
 
 pytestmark = pytest.mark.timeout(60)
 
