@@ -41,6 +41,7 @@ DOWNLOAD_REASONS = {"timeout", "connection", "dns", "ssl", "too_large", "too_man
                     "download_error"}
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
 _REDIRECTS = {301, 302, 303, 307, 308}
+_READ_SIZE = 65536  # bytes asked of the socket per read
 
 
 def is_download_reason(reason: str) -> bool:
@@ -147,7 +148,7 @@ def _read_body(resp: http.client.HTTPResponse, conn, deadline: float, limit: int
             raise _Transient("timeout", "body not complete within the timeout")
         if conn.sock is not None:
             conn.sock.settimeout(remaining)
-        chunk = resp.read1(65536)
+        chunk = resp.read1(_READ_SIZE)
         if not chunk:
             break
         raw += len(chunk)

@@ -127,16 +127,18 @@ class OrderedFetcher:
 
         def task(index: int) -> None:
             hold = window.hold(index)
+            result: bytes | Reject | None = None
             try:
-                result: bytes | Reject | None = fetch_one(index, hold)
+                result = fetch_one(index, hold)
             except Reject as rej:
                 result = rej
             except Abandoned:
-                result = None
+                pass
             except Exception as exc:  # noqa: BLE001 - recorded as a reject, never lost
                 hold.drop()
                 result = Reject("download_error", f"{type(exc).__name__}: {exc}")
-            done.put((index, result))
+            finally:
+                done.put((index, result))  # always: the writer waits for every index
 
         results: dict[int, bytes | Reject | None] = {}
         started = running = 0
@@ -157,7 +159,7 @@ class OrderedFetcher:
                     results[index] = result
                 result = results.pop(head)
                 window.advance()
-                yield result
+                yield result if result is not None else Reject("download_error", "the fetch ended without a result")
         finally:
             window.close()  # a writer that stopped early releases threads waiting for room
 
