@@ -12,10 +12,10 @@ rejects.jsonl.
 
 A fetch may be given a `hold` (shardify/download_order.py): every chunk of body read is
 accounted to it first, so the bytes downloaded ahead of the writer stay within a bound. The
-thread pool, the in-order hand-back and the per-host rate limit shared by a worker's threads
-live in download_order.py; the URL-list reader in sources/pairs_urls.py. The standard library
-is enough here (http.client), so there is no extra dependency; proxies from the environment
-are not used.
+thread pool and the in-order hand-back live in download_order.py; the URL-list reader (one
+per worker process, holding the rate limiter its threads share) in sources/pairs_urls.py. The
+standard library is enough here (http.client), so there is no extra dependency; proxies from
+the environment are not used.
 """
 
 from __future__ import annotations
