@@ -57,6 +57,8 @@ def test_url_list_every_url_accounted_for_then_retry(server, tmp_path):
     r = _cli(base)
     assert r.exit_code == 0, r.output
     assert "downloaded and written 5 of 21 URLs" in r.output and "top errors:" in r.output
+    # 12 download failures, of which the two bad_scheme ones (file: URLs) are not retryable
+    assert "; 10 download failures can be retried with --retry-failed" in r.output
     assert verify(out) == []
 
     got = read_wds(out, "train")
