@@ -137,6 +137,7 @@ def test_prepare_retry_touches_only_this_nodes_failed_shards(tmp_path):
     assert (tmp_path / "train-000004.tar").exists()
 
 
+@pytest.mark.slow  # four jobs of 27 URLs
 def test_shards_are_byte_identical_whatever_the_concurrency_and_lookahead(server, tmp_path):
     paths = ["/good/1.jpg", "/404", "/png/3.png", "/redirect/4.jpg", "/html.jpg", "/tiny.jpg", "/good/7.jpg",
              "/to-file", "/403"] * 3
