@@ -82,7 +82,7 @@ def test_image_batches_match_per_sample_reference(images, train):
 def fake_cuda_decoder(fail_keys=(), keys_by_data=None):
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    def decode(datas, device):
+    def decode(datas, device, sizes=None):
         imgs, errs = [], []
         for d in datas:
             if keys_by_data and keys_by_data.get(d.numpy().tobytes()) in fail_keys:
