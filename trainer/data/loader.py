@@ -112,7 +112,8 @@ class StreamingLoader:
         dl = DataLoader(ds, batch_size=None, num_workers=nw,
                         pin_memory=self.device.type == "cuda" and not self.gpu_decode,
                         prefetch_factor=2 if nw > 0 else None, persistent_workers=False)
-        staged = self._ahead(dl) if self.lookahead > 0 else (self._device_stage(wb) for wb in dl)
+        it = iter(dl)  # workers start here, forked from the caller's thread
+        staged = self._ahead(it) if self.lookahead > 0 else (self._device_stage(wb) for wb in it)
         done = 0
         try:
             for batch in staged:
@@ -122,6 +123,8 @@ class StreamingLoader:
                 yield batch
         finally:
             staged.close()  # stops the helper thread when the caller leaves the epoch early
+            if hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
         if done != deal.steps:  # a worker died quietly: never report a finished epoch then
             raise RuntimeError(f"loader yielded {done} of {deal.steps} batches for epoch {self.epoch}")
         self.epoch, self.consumed = self.epoch + 1, 0
@@ -133,8 +136,9 @@ class StreamingLoader:
             log.warning("corrupt sample %s skipped and replaced: %s", key, reason)
         self.corrupt_count += len(corrupt)
 
-    def _ahead(self, dl):
-        """Batches from `dl` with their device stage run `lookahead` batches ahead in a thread."""
+    def _ahead(self, it):
+        """Batches from the worker-batch iterator `it`, their device stage run `lookahead`
+        batches ahead in a helper thread."""
         q: queue.Queue = queue.Queue(maxsize=self.lookahead)
         stop = threading.Event()
         cuda = self.device.type == "cuda"
@@ -151,13 +155,11 @@ class StreamingLoader:
             return False
 
         def work() -> None:
-            it = None
             try:
                 if cuda:
                     torch.cuda.set_device(self.device)
                 ctx = torch.cuda.stream(self._stage_stream) if cuda else contextlib.nullcontext()
                 with ctx:
-                    it = iter(dl)
                     for wb in it:
                         batch = self._device_stage(wb)
                         ready = None
@@ -169,9 +171,6 @@ class StreamingLoader:
                 put(_END)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, raised there
                 put(_Failure(e))
-            finally:
-                if it is not None and hasattr(it, "_shutdown_workers"):
-                    it._shutdown_workers()
 
         t = threading.Thread(target=work, name="loader-device-stage", daemon=True)
         t.start()
