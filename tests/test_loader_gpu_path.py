@@ -293,3 +293,12 @@ def test_device_names_carry_their_index():
     assert canonical_device("cpu") == CPU
     if torch.cuda.is_available():
         assert canonical_device("cuda").index == torch.cuda.current_device()
+
+
+def test_cpu_path_without_simplejpeg_is_a_one_line_config_error(images, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "simplejpeg" else real(name, *a))
+    with pytest.raises(ValueError, match="decode_device.*simplejpeg"):
+        build_loader(DataConfig(manifests=[images], num_workers=0), 0, 1, CPU, "image")

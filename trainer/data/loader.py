@@ -25,6 +25,7 @@ The device is always named with its index (`cuda:N`), so torchvision keeps one n
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import queue
@@ -60,6 +61,10 @@ class StreamingLoader:
             raise ValueError("the manifests hold no samples for split " + repr(cfg.split))
         self.dtype = _DTYPES[cfg.output_dtype]
         self.gpu_decode = kind != "text" and _use_gpu(cfg.decode_device, self.device)
+        if kind != "text" and not self.gpu_decode and importlib.util.find_spec("simplejpeg") is None:
+            # say so now, not as a ModuleNotFoundError inside a DataLoader worker
+            raise ValueError("data.decode_device: the CPU decode path needs simplejpeg, which is not "
+                             "installed (pip install simplejpeg), or use decode_device=cuda")
         self.epoch = 0
         self.consumed = 0  # global samples of the current epoch handed out
         self.corrupt_count = 0  # corrupt samples replaced since this loader was built
