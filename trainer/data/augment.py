@@ -179,8 +179,8 @@ def resized_crops(images: list[torch.Tensor], box, flip, S: int, mode: str = "bi
     host wait for queued GPU work (all copies are pinned and non-blocking).
 
     The images are joined into one flat buffer (a few copy kernels for the whole batch); each
-    canvas of similar-sized crops is then one row gather from it: canvas row (k, c, y) is the
-    wmax bytes starting at that crop's row y, so columns past the crop's width hold its
+    canvas of similar-sized crops is then one row gather from it: canvas row (k, y, c) is the
+    wmax bytes starting at that crop's row y in channel c, so columns past the crop's width hold its
     neighbours' bytes and rows past its height repeat its last row. Those get weight 0 from
     `aa_weights`, so no zero fill is needed. A canvas holds at most `max_pixels` crop pixels
     (n * hmax * wmax; uint8, plus one float32 copy for the matmuls: about 260 MB at the default),
@@ -207,20 +207,22 @@ def resized_crops(images: list[torch.Tensor], box, flip, S: int, mode: str = "bi
         hmax, wmax = int(box[idx, 2].max()), int(box[idx, 3].max())
         i, j, h = box[idx, 0], box[idx, 1], box[idx, 2]
         y = np.minimum(np.arange(hmax)[None, :], (h - 1)[:, None])  # [n, hmax]
-        rows = (base[idx, None, None] + cstride[idx, None, None] * np.arange(3)[None, :, None]
-                + (i[:, None, None] + y[:, None, :]) * W[idx, None, None] + j[:, None, None])
+        # rows in (crop, y, channel) order: the canvas is [n, hmax, 3 * wmax], so both resize
+        # steps are plain batched matmuls (no broadcast copies of the weights per channel)
+        rows = (base[idx, None, None] + cstride[idx, None, None] * np.arange(3)[None, None, :]
+                + (i[:, None, None] + y[:, :, None]) * W[idx, None, None] + j[:, None, None])
         # every row start r reads flat[r:r + wmax]; the wpad zeros keep the last ones in bounds
         view = flat.as_strided((flat.numel() - wmax + 1, wmax), (1, 1))
-        canvas = view.index_select(0, to_device(rows.reshape(-1), dev)).view(n, 3, hmax, wmax)
+        canvas = view.index_select(0, to_device(rows.reshape(-1), dev)).view(n, hmax, 3 * wmax)
         small = np.stack([box[idx, 2], box[idx, 3], flip[idx].astype(np.int64), idx]).astype(np.int64)
         small_d = to_device(small, dev)  # one copy for the canvas' lengths, flips and slots
         wy = aa_weights(small_d[0], hmax, S, mode)
         wx = aa_weights(small_d[1], wmax, S, mode)
         wx = torch.where(small_d[2].bool().view(n, 1, 1), wx.flip(1), wx)  # a flip reverses the output columns
-        x = torch.matmul(wy[:, None], canvas.to(torch.float32))  # [n, 3, S, wmax]
+        x = torch.bmm(wy, canvas.to(torch.float32))  # [n, S, 3 * wmax]
         del canvas
-        res = torch.matmul(x, wx.transpose(1, 2)[:, None])  # [n, 3, S, S]
-        out.index_copy_(0, small_d[3], res)
+        res = torch.bmm(x.view(n, S * 3, wmax), wx.transpose(1, 2))  # [n, S * 3, S]
+        out.index_copy_(0, small_d[3], res.view(n, S, 3, S).permute(0, 2, 1, 3))
     return out.clamp_(0.0, 255.0)  # bicubic overshoots; the uint8 path saturates the same way
 
 
