@@ -164,20 +164,21 @@ def decode_cuda(datas: list[torch.Tensor], device: torch.device, sizes=None
             imgs[i] = im
 
     # torchvision 0.29 flags its image IO as deprecated in favour of torchcodec on every call;
-    # decode_jpeg(device="cuda") is still the batched nvJPEG entry point we want
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        if n and device.type == "cuda":
-            side = decode_stream(device)
-            user = torch.cuda.current_stream(device)
-            with torch.cuda.stream(side):
-                run(list(range(n)))
-            user.wait_stream(side)
-            for im in imgs:
-                if im is not None:
-                    im.record_stream(user)
-        elif n:
+    # decode_jpeg(device="cuda") is still the batched nvJPEG entry point we want. A filter for
+    # that one message (catch_warnings would not be thread-safe: this runs in the loader's thread)
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
+    if n and device.type == "cuda":
+        side = decode_stream(device)
+        user = torch.cuda.current_stream(device)
+        with torch.cuda.stream(side):
             run(list(range(n)))
+        user.wait_stream(side)
+        for im in imgs:
+            if im is not None:
+                im.record_stream(user)
+    elif n:
+        run(list(range(n)))
     if sizes is not None:
         for b, im in enumerate(imgs):
             if im is not None and tuple(im.shape[-2:]) != tuple(sizes[b]):
