@@ -11,13 +11,15 @@
 # (GPU path whole, its device stage alone, CPU path); GPU against CPU pixels on the same samples;
 # GPU memory over 40 batches; training with synthetic batches and with the GPU loader; the CUDA
 # test files. Everything printed goes to $OUT/gpu_check.log (OUT defaults to gpu_check_out);
-# the last line is the summary, starting with `GPU-CHECK SUMMARY:`.
+# the last line is the summary, starting with `GPU-CHECK SUMMARY:`. GPU_CHECK_ONLY="loader memory"
+# reruns only the stages named (on a machine still warm, the shards of the first run are reused).
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-gpu_check_out}
 DATA=${GPU_CHECK_DATA:-gpu_check_data}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
 BUDGET=${GPU_CHECK_BUDGET:-420}
+ONLY=${GPU_CHECK_ONLY:-}  # e.g. "loader compare": rerun only these stages (prepare runs if shards are missing)
 PY=${PY:-python3}
 CORES=$(nproc 2>/dev/null || echo 8)
 WORKERS=$(( CORES > 3 ? CORES - 2 : 1 ))
@@ -30,6 +32,10 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OF
 stage() {  # stage NAME SECONDS COMMAND...: run under its own timeout, cut to what the budget has left
   local name=$1 secs=$2 left t rc
   shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]] && { [ "$name" != prepare ] || [ -f "$WORK/shards/manifest.json" ]; }; then
+    echo "$name=not-selected" >> "$STAGES"
+    return
+  fi
   left=$(( BUDGET - ($(date +%s) - T0) - 5 ))
   (( secs > left )) && secs=$left
   if (( secs < 10 )); then
