@@ -15,8 +15,8 @@ loader   images/s at 224 px, bf16, batch 256, RandomResizedCrop + flip + jitter 
 compare  the same samples, same crop parameters, through nvJPEG + the batched resize and
          through the CPU path: grey-level differences (max, p99.9, mean), and nvJPEG's raw
          decode against libjpeg with replicated and with smooth chroma upsampling.
-memory   GPU memory over --batches batches of the GPU path: allocated and reserved must stay
-         flat (no growth after the first epoch's warm-up).
+memory   GPU memory over --batches batches of the GPU path: the floor of allocated memory must
+         not rise after warm-up (64 MiB slack), nor reserved memory by more than 1 GiB.
 Each stage ends with one `gpu-check: stage ...` line that the shell script collects.
 """
 
@@ -238,13 +238,16 @@ def memory_stage(args) -> None:
             if len(alloc) >= args.batches:
                 break
     mb = 2 ** 20
+    # the look-ahead thread may be in the middle of the next batch when a sample is taken, so
+    # single samples swing by a canvas or two; a leak shows as a rising floor
     warm = max(5, len(alloc) // 4)
-    grow_a = (max(alloc[warm:]) - max(alloc[:warm])) / mb
-    grow_r = (reserved[-1] - max(reserved[:warm])) / mb
+    k = max(3, (len(alloc) - warm) // 3)
+    grow_a = (min(alloc[-k:]) - min(alloc[warm:warm + k])) / mb
+    grow_r = (reserved[-1] - reserved[warm]) / mb
     peak = torch.cuda.max_memory_allocated(dev) / mb
-    flat = grow_a <= 64 and grow_r <= 256
-    print(f"memory over {len(alloc)} batches: allocated {alloc[warm] / mb:.0f} -> {alloc[-1] / mb:.0f} MiB "
-          f"(max growth after batch {warm}: {grow_a:.0f} MiB), reserved {reserved[warm] / mb:.0f} -> "
+    flat = grow_a <= 64 and grow_r <= 1024
+    print(f"memory over {len(alloc)} batches: allocated floor {min(alloc[warm:warm + k]) / mb:.0f} -> "
+          f"{min(alloc[-k:]) / mb:.0f} MiB (growth {grow_a:.0f} MiB), reserved {reserved[warm] / mb:.0f} -> "
           f"{reserved[-1] / mb:.0f} MiB, peak allocated {peak:.0f} MiB")
     print(f"gpu-check: memory batches={len(alloc)} peak_mib={peak:.0f} growth_mib={grow_a:.0f} "
           f"reserved_growth_mib={grow_r:.0f} flat={'yes' if flat else 'NO'}")

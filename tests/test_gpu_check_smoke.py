@@ -69,6 +69,15 @@ def test_gpu_check_stages_run_on_cpu(gl, tmp_path, capsys, monkeypatch):
     assert "decode_max=" in line and "crop_mean=" in line
     out = run("memory", "--shards", shards, "--workers", "0", "--batches", "12")
     assert "gpu-check: memory batches=12" in out and "flat=yes" in out and counters["alloc"] == 12
+    # the check can fail: memory that grows by a batch's worth each step is reported
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev=None: _growing(counters))
+    out = run("memory", "--shards", shards, "--workers", "0", "--batches", "12")
+    assert "flat=NO" in out
+
+
+def _growing(counters) -> int:
+    counters["n"] = counters.get("n", 0) + 1
+    return (100 << 20) * counters["n"]
 
 
 def test_generated_photos_have_imagenet_like_sizes_and_subsampling():
