@@ -13,8 +13,9 @@ runs in the calling process: for the GPU path it decodes the batch with nvJPEG a
 resizes and flips it in batched ops; for the CPU path it moves the uint8 batch over. Both then
 apply colour jitter and normalisation and cast to cfg.output_dtype.
 
-On a CUDA device the device stage runs `lookahead` batches ahead (default 1) in a helper
-thread, on its own stream: batch k+1 is decoded and augmented while the trainer's step k runs.
+On a CUDA device the device stage runs ahead in a helper thread, on its own stream: batch k+1
+is decoded and augmented while the trainer's step k runs (`lookahead` finished batches wait,
+default 1, while the thread stages the next).
 A batch is handed over with an event the caller's stream waits on (no host wait) and its
 tensors marked with `record_stream`, so the allocator does not reuse their memory before the
 step has read it. `consumed`, the corrupt-sample count and the warnings count batches handed to
