@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from loader_fixtures import image_shards, jpeg_bytes, write_shards
+from loader_fixtures import id_shards, image_shards, jpeg_bytes, write_shards
 from test_loader_augment import random_batch, reference_crop
 from trainer.data import AugmentConfig, DataConfig, build_loader
 from trainer.data import decode as dec
@@ -75,6 +75,18 @@ def test_device_stage_never_reads_back_or_blocks(images, monkeypatch, gpu_decode
         assert out["image"].dtype == torch.bfloat16 and out["label"].device == META
         n += 1
     assert n == len(ld) and spy.calls and all(spy.calls)
+
+
+def test_text_device_stage_never_reads_back_or_blocks(tmp_path, monkeypatch):
+    d = id_shards(str(tmp_path / "ids"), [5, 4])
+    cfg = DataConfig(manifests=[d], batch_size=3, num_workers=0, block_size=8)
+    ld = build_loader(cfg, 0, 1, CPU, "text")
+    ld.device = META
+    spy = CopySpy(monkeypatch)
+    for wb in BatchStream(ld.sources, cfg, "text", 0, 1, 0, 0, False):
+        out = ld._device_stage(wb)
+        assert out["input_ids"].device == META and out["padding_mask"].device == META
+    assert spy.calls and all(spy.calls)
 
 
 def test_the_meta_check_catches_a_read_back(monkeypatch):
