@@ -40,8 +40,9 @@ def _live(path, marker, loader):
     """The fixture is really malicious: a full unpickler runs the payload (here harmless)."""
     assert not marker.exists()
     result = loader(path)
-    if isinstance(result, subprocess.Popen):
-        result.wait()
+    for obj in (result, *(result.values() if isinstance(result, dict) else ())):
+        if isinstance(obj, subprocess.Popen):  # the payload started a process: let it finish
+            obj.wait()
     assert marker.exists(), "the fixture should run its payload under a full unpickler"
     marker.unlink()
 

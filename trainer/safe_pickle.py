@@ -24,6 +24,7 @@ import collections
 import io
 import pickle
 import re
+import types
 from pathlib import Path
 from typing import Any
 
@@ -175,20 +176,17 @@ def _safe_load(file, **kwargs):
     return SafeUnpickler(file, **kwargs).load()
 
 
-class _SafePickleModule:
-    """What torch.load's `pickle_module` needs: its Unpickler and load (torch's legacy format
-    reads its header pickles with `load`, so that one must be safe too)."""
-
-    __name__ = "trainer.safe_pickle"
-    Unpickler = SafeUnpickler
-    load = staticmethod(_safe_load)
-    UnpicklingError = pickle.UnpicklingError
+# what torch.load's `pickle_module` needs: an Unpickler to subclass, and `load` (torch reads the
+# header pickles of its legacy format with `load`, so that one must be safe too)
+_SAFE_PICKLE_MODULE = types.SimpleNamespace(
+    __name__="trainer.safe_pickle", Unpickler=SafeUnpickler, load=_safe_load,
+    UnpicklingError=pickle.UnpicklingError)
 
 
 def load_checkpoint(path: str | Path) -> Any:
     """torch.load `path` on CPU through the allow-list unpickler. Raises what torch.load raises
     for a file that is not a checkpoint (the caller turns it into a one-line error)."""
-    return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_SafePickleModule)
+    return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE_MODULE)
 
 
 def loads(data: bytes) -> Any:
