@@ -8,20 +8,75 @@
   `_parent` and `_content` (a dict or list of value nodes), value nodes `_val`, `_metadata`,
   `_parent`. The fake modules exist in sys.modules only while torch.save runs.
 - malicious checkpoints: pickles that would run a command if a full unpickler read them.
+
+and `reference_forward`: fairseq's image forward written out by hand on a checkpoint's own keys,
+the independent reference the loaded models and the targets are checked against.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import types
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint
 
 VIT_B16 = ViTShape(img_size=224, patch_size=16, dim=768, depth=12, num_heads=12)
+P = "modality_encoders.IMAGE."
+
+
+def _ref_block(x: torch.Tensor, sd: dict, b: str, heads: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq AltBlock, post-LN: returns (block output, FFN output before residual and norm2)."""
+    B, T, D = x.shape
+    qkv = x @ sd[b + "attn.qkv.weight"].T + sd[b + "attn.qkv.bias"]
+    q, k, v = qkv.reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+    attn = (q @ k.transpose(-2, -1) / math.sqrt(D // heads)).softmax(-1)
+    a = (attn @ v).transpose(1, 2).reshape(B, T, D) @ sd[b + "attn.proj.weight"].T + sd[b + "attn.proj.bias"]
+    x = F.layer_norm(x + a, (D,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], eps)
+    h = F.gelu(x @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"])
+    h = h @ sd[b + "mlp.fc2.weight"].T + sd[b + "mlp.fc2.bias"]
+    return F.layer_norm(x + h, (D,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], eps), h
+
+
+def reference_forward(sd: dict, img: torch.Tensor, heads: int, eps: float, ffn: bool = False) -> list[torch.Tensor]:
+    """fairseq data2vec_multi image path written out by hand on the checkpoint's own keys:
+    patch conv, + positions, prepend extra token, context_encoder.norm, the modality's own
+    context_encoder.blocks (no layer results), then the shared post-LN AltBlocks; returns their
+    outputs, or with `ffn` their FFN outputs (fairseq's layer_results, end_of_block_targets off)."""
+    x = F.conv2d(img, sd[P + "local_encoder.proj.weight"], sd[P + "local_encoder.proj.bias"],
+                 stride=sd[P + "local_encoder.proj.weight"].shape[-1])
+    x = x.flatten(2).transpose(1, 2)
+    x = x + sd[P + "fixed_positional_encoder.positions"]
+    x = torch.cat([sd[P + "extra_tokens"].expand(x.shape[0], -1, -1), x], dim=1)
+    D = x.shape[-1]
+    x = F.layer_norm(x, (D,), sd[P + "context_encoder.norm.weight"], sd[P + "context_encoder.norm.bias"], eps)
+    i = 0
+    while f"{P}context_encoder.blocks.{i}.attn.qkv.weight" in sd:
+        x, _ = _ref_block(x, sd, f"{P}context_encoder.blocks.{i}.", heads, eps)
+        i += 1
+    outs = []
+    i = 0
+    while f"blocks.{i}.attn.qkv.weight" in sd:
+        x, h = _ref_block(x, sd, f"blocks.{i}.", heads, eps)
+        outs.append(h if ffn else x)
+        i += 1
+    return outs
+
+
+def perturb_norms(path):
+    """Random LayerNorm affine params, so a missed norm mapping cannot hide behind ones/zeros."""
+    ckpt = torch.load(path, weights_only=True)
+    g = torch.Generator().manual_seed(1)
+    for k, v in ckpt["model"].items():
+        if torch.is_tensor(v) and ("norm" in k or "extra_tokens" in k):
+            ckpt["model"][k] = v + 0.3 * torch.randn(v.shape, generator=g)
+    torch.save(ckpt, path)
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------
