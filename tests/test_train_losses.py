@@ -118,6 +118,21 @@ def test_targets_prediction_and_loss_against_loop_reference(tmp_path, layer_tens
     assert task.student.vit.pos_embed.grad is None  # fixed by default
 
 
+@pytest.mark.parametrize("layer_tensor", ["ffn", "block"])
+def test_last_fc2_bias_gets_no_gradient_from_ffn_targets(tmp_path, layer_tensor):
+    """A per-feature constant added to the last block's FFN output is removed by the instance
+    norm over tokens, and nothing after that block uses its output: with FFN targets that bias
+    has a zero gradient (up to rounding); with block outputs it has a real one."""
+    task = _task(tmp_path, **{"loss.layer_tensor": layer_tensor})
+    img = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    task.loss(task.student, {"image": img})["loss"].backward()
+    last, first = task.student.vit.blocks[-1].mlp.fc2.bias.grad, task.student.vit.blocks[0].mlp.fc2.bias.grad
+    if layer_tensor == "ffn":
+        assert last.abs().max() < 1e-4 * first.abs().max()  # fp32 rounding of sums over tokens
+    else:
+        assert last.abs().max() > 1e-2 * first.abs().max()
+
+
 def test_teacher_dtype_float16_and_fallback(tmp_path, monkeypatch, caplog):
     """float16 (the thesis's teacher precision) works on CPU here and stays close to fp32; where
     a device has no such autocast the teacher falls back to float32 and says so."""
