@@ -119,7 +119,7 @@ def test_targets_prediction_and_loss_against_loop_reference(tmp_path, layer_tens
 
 
 @pytest.mark.parametrize("layer_tensor", ["ffn", "block"])
-def test_last_fc2_bias_gets_no_gradient_from_ffn_targets(tmp_path, layer_tensor):
+def test_what_ffn_targets_give_no_gradient(tmp_path, layer_tensor):
     """A per-feature constant added to the last block's FFN output is removed by the instance
     norm over tokens, and nothing after that block uses its output: with FFN targets that bias
     has a zero gradient (up to rounding); with block outputs it has a real one."""
@@ -131,6 +131,12 @@ def test_last_fc2_bias_gets_no_gradient_from_ffn_targets(tmp_path, layer_tensor)
         assert last.abs().max() < 1e-4 * first.abs().max()  # fp32 rounding of sums over tokens
     else:
         assert last.abs().max() > 1e-2 * first.abs().max()
+    # the last block's norm2 output feeds nothing with FFN targets: no gradient at all. It stays
+    # trainable (as in the thesis run) and is declared to DDP, which would stop on it otherwise
+    no_grad = {n for n, p in task.student.named_parameters() if p.requires_grad and p.grad is None}
+    assert no_grad == set(task.student.params_without_gradient())
+    assert no_grad == ({"vit.blocks.1.norm2.weight", "vit.blocks.1.norm2.bias"} if layer_tensor == "ffn" else set())
+    assert set(getattr(task.student, "_ddp_params_and_buffers_to_ignore", ())) == no_grad
 
 
 def test_teacher_dtype_float16_and_fallback(tmp_path, monkeypatch, caplog):

@@ -125,6 +125,20 @@ class KDStudent(nn.Module):
         # data2vec regresses its targets through a projection; our student has no decoder, so a
         # linear head plays that role in the original-recipe variant
         self.head = nn.Linear(vit.shape.dim, vit.shape.dim) if variant == "d2v2_topk" else None
+        unused = self.params_without_gradient()
+        if unused:
+            # DDP stops on trainable parameters that get no gradient; these stay trainable (as in
+            # the thesis run: their grad is None and AdamW leaves them as they are) and DDP is
+            # told to leave them out of its all-reduce
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, unused)
+
+    def params_without_gradient(self) -> list[str]:
+        """Parameters the loss never reaches. With FFN targets (layer_avg) the last block's
+        norm2 is computed but its output feeds nothing: the layer results stop at the FFN."""
+        if self.head is None and self.layer_tensor == "ffn":
+            last = len(self.vit.blocks) - 1
+            return [f"vit.blocks.{last}.norm2.weight", f"vit.blocks.{last}.norm2.bias"]
+        return []
 
     def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         if self.head is None:
