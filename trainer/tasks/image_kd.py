@@ -256,5 +256,5 @@ class ViTEncoder(nn.Module):
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """The reference's rule: no decay on 1-D params, biases, position embedding and [CLS]."""
+    """The thesis's rule: no decay on 1-D params, biases, position embedding and [CLS]."""
     return param.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
