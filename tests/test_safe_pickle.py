@@ -128,6 +128,17 @@ def test_hand_written_gadget_chains_fail_without_running(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("protocol", [0, 1, 2, 5])
+def test_objects_of_other_classes_become_inert_records(protocol):
+    """Older fairseq files store an argparse Namespace (`args`): every protocol (0 and 1 go
+    through copyreg._reconstructor) gives a stub that to_plain turns into a dict."""
+    import argparse
+
+    got = loads(pickle.dumps({"args": argparse.Namespace(arch="data2vec", depth=12)}, protocol=protocol))
+    assert isinstance(got["args"], Stub) and got["args"].stub_of == "argparse.Namespace"
+    assert to_plain(got) == {"args": {"arch": "data2vec", "depth": 12}}
+
+
 def test_stubs_cannot_be_pickled_back():
     stub = loads(pickle.dumps(Payload(os.system, "true"), protocol=2))
     with pytest.raises(TypeError, match="cannot be pickled"):
