@@ -192,10 +192,15 @@ def test_loader_batches_are_identical_with_either_backend(tmp_path, monkeypatch)
     shards = image_shards(str(tmp_path / "img"), [7, 5])
     cfg = DataConfig(manifests=[shards], batch_size=4, num_workers=0, shuffle_buffer=0,
                      augment=AugmentConfig(size=16))
-    runs = []
+    calls = []
+    real = TJ.decode
+    monkeypatch.setattr(TJ, "decode", lambda *a: calls.append(a[4]) or real(*a))  # a[4]: the scale
+    runs, used = [], []
     for region in (True, False):
         monkeypatch.setattr(dec, "REGION_DECODE", region)
         runs.append(list(build_loader(cfg, 0, 1, torch.device("cpu"), "image")))
+        used.append(len(calls))
+    assert used == [12, 12]  # every image of the first run through the region decoder, none after
     assert len(runs[0]) == len(runs[1]) == 3
     for a, b in zip(*runs):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
