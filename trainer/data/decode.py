@@ -3,9 +3,12 @@
 CPU path (DataLoader workers): the crop decides the decode. When the crop box is at least 2x
 (4x, 8x) the output size on both sides, libjpeg-turbo decodes at 1/2 (1/4, 1/8) scale in the
 DCT domain, which skips most of the IDCT and colour-conversion work; the fast integer IDCT and
-fast upsampling are used throughout. The crop is then resized to S x S with the shared uint8
-antialiased kernel. Downscaled decoding is the one place where the CPU path departs from the
-exact maths: the box is mapped to the nearest pixel of the smaller image.
+fast upsampling are used throughout. Only the box's rows and columns are decoded (libturbojpeg
+3's cropping region, `tjregion.py`); where that library cannot be loaded, simplejpeg decodes
+the whole image at the same scale, with a note in the log, and the pixels are the same. The
+crop is then resized to S x S with the shared uint8 antialiased kernel. Downscaled decoding is
+the one place where the CPU path departs from the exact maths: the box is mapped to the
+nearest pixel of the smaller image.
 
 GPU path: workers ship the raw bytes; `decode_cuda` decodes the whole batch with nvJPEG
 (`torchvision.io.decode_jpeg(list, device="cuda:N")`), grey images come out as RGB.
@@ -31,20 +34,27 @@ the training step queued behind it.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 
 import numpy as np
 import torch
 
-from shardify.images import check_stored_jpeg
+from shardify.images import check_stored_jpeg, parse_jpeg_header
 from shardify.records import Reject
 
+from . import tjregion
 from .augment import cpu_resized_crop
+
+log = logging.getLogger(__name__)
 
 # libjpeg-turbo's fast integer IDCT and upsampling: the exactness cost is about one grey level,
 # the speed gain is what makes the CPU path keep up with a bare decode
 FAST_DCT = True
+# libturbojpeg 3 region decode when the library loads; False: whole-image simplejpeg decodes
+REGION_DECODE = True
+_noted = False
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
     """(height, width) from the JPEG frame header, without decoding; ValueError unless it is a
@@ -81,16 +91,38 @@ def cpu_decode_crop(data: bytes, H: int, W: int, box, flip: bool, S: int, mode: 
     """The CPU path for one image: crop-driven decode, crop, resize, flip -> [3, S, S] uint8."""
     i, j, h, w = (int(v) for v in box)
     f = reduction(h, w, S) if reduce else 1
-    arr = decode_rgb(data, H, W, f)
-    if f > 1:  # map the box onto the smaller image (libjpeg rounds scaled sizes up)
-        sy, sx = arr.shape[0] / H, arr.shape[1] / W
+    Hs, Ws = -(-H // f), -(-W // f)  # the scaled image's size (libjpeg rounds up)
+    if f > 1:  # map the box onto the smaller image
+        sy, sx = Hs / H, Ws / W
         i0, j0 = int(round(i * sy)), int(round(j * sx))
-        i1 = min(arr.shape[0], max(i0 + 1, int(round((i + h) * sy))))
-        j1 = min(arr.shape[1], max(j0 + 1, int(round((j + w) * sx))))
+        i1 = min(Hs, max(i0 + 1, int(round((i + h) * sy))))
+        j1 = min(Ws, max(j0 + 1, int(round((j + w) * sx))))
         i, j, h, w = i0, j0, i1 - i0, j1 - j0
-    elif arr.shape[0] != H or arr.shape[1] != W:
-        raise ValueError(f"decoded size {arr.shape[:2]} differs from the header's {(H, W)}")
+    tj = region_decoder()
+    if tj is not None:  # decode only the box's rows and (iMCU-aligned) columns
+        if (i + h < Hs and not data.endswith(b"\xff\xd9")
+                and data.rfind(b"\xff\xd9") < parse_jpeg_header(data).scan_offset):
+            # the library stops reading at the box's last row, so it cannot see a file cut
+            # short below it; shardify's test (entropy data never holds FF D9) can
+            raise ValueError("Premature end of JPEG file (no end-of-image marker after the scan data)")
+        arr, ya, xa = tj.decode(data, H, W, f, i, i + h, j, j + w, FAST_DCT)
+        return cpu_resized_crop(arr, (i - ya, j - xa, h, w), flip, S, mode)
+    arr = decode_rgb(data, H, W, f)
+    if arr.shape[:2] != (Hs, Ws):
+        raise ValueError(f"decoded size {arr.shape[:2]} differs from the expected {(Hs, Ws)}")
     return cpu_resized_crop(arr, (i, j, h, w), flip, S, mode)
+
+
+def region_decoder() -> tjregion.RegionDecoder | None:
+    """libturbojpeg 3's region decoder, or None (noted once in the log) to decode whole images."""
+    if not REGION_DECODE:
+        return None
+    tj = tjregion.load()
+    global _noted
+    if tj is None and not _noted:
+        _noted = True
+        log.warning("CPU image path: %s; decoding whole images with simplejpeg", tjregion.why_not())
+    return tj
 
 
 # nvJPEG statuses that mean "this input is bad" (torchvision ends its message with ': N'):
