@@ -12,7 +12,7 @@ MM_CKPT ?= runs/multimodal
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-train train-image train-multimodal clean
+.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image train-multimodal clean gpu-check-prep gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench-tokenize: $(VENV)/.installed ## Tokenise-and-pack throughput per core agai
 bench-loader: $(VENV)/.installed ## CPU loader path against the classic torchvision pipeline and a bare decode (IMAGES=dir)
 	$(OFFLINE) $(PY) bench/bench_loader.py --images $(IMAGES)
 
+bench-download: $(VENV)/.installed ## URL-list download against img2dataset from a local 127.0.0.1 server (IMAGES=dir)
+	$(OFFLINE) $(PY) bench/bench_download.py --images $(IMAGES)
+
 clean: ## Remove demo and benchmark outputs (keeps .venv)
 	rm -rf $(DEMO_OUT) bench_out
 
@@ -54,3 +57,9 @@ train-multimodal: $(VENV)/.installed ## S-SMKE: Data2Vec2 + BERT towers, shared 
 
 bench-train: $(VENV)/.installed ## Time the demo training config on CPU through the streaming loader (SHARDS=dir)
 	$(OFFLINE) $(PY) bench/bench_train.py --shards $(SHARDS)
+
+gpu-check-prep: $(VENV)/.installed ## Put simplejpeg wheels and the bench photos into gpu_check_data/ for a GPU machine (IMAGES=dir)
+	PY=$(PY) IMAGES=$(IMAGES) bash scripts/gpu_check_prep.sh
+
+gpu-check: ## The GPU check on this machine (needs CUDA; see docs/benchmarks.md)
+	bash scripts/gpu_check.sh
