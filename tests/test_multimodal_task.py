@@ -148,7 +148,9 @@ def test_what_enters_the_bank(world, tmp_path):
     # new weights decay, embeddings, positions, [CLS], norms, biases and logit scales do not
     groups = {g["name"]: {id(p) for p in g["params"]} for g in task.param_groups(0.01)}
     named = dict(task.student.named_parameters())
-    for name in ("text_tower.embeddings.word_embeddings.weight", "image_tower.pos_embed", "image_tower.cls_token",
+    all_params = groups["decay"] | groups["no_decay"]
+    assert id(named["image_tower.pos_embed"]) not in all_params  # fixed sin-cos positions (the default)
+    for name in ("text_tower.embeddings.word_embeddings.weight", "image_tower.cls_token",
                  "token_type_embeddings.weight", "logit_scales", "kd_logit_scale", "shared.attn.q_bias"):
         assert id(named[name]) in groups["no_decay"], name
     for name in ("shared.attn.qkv.weight", "head.weight", "image_tower.blocks.0.attn.qkv.weight"):

@@ -241,7 +241,7 @@ class SMKEStudent(nn.Module):
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any]) -> "SMKEStudent":
-        image = Data2Vec2ViT(ViTShape(**arch["image_tower"]), train_pos_embed=arch.get("image_train_pos_embed", True))
+        image = Data2Vec2ViT(ViTShape(**arch["image_tower"]), train_pos_embed=arch.get("image_train_pos_embed", False))
         text = build_bert(arch["text_tower"])
         keys = ("num_heads", "mlp_ratio", "layer_scale", "tte_init", "out_dim", "logit_scale_init",
                 "kd_logit_scale_init")
@@ -270,7 +270,7 @@ class TextEncoder(nn.Module):
         return self.student.text_tokens(input_ids_BT, padding_mask_BT)[1]
 
 
-def image_tower_from_data2vec2(path: str | Path, depth: int, train_pos_embed: bool = True,
+def image_tower_from_data2vec2(path: str | Path, depth: int, train_pos_embed: bool = False,
                                num_heads: int = 0, norm_eps: float = 0.0) -> Data2Vec2ViT:
     """Data2Vec2 embeddings + blocks 0..depth-1, copied from the fairseq teacher checkpoint."""
     full = load_data2vec2(path, num_heads, norm_eps)

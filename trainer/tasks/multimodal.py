@@ -45,7 +45,7 @@ class ImageTowerConfig:
     depth: int = field(default=6, metadata=between(1))  # blocks copied into the tower
     num_heads: int = field(default=0, metadata=between(0))  # 0: from the checkpoint's cfg (else 12)
     norm_eps: float = field(default=0.0, metadata=between(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
-    train_pos_embed: bool = True  # False keeps the sin-cos position embedding fixed
+    train_pos_embed: bool = False  # the sin-cos positions stay fixed (fairseq, the thesis); True trains them
 
 
 @dataclass
