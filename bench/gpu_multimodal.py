@@ -94,6 +94,11 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small models and images: a smoke run of this script")
     ap.add_argument("--out", default="bench_out/gpu_multimodal")
     args = ap.parse_args()
+    try:
+        import transformers  # noqa: F401  (the text tower)
+    except ImportError:
+        raise UserError("the multimodal task needs `transformers` (and its tokenizers, safetensors, "
+                        "huggingface_hub): install or carry their wheels") from None
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
