@@ -70,17 +70,24 @@ def cfg_of(world, tmp_path, **extra):
     ({"text_tower.depth": 9}, "text_tower.depth"),
     ({"text_tower.path": "/nonexistent/bert"}, "text_tower.path"),
     ({"teacher.checkpoint": "/nonexistent/beitv2.pth"}, "teacher.checkpoint"),
-    ({"teacher.kind": "data2vec2"}, "data.augment.size"),  # any [CLS] teacher is checked the same way
+    ({"teacher.kind": "data2vec2"}, "teacher.checkpoint"),  # the BEiTv2 file is no Data2Vec2 checkpoint
     ({"model.num_heads": 5}, "model.num_heads"),
     ({"loss.kd_temperature": 0}, "loss.kd_temperature"),
     ({"teacher.kind": "clip"}, "teacher.kind"),
     ({"data.tokenizer": ""}, "data.tokenizer"),
 ])
 def test_config_errors_name_the_key(world, tmp_path, override, key):
-    if override.get("teacher.kind") == "data2vec2":
-        override = {**override, "teacher.checkpoint": str(world["d2v2"]), "data.augment.size": 32}
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         cfg_of(world, tmp_path, **override)
+
+
+def test_a_data2vec2_teacher_fits_the_same_place(world, tmp_path):
+    task = MultimodalTask(cfg_of(world, tmp_path, **{"teacher.kind": "data2vec2",
+                                                     "teacher.checkpoint": str(world["d2v2"])}),
+                          torch.device("cpu"))
+    assert task.student.head.out_features == 32 and task.teacher.training is False
+    losses = task.loss(task.student, fixed_batch())
+    assert torch.isfinite(losses["loss"]) and losses["kd_loss"] > 0
 
 
 def test_towers_of_different_widths_are_refused(world, tmp_path):
