@@ -148,7 +148,11 @@ class BertTextEncoder(nn.Module):
         super().__init__()
         self.bert = bert
 
-    def forward(self, input_ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor | None = None,
+                token_type_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        """`token_type_ids_BT` (BERT's segment ids, 0 for the first text and 1 for the second of a
+        pair) is an extra the GLUE fine-tuning uses; the encoder contract leaves it at 0."""
         if padding_mask_BT is None:
             padding_mask_BT = torch.zeros_like(input_ids_BT, dtype=torch.bool)
-        return self.bert(input_ids=input_ids_BT, attention_mask=attention_mask(padding_mask_BT)).last_hidden_state
+        return self.bert(input_ids=input_ids_BT, attention_mask=attention_mask(padding_mask_BT),
+                         token_type_ids=token_type_ids_BT).last_hidden_state
