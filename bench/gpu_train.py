@@ -107,7 +107,7 @@ def main() -> None:
     print(f"device: {name}; torch {torch.__version__}; data: {'shards ' + args.shards if args.shards else 'synthetic'}")
     print(f"gpu-train: {ips:.0f} images/s, data-wait {100 * wait:.1f}%, peak mem {peak:.1f} GiB "
           f"(batch {args.batch}, bf16, {'tiny' if args.tiny else 'ViT-B/16'} teacher + "
-          f"{cfg.student.depth}-block student, compile={args.compile})")
+          f"{cfg.task_cfg.student.depth}-block student, compile={args.compile})")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from trainer.config import Config, ConfigError, load_config, parse_override, sav
 def test_layering_defaults_file_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  lr: 1.0e-3\n  betas: [0.8, 0.9]\nschedule:\n  epochs: 3\n")
-    cfg = load_config(f, ["optim.lr=2e-3", "data.manifests=[a, b]", "resume=auto", "data.augment.size=64"])
+    cfg = load_config(f, ["optim.lr=2e-3", "data.manifests=[a, b]", "resume=auto", "data.augment.size=64",
+                          "teacher.checkpoint=t.pt"])
     assert cfg.optim.lr == 2e-3  # override beats file
     assert cfg.optim.betas == (0.8, 0.9) and isinstance(cfg.optim.betas, tuple)  # file beats default
     assert cfg.schedule.epochs == 3.0 and isinstance(cfg.schedule.epochs, float)
@@ -69,13 +70,13 @@ def test_override_parsing():
 
 def test_shipped_configs_load_and_carry_the_thesis_hyperparameters():
     cfg = load_config(REPO / "configs" / "image_kd.yaml")
-    assert (cfg.student.depth, cfg.schedule.epochs, cfg.data.batch_size) == (6, 10.0, 256)
+    assert (cfg.task_cfg.student.depth, cfg.schedule.epochs, cfg.data.batch_size) == (6, 10.0, 256)
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay) == (5e-4, (0.9, 0.98), 1e-6, 0.01)
     assert cfg.optim.scale_lr and cfg.schedule.warmup_frac == 0.1 and cfg.precision == "bf16"
     assert cfg.data.augment.size == 224 and cfg.data.augment.scale == (0.08, 1.0)
-    assert cfg.loss.variant == "layer_avg" and cfg.teacher.dtype == "bfloat16"
+    assert cfg.task_cfg.loss.variant == "layer_avg" and cfg.task_cfg.teacher.dtype == "bfloat16"
     demo = load_config(DEMO_CONFIG)
-    assert demo.teacher.checkpoint == "demo_out/teacher/d2v2_tiny.pt" and demo.device == "cpu"
+    assert demo.task_cfg.teacher.checkpoint == "demo_out/teacher/d2v2_tiny.pt" and demo.device == "cpu"
 
 
 @pytest.mark.parametrize("args,message", [

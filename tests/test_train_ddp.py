@@ -24,7 +24,7 @@ TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torch
 
 def torchrun(nproc: int, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "trainer.cli", "train",
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "tests.train_fixtures",
            str(DEMO_CONFIG), *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=280)
 
@@ -43,7 +43,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, teacher):
     records = [json.loads(x) for x in (tmp_path / "two" / "run" / "log.jsonl").read_text().splitlines()]
     assert [x["step"] for x in records] == [2, 4, 6, 8]
     assert r.stdout.count("step 8/8 |") == 1
-    ckpt = torch.load(tmp_path / "two" / "run" / "checkpoints" / "step_00000008.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "two" / "run" / "checkpoints" / "step_00000008.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
 
 

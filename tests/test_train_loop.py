@@ -37,7 +37,7 @@ def run(tmp_path, teacher, **extra) -> Trainer:
 
 
 def final_params(run_dir, step=8) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=False)["model"]
+    return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["model"]
 
 
 def assert_same_params(a: dict, b: dict, atol: float) -> None:
@@ -65,7 +65,7 @@ def test_train_writes_logs_config_and_checkpoints(tmp_path, teacher, capsys):
     console = capsys.readouterr().out
     assert "step 8/8 | loss" in console and "samples/s" in console and "data-wait" in console
     # the student moved, the teacher did not
-    ckpt = torch.load(out / "checkpoints" / "step_00000008.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "step_00000008.pt", weights_only=True)
     teacher_sd = torch.load(teacher, weights_only=True)["model"]
     w0 = teacher_sd["blocks.0.attn.qkv.weight"]
     assert not torch.equal(ckpt["model"]["vit.blocks.0.attn.qkv.weight"], w0)
@@ -94,7 +94,7 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, teacher):
 
 def trainer_subprocess(args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env_extra}
-    return subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(DEMO_CONFIG), *args],
+    return subprocess.run([sys.executable, "-m", "tests.train_fixtures", str(DEMO_CONFIG), *args],
                           capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
 
 
@@ -149,8 +149,8 @@ def test_nan_loss_stops_with_one_line(tmp_path, capsys):
 def test_setup_errors(tmp_path, teacher):
     with pytest.raises(UserError, match="data.augment.size.*expects 16 px"):
         Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, **{"data.augment.size": 32})))
-    with pytest.raises(UserError, match="config key 'loader': cannot import"):
-        Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, loader="nosuch.mod:build")))
+    with pytest.raises(UserError, match="config key 'task': cannot import 'nosuch.mod:Task'"):
+        load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, task="nosuch.mod:Task"))
     with pytest.raises(UserError, match="fewer than one optimiser step"):
         Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, **{"data.batch_size": 64})))
     (tmp_path / "file").write_text("")
@@ -166,7 +166,7 @@ def test_mixed_precision_runs(tmp_path, teacher, precision):
                                                       "logging.every_steps": 1})
     records = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(records) == 2 and all(r["loss"] > 0 for r in records)
-    scaler = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002.pt", weights_only=False)["scaler"]
+    scaler = torch.load(tmp_path / "run" / "checkpoints" / "step_00000002.pt", weights_only=True)["scaler"]
     assert t.scaler.is_enabled() == (precision == "fp16") and bool(scaler) == (precision == "fp16")
 
 

@@ -3,7 +3,8 @@
 The tests train on tiny shards written here in the docs/format.md layout (deterministic JPEGs of
 odd sizes), through the real streaming loader (`trainer.data.build_loader`).
 
-Fault injection for the kill-and-resume test: with FAKE_LOADER_KILL_AT=N in the environment,
+Fault injection for the kill-and-resume test: `python -m tests.train_fixtures CONFIG key=value...`
+trains through the real loader wrapped in a hook; with FAKE_LOADER_KILL_AT=N in the environment,
 the process SIGKILLs itself when asked for its N-th batch (counted from 0 over the whole run).
 """
 
@@ -63,15 +64,13 @@ def build_real_loader(cfg, rank, world_size, device, kind):
     return KillAt(build_loader(cfg, rank, world_size, device, kind), kill_at_from_env())
 
 
-def write_image_shards(root: Path, n: int = SAMPLES, per_shard: int = 10) -> Path:
-    """n JPEGs of odd sizes with cls and json, over ceil(n/per_shard) shards, plus manifest.json."""
-    root.mkdir(parents=True, exist_ok=True)
-    shards, i = [], 0
+def _write_split(root: Path, split: str, n: int, per_shard: int, first: int) -> dict:
+    shards, i = [], first
     for s in range((n + per_shard - 1) // per_shard):
-        name = f"train-{s:06d}.tar"
+        name = f"{split}-{s:06d}.tar"
         keys = []
         with tarfile.open(root / name, "w", format=tarfile.USTAR_FORMAT) as tf:
-            for _ in range(min(per_shard, n - i)):
+            for _ in range(min(per_shard, first + n - i)):
                 key = f"img_{i:05d}"
                 rng = np.random.default_rng(i)
                 h, w = 20 + (7 * i) % 30, 20 + (11 * i) % 40
@@ -88,10 +87,20 @@ def write_image_shards(root: Path, n: int = SAMPLES, per_shard: int = 10) -> Pat
         shards.append({"name": name, "samples": len(keys), "inputs": len(keys), "rejected": 0,
                        "bytes": (root / name).stat().st_size, "sha256": "", "first_key": keys[0],
                        "last_key": keys[-1]})
-    split = {"samples": n, "inputs": n, "rejected": 0, "bytes": sum(x["bytes"] for x in shards), "shards": shards}
+    return {"samples": n, "inputs": n, "rejected": 0, "bytes": sum(x["bytes"] for x in shards), "shards": shards}
+
+
+def write_image_shards(root: Path, n: int = SAMPLES, per_shard: int = 10, val: int = 0) -> Path:
+    """n JPEGs of odd sizes with cls and json, over ceil(n/per_shard) shards, plus manifest.json;
+    with val > 0 also a "validation" split of `val` more images."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {"train": _write_split(root, "train", n, per_shard, 0)}
+    if val:
+        splits["validation"] = _write_split(root, "validation", val, per_shard, n)
+    totals = {k: sum(sp[k] for sp in splits.values()) for k in ("samples", "inputs", "rejected", "bytes")}
     manifest = {"schema_version": 1, "tool": {"name": "trainer-tests", "version": "0"}, "dataset": "fixture",
                 "source": {}, "options": {}, "fields": ["cls", "jpg", "json"], "classes": [str(c) for c in range(10)],
-                "splits": {"train": split}, "totals": {k: split[k] for k in ("samples", "inputs", "rejected", "bytes")}}
+                "splits": splits, "totals": totals}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -106,10 +115,9 @@ def tiny_overrides(tmp: Path, teacher: Path, **extra) -> list[str]:
     shards = tmp / "shards"  # the writer is deterministic: every run directory gets the same data
     if not (shards / "manifest.json").is_file():
         write_image_shards(shards)
-    data = {"loader": "tests.train_fixtures:build_real_loader", "data.manifests": f"[{shards}]"}
     over = {
         "out_dir": str(tmp / "run"),
-        **data,
+        "data.manifests": f"[{shards}]",
         "teacher.checkpoint": str(teacher),
         "teacher.dtype": "float32",
         "precision": "fp32",
@@ -129,3 +137,16 @@ def tiny_overrides(tmp: Path, teacher: Path, **extra) -> list[str]:
     }
     over.update(extra)
     return [f"{k}={v}" for k, v in over.items()]
+
+
+if __name__ == "__main__":  # python -m tests.train_fixtures CONFIG key=value ... (also under torchrun)
+    import sys
+
+    from trainer.cli import train
+    from trainer.errors import UserError
+
+    try:
+        train(sys.argv[1], sys.argv[2:], loader_factory=build_real_loader)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

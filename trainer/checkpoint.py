@@ -1,9 +1,15 @@
-"""Checkpoints: atomic writes, keep-last-K, latest lookup, and RNG state capture.
+"""Checkpoints: atomic writes, keep-last-K plus the best, latest lookup, and RNG state capture.
 
 A checkpoint is one `step_XXXXXXXX.pt` file holding everything needed to continue exactly:
-student, optimiser, scheduler, grad scaler, step, the loader's few integers and every rank's
-RNG states. It is written to a temporary name, fsynced and renamed, so a run killed mid-write
-never leaves a file that `resume=auto` would pick up half-written.
+student, optimiser, scheduler, grad scaler, step, the loader's few integers, the task's state
+and every rank's RNG states; and a self-description (task name, resolved config, student
+architecture) from which `trainer export` rebuilds the student without the teacher file.
+The one with the lowest validation loss is also kept as `best.pt`, outside the keep-last-K
+rotation. Files are written to a temporary name, fsynced and renamed, so a run killed
+mid-write never leaves a file that `resume=auto` would pick up half-written.
+
+Checkpoints are read with `torch.load(weights_only=True)`: tensors, numbers, strings and
+containers only, so loading a checkpoint someone sent never runs code from its pickle.
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ import torch
 from trainer.errors import UserError
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+CHECKPOINT_FORMAT = 2  # 2: self-describing, weights_only-loadable (format 1 pickled numpy RNG state)
+BEST_NAME = "best.pt"
 
 
 def rng_state() -> dict:
     """Every RNG a training step may draw from (dropout, init, numpy/python in user code)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # as a tensor and plain numbers: a weights_only load accepts no numpy arrays
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -34,11 +44,36 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _as_tuples(x):
+    """random.setstate wants the nested tuples back (a round trip may give lists)."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _write_atomic(state: dict, final: Path) -> None:
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, signal) leaves nothing behind
+        raise
+    # make the rename itself durable before anything older is deleted
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 class Checkpointer:
@@ -68,25 +103,22 @@ class Checkpointer:
             return None
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.path_for(step)
-        tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a failed write (disk full, signal) leaves nothing behind
-            raise
-        # make the rename itself durable before deleting older checkpoints
-        dir_fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _write_atomic(state, final)
         for old in self.list()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return final
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / BEST_NAME
+
+    def save_best(self, state: dict) -> Path | None:
+        """Replace best.pt (kept whatever keep_last says)."""
+        if not self.is_main:
+            return None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(state, self.best_path)
+        return self.best_path
 
     @staticmethod
     def load(path: str | Path) -> dict:
@@ -94,7 +126,9 @@ class Checkpointer:
         if not p.is_file():
             raise UserError(f"checkpoint not found: {p}")
         try:
-            # our own files: RNG states hold numpy arrays and tuples, so not weights_only
-            return torch.load(p, map_location="cpu", weights_only=False)
+            # weights_only: tensors and containers only, never code from the file's pickle
+            return torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"checkpoint {p} could not be read: {type(e).__name__}: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UserError(f"checkpoint {p} could not be read safely ({type(e).__name__}: {first[:300]}); "
+                            f"checkpoints from before format {CHECKPOINT_FORMAT} cannot be resumed") from None

@@ -1,6 +1,7 @@
 """`trainer` command line: thin commands that parse options and call importable functions.
 
-    trainer train CONFIG [key=value ...]        e.g. resume=auto, out_dir=runs/x, optim.lr=1e-3
+    trainer train CONFIG [key=value ...] [--dry-run]   e.g. resume=auto, out_dir=runs/x, optim.lr=1e-3
+    trainer export RUN_DIR|CHECKPOINT --out student.pt [--which best|last]
     trainer make-demo-teacher OUT.pt [--dim 64 --depth 4 --heads 4 --patch 8 --img-size 32]
 
 User mistakes (bad config key, bad path, missing checkpoint, NaN loss) print one line
@@ -16,33 +17,63 @@ import click
 from trainer.errors import UserError
 
 
-def train(config_path: str, overrides: list[str]) -> None:
-    """Parse, build, train, close."""
+def train(config_path: str, overrides: list[str], loader_factory=None) -> None:
+    """Parse, build, train, close. `loader_factory` replaces trainer.data.build_loader."""
     from trainer.config import load_config
     from trainer.loop import Trainer
 
     cfg = load_config(config_path, overrides)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, loader_factory=loader_factory)
     try:
         trainer.train()
     finally:
         trainer.close()
 
 
-@click.group()
+def resolved_config_yaml(config_path: str, overrides: list[str]) -> str:
+    """The resolved, checked config as YAML: no model is built and no data is read."""
+    import yaml
+
+    from trainer.config import load_config, to_dict
+
+    return yaml.safe_dump(to_dict(load_config(config_path, overrides)), sort_keys=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def cli() -> None:
-    """Streaming knowledge-distillation trainer."""
+    """Streaming knowledge-distillation trainer: train a student, export it, evaluate it."""
 
 
-@cli.command("train", context_settings={"ignore_unknown_options": True})
+@cli.command("train", context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})
 @click.argument("config", type=str)
 @click.argument("overrides", nargs=-1, type=str)
-def train_cmd(config: str, overrides: tuple[str, ...]) -> None:
-    """Train with CONFIG (YAML) and key=value overrides (resume=auto to continue a run)."""
+@click.option("--dry-run", is_flag=True, help="resolve and check the whole config, print it, and stop")
+def train_cmd(config: str, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Train with CONFIG (YAML) and key=value overrides (resume=auto to continue a run).
+
+    The resolved config is saved as <out_dir>/config.yaml; `trainer train <out_dir>/config.yaml
+    resume=auto` continues that run."""
+    if dry_run:
+        click.echo(resolved_config_yaml(config, list(overrides)), nl=False)
+        return
     train(config, list(overrides))
 
 
-@cli.command("make-demo-teacher")
+@cli.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("source", type=str)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="file to write (e.g. student.pt)")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="for a run directory: the best validated checkpoint (else the latest), or the latest")
+def export_cmd(source: str, out: str, which: str) -> None:
+    """Write the student of a run directory or checkpoint alone (weights + what rebuilds it)."""
+    from trainer.export import export_student
+
+    path, record = export_student(source, out, which)
+    n = sum(v.numel() for v in record["state_dict"].values())
+    click.echo(f"wrote {path}: task {record['task']}, step {record['step']}, {n:,} weights, from {record['source']}")
+
+
+@cli.command("make-demo-teacher", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out", type=click.Path(dir_okay=False))
 @click.option("--dim", default=64, show_default=True, help="embedding width (divisible by 4 and heads)")
 @click.option("--depth", default=4, show_default=True, help="number of blocks")

@@ -4,7 +4,10 @@ Layering: dataclass defaults < the YAML file < `key=value` overrides from the co
 (`optim.lr=1e-3`, `data.manifests=[a,b]`, `resume=auto`). Every key is checked against the
 dataclass it lands in, and every value against the field's type and allowed range, so a typo
 fails with the key's full dotted name instead of being silently ignored. Each component only
-sees its own section (the teacher builder gets `TeacherConfig`, the loader gets `DataConfig`).
+sees its own section (the loader gets `DataConfig`, a task its own sections).
+
+The task's sections are declared by the task (`Task.config_class`, trainer/tasks/base.py), so a
+new task adds its options without touching this file; they are checked by the same code.
 """
 
 from __future__ import annotations
@@ -21,61 +24,27 @@ import yaml
 
 from trainer.data.config import AugmentConfig, DataConfig  # noqa: F401  (AugmentConfig: nested type)
 from trainer.errors import UserError
+from trainer.fields import between, choice
 
 
 class ConfigError(UserError):
     """A bad key or value in the config; the message names the key."""
 
 
-def _choice(*values: str) -> dict:
-    return {"choices": values}
-
-
-def _range(lo: float | None = None, hi: float | None = None) -> dict:
-    return {"range": (lo, hi)}
-
-
-@dataclass
-class TeacherConfig:
-    """The frozen teacher: a Data2Vec2 ViT loaded from a fairseq checkpoint."""
-
-    checkpoint: str = ""  # path to the fairseq checkpoint (e.g. base_imagenet.pt); required
-    num_heads: int = field(default=0, metadata=_range(0))  # 0: from the checkpoint's cfg (else 12)
-    norm_eps: float = field(default=0.0, metadata=_range(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
-    dtype: str = field(default="bfloat16", metadata=_choice("bfloat16", "float16", "float32"))  # teacher forward precision
-
-
-@dataclass
-class StudentConfig:
-    """The student: the teacher's embeddings plus its first `depth` blocks."""
-
-    depth: int = field(default=6, metadata=_range(1))  # number of teacher blocks copied into the student
-    init: str = field(default="teacher", metadata=_choice("teacher", "random"))  # copy teacher weights or re-initialise
-    train_pos_embed: bool = True  # the reference (timm) trains the position embedding; False keeps it fixed
-
-
-@dataclass
-class LossConfig:
-    """How targets are built from layer outputs and compared."""
-
-    # "layer_avg": the thesis recipe (all blocks, instance norm over tokens, average, final
-    # parameter-free LayerNorm; student the same over its own blocks; MSE over all tokens).
-    # "d2v2_topk": original data2vec 2.0 targets (FFN outputs of the teacher's top-K blocks,
-    # [CLS] excluded); the student regresses them from its last block through a linear head.
-    variant: str = field(default="layer_avg", metadata=_choice("layer_avg", "d2v2_topk"))
-    top_k: int = field(default=10, metadata=_range(1))  # layers averaged by "d2v2_topk"
-    final_layer_norm: bool = True  # parameter-free LayerNorm over features after averaging (images: yes)
+# kept under these names for the task modules' field declarations
+_choice = choice
+_range = between
 
 
 @dataclass
 class OptimConfig:
-    """AdamW with the reference's parameter groups."""
+    """AdamW; the task decides which parameters are decayed (Task.param_groups)."""
 
     lr: float = field(default=5e-4, metadata=_range(0.0))  # base lr for a total batch of 256 (see scale_lr)
     scale_lr: bool = True  # lr = lr * total batch / 256, total batch = batch_size * world * grad_accum
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = field(default=1e-6, metadata=_range(0.0))
-    weight_decay: float = field(default=0.01, metadata=_range(0.0))  # not on 1-D params, biases, pos, cls
+    weight_decay: float = field(default=0.01, metadata=_range(0.0))  # on the task's "decay" group only
     grad_clip: float = field(default=0.0, metadata=_range(0.0))  # max global grad norm; 0 disables
 
 
@@ -96,7 +65,7 @@ class CheckpointConfig:
     """When checkpoints are written and how many are kept."""
 
     every_steps: int = field(default=1000, metadata=_range(0))  # 0: only at the end
-    keep_last: int = field(default=3, metadata=_range(1))  # older checkpoints are deleted
+    keep_last: int = field(default=3, metadata=_range(1))  # older checkpoints are deleted (best.pt is kept)
     dir: str = ""  # default: <out_dir>/checkpoints
 
 
@@ -110,10 +79,21 @@ class LoggingConfig:
 
 
 @dataclass
-class Config:
-    """A whole training run. Run-wide scalars live at the top level."""
+class ValidationConfig:
+    """The task's loss on data.val_split (when set): every `every_steps` and at the end; the
+    checkpoint with the lowest validation loss is kept as checkpoints/best.pt."""
 
-    task: str = field(default="image_kd", metadata=_choice("image_kd"))  # which trainer.tasks module
+    every_steps: int = field(default=0, metadata=_range(0))  # 0: only at the end of the run
+    max_batches: int = field(default=0, metadata=_range(0))  # batches per validation; 0: the whole split
+
+
+@dataclass
+class Config:
+    """A whole training run. Run-wide scalars live at the top level; the task's own sections
+    (e.g. image_kd's teacher, student, loss) sit beside the core ones in the YAML and are
+    loaded into `task_cfg`, an instance of the task's `config_class`."""
+
+    task: str = "image_kd"  # a registered task (trainer/tasks/__init__.py) or "module:Class"
     out_dir: str = "runs/image_kd"  # run directory: resolved config, logs, checkpoints
     resume: str = ""  # "": fresh run (refuses a run dir with checkpoints); "auto": latest if any; or a path
     seed: int = 0  # model init and RNG (data order is data.seed)
@@ -121,15 +101,13 @@ class Config:
     precision: str = field(default="bf16", metadata=_choice("bf16", "fp16", "fp32"))  # student autocast
     compile: bool = False  # torch.compile the student
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
-    loader: str = "trainer.data:build_loader"  # import path of the loader factory (tests swap in a stand-in)
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    task_cfg: Any = field(default=None, metadata={"internal": True})  # the task's sections (not a YAML key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,9 +181,10 @@ def _build(cls: type, d: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in d.items():
         key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in fields:
+        if name not in fields or fields[name].metadata.get("internal"):
             where = f"section '{prefix}'" if prefix else "the top level"
-            raise ConfigError(f"unknown config key '{key}' (valid in {where}: {', '.join(fields)})")
+            valid = [n for n, f in fields.items() if not f.metadata.get("internal")]
+            raise ConfigError(f"unknown config key '{key}' (valid in {where}: {', '.join(valid)})")
         if isinstance(value, bool) and "on" in fields[name].metadata.get("choices", ()):
             value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         kwargs[name] = _convert(value, hints[name], key)
@@ -223,7 +202,10 @@ def to_dict(cfg: Any) -> dict:
             return {k: plain(x) for k, x in v.items()}
         return v
 
-    return plain(dataclasses.asdict(cfg))
+    d = plain(dataclasses.asdict(cfg))
+    if isinstance(cfg, Config):  # the task's sections go back to the top level, where they are written
+        d.update(d.pop("task_cfg") or {})
+    return d
 
 
 def _merge(base: dict, upd: dict) -> dict:
@@ -277,7 +259,43 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         merged = loaded
     for o in overrides:
         merged = _merge(merged, parse_override(o))
-    return _build(Config, merged)
+    return build_config(merged)
+
+
+def task_class(name: Any) -> type:
+    """The Task class named by the config's `task` key, or a ConfigError naming the key."""
+    from trainer.tasks import TASKS, get_task  # the registry imports no model code
+
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'task': expected a string, got {name!r}")
+    try:
+        return get_task(name)
+    except KeyError:
+        raise ConfigError(f"config key 'task': {name!r} is not one of {', '.join(TASKS)} "
+                          f"(or a 'module:Class' name)") from None
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"config key 'task': cannot import {name!r} ({e})") from None
+
+
+def build_config(merged: dict) -> Config:
+    """Split a merged dict into the core sections and the task's, build and check both, then
+    let the task check its sections against the rest (Task.check_config)."""
+    cls = task_class(merged.get("task", Config.task))
+    task_fields = {f.name for f in dataclasses.fields(cls.config_class)} if cls.config_class else set()
+    core_fields = {f.name for f in dataclasses.fields(Config) if not f.metadata.get("internal")}
+    clash = task_fields & core_fields
+    if clash:  # a task author's mistake, not a user's
+        raise TypeError(f"{cls.__name__}.config_class redefines core sections {sorted(clash)}")
+    for k in merged:
+        if k not in core_fields and k not in task_fields:
+            valid = ", ".join([*sorted(core_fields), *sorted(task_fields)])
+            raise ConfigError(f"unknown config key '{k}' for task {merged.get('task', Config.task)!r} "
+                              f"(valid at the top level: {valid})")
+    cfg = _build(Config, {k: v for k, v in merged.items() if k in core_fields})
+    if cls.config_class is not None:
+        cfg.task_cfg = _build(cls.config_class, {k: v for k, v in merged.items() if k in task_fields})
+    cls.check_config(cfg)
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,5 +1,8 @@
 """The training loop: a Trainer that owns the distributed setup, optimiser, schedule, precision,
-gradient accumulation, checkpoints and logs, and drives one task (trainer.tasks).
+gradient accumulation, validation, checkpoints and logs, and drives one task (trainer.tasks).
+
+The loop knows no model, modality or loss: the task (trainer/tasks/base.py) builds teacher and
+student, says which loader kind it needs, gives the parameter groups and returns named losses.
 
 Steps are optimiser steps; one step consumes `grad_accum` batches from every rank. Every rank
 gets the same number of batches (the loader's contract), so DDP never waits on a missing rank.
@@ -8,10 +11,10 @@ gets the same number of batches (the loader's contract), so DDP never waits on a
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import os
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,22 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.checkpoint import Checkpointer, rng_state, set_rng_state
-from trainer.config import Config, save_config
+from trainer.checkpoint import CHECKPOINT_FORMAT, Checkpointer, rng_state, set_rng_state
+from trainer.config import Config, save_config, task_class, to_dict
 from trainer.errors import UserError
 from trainer.logs import RunLogger, peak_memory_bytes
-from trainer.tasks.image_kd import ImageKDTask, no_weight_decay
-
-TASKS = {"image_kd": ImageKDTask}
-
-
-def resolve_loader_factory(spec: str):
-    """'package.module:function' -> the function (the real one is trainer.data:build_loader)."""
-    mod_name, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(mod_name), attr or "build_loader")
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"config key 'loader': cannot import {spec!r} ({e})") from None
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
@@ -52,22 +43,22 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
 class Trainer:
     """Builds everything from a Config; `train()` runs to the last step; `close()` tears down.
 
-    `loader_factory` replaces `cfg.loader` (benchmarks hand in a synthetic loader object)."""
+    `loader_factory(data_cfg, rank, world_size, device, kind)` replaces trainer.data.build_loader
+    (benchmarks hand in a synthetic loader, tests a fault-injecting one). Nothing is written to
+    out_dir before every part is built and the resume decision is made, so a refused run leaves
+    the run directory as it was."""
 
     def __init__(self, cfg: Config, loader_factory=None):
         self.cfg = cfg
         self._init_distributed()
         self.out_dir = Path(cfg.out_dir)
-        self._prepare_out_dir()
+        self._check_out_dir()
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
         torch.manual_seed(cfg.seed)
 
-        self.task = TASKS[cfg.task](cfg, self.device)
-        if cfg.data.augment.size != self.task.img_size:
-            raise UserError(f"config key 'data.augment.size': {cfg.data.augment.size} px, but the teacher "
-                            f"expects {self.task.img_size} px images")
+        self.task = task_class(cfg.task)(cfg, self.device)
         self.student: nn.Module = self.task.student  # unwrapped: what checkpoints hold
         self.model: nn.Module = self.student
         if self.world_size > 1:
@@ -76,11 +67,16 @@ class Trainer:
         if cfg.compile:
             self.model = torch.compile(self.model)
 
-        build_loader = loader_factory or resolve_loader_factory(cfg.loader)
-        try:
-            self.loader = build_loader(cfg.data, self.rank, self.world_size, self.device, self.task.data_kind)
-        except (FileNotFoundError, ValueError) as e:  # the loader's own checks of paths and data options
-            raise UserError(f"data: {e}") from None
+        if loader_factory is None:
+            from trainer.data import build_loader as loader_factory
+        self.loader = self._build_loader(loader_factory, cfg.data)
+        self.val_loader = None
+        if cfg.data.val_split:
+            # the validation transform, every sample once: padded repeats are marked (is_pad)
+            val_cfg = replace(cfg.data, split=cfg.data.val_split, remainder="pad",
+                              augment=replace(cfg.data.augment, train=False))
+            self.val_loader = self._build_loader(loader_factory, val_cfg)
+            self._val_start = self.val_loader.state_dict()
         sched = cfg.schedule
         self.steps_per_epoch = len(self.loader) // sched.grad_accum
         if self.steps_per_epoch == 0:
@@ -96,16 +92,13 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.step = 0
         self._saved_step = -1
+        self.best_val: float | None = None  # lowest validation loss so far (checkpoints/best.pt)
 
         ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, self.is_main)
-        if self.is_main:  # a bad checkpoint.dir should fail now, not after hours of training
-            try:
-                ckpt_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"cannot create checkpoint.dir {ckpt_dir}: {e.strerror}") from None
         self.logger = RunLogger(self.out_dir, cfg.logging, self.is_main)
         self._resume()
+        self._prepare_out_dir(ckpt_dir)
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -124,25 +117,39 @@ class Trainer:
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
         self.is_main = self.rank == 0
 
-    def _prepare_out_dir(self) -> None:
+    def _check_out_dir(self) -> None:
+        """Fail now if out_dir cannot be a directory (an existing file on its path)."""
+        for parent in (self.out_dir, *self.out_dir.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    raise UserError(f"cannot create out_dir {self.out_dir}: {parent} is not a directory")
+                break
+
+    def _prepare_out_dir(self, ckpt_dir: Path) -> None:
+        """Create the run and checkpoint directories, write the resolved config and open the logs:
+        only once everything was built and the resume decision made."""
         if self.is_main:
-            try:
-                self.out_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise UserError(f"cannot create out_dir {self.out_dir}: {e.strerror}") from None
+            for what, d in (("out_dir", self.out_dir), ("checkpoint.dir", ckpt_dir)):
+                try:
+                    d.mkdir(parents=True, exist_ok=True)
+                except OSError as e:
+                    raise UserError(f"cannot create {what} {d}: {e.strerror or e}") from None
             save_config(self.cfg, self.out_dir / "config.yaml")
+        self.logger.open(resumed_step=self.step)
+
+    def _build_loader(self, factory, data_cfg):
+        try:
+            return factory(data_cfg, self.rank, self.world_size, self.device, self.task.data_kind)
+        except (FileNotFoundError, ValueError) as e:  # the loader's own checks of paths and data options
+            raise UserError(f"data: {e}") from None
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         ocfg = self.cfg.optim
-        decay, no_decay = [], []
-        for name, p in self.student.named_parameters():
-            if p.requires_grad:
-                (no_decay if no_weight_decay(name, p) else decay).append(p)
+        groups = [g for g in self.task.param_groups(ocfg.weight_decay) if g["params"]]
         lr = ocfg.lr * self.global_batch / 256 if ocfg.scale_lr else ocfg.lr
         self.base_lr = lr
         return torch.optim.AdamW(
-            [{"params": decay, "weight_decay": ocfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=ocfg.betas, eps=ocfg.eps,
+            groups, lr=lr, betas=ocfg.betas, eps=ocfg.eps,
             # one fused kernel for the whole update on GPU; CPU keeps the default implementation
             fused=True if self.device.type == "cuda" else None,
         )
@@ -159,6 +166,13 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {
+            # self-description: what `trainer export` and evaluation need without the teacher
+            "format": CHECKPOINT_FORMAT,
+            "task": self.cfg.task,
+            "config": to_dict(self.cfg),
+            "student_arch": self.task.student_arch(),
+            "task_state": self.task.state_dict(),
+            "best_val": self.best_val,
             "step": self.step,
             "total_steps": self.total_steps,
             "world_size": self.world_size,
@@ -211,7 +225,15 @@ class Trainer:
             return
         path = Path(value)
         state = Checkpointer.load(path)
+        if state.get("task", self.cfg.task) != self.cfg.task:
+            raise UserError(f"cannot resume from {path}: it was written by task {state['task']!r}, "
+                            f"this config runs {self.cfg.task!r}")
         self.student.load_state_dict(state["model"])
+        try:
+            self.task.load_state_dict(state.get("task_state", {}))
+        except ValueError as e:
+            raise UserError(f"cannot resume the task state from {path}: {e}") from None
+        self.best_val = state.get("best_val")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -251,25 +273,38 @@ class Trainer:
             t /= self.world_size
         return t
 
-    def _check_finite(self, loss_sum: torch.Tensor, n: int) -> float:
-        """Mean loss over the last n micro-batches of all ranks; a NaN/inf anywhere stops the run
-        on every rank together (each rank sees the same reduced value)."""
-        mean = self._global_mean(loss_sum).item() / max(n, 1)
-        if not math.isfinite(mean):
-            raise UserError(f"loss is {mean} at step {self.step}: stopping (try a lower optim.lr, "
+    def _mean_losses(self, sums: dict[str, torch.Tensor], n: int, prefix: str = "") -> dict[str, float]:
+        """Means over the last n micro-batches of all ranks, one all-reduce for every name; a
+        NaN/inf anywhere stops the run on every rank together (all see the same values)."""
+        if not sums:
+            return {}
+        names = sorted(sums, key=lambda k: (k != "loss", k))  # the optimised loss first
+        means = (self._global_mean(torch.stack([sums[k] for k in names])) / max(n, 1)).tolist()
+        out = {prefix + k: v for k, v in zip(names, means)}
+        bad = [f"{k} is {v}" for k, v in out.items() if not math.isfinite(v)]
+        if bad:
+            raise UserError(f"{', '.join(bad)} at step {self.step}: stopping (try a lower optim.lr, "
                             f"optim.grad_clip, or precision=fp32)")
-        return mean
+        return out
+
+    @staticmethod
+    def _accumulate(sums: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]) -> None:
+        for k, v in losses.items():
+            v = v.detach().float()
+            sums[k] = sums[k] + v if k in sums else v.clone()
 
     def train(self) -> None:
         cfg = self.cfg
         accum = cfg.schedule.grad_accum
         log_every, ckpt_every = cfg.logging.every_steps, cfg.checkpoint.every_steps
-        self.logger.info(f"training {self.total_steps} steps from step {self.step}: global batch "
+        val_every = cfg.validation.every_steps if self.val_loader is not None else 0
+        self.logger.info(f"training {self.total_steps} steps from step {self.step}: task {cfg.task}, global batch "
                          f"{self.global_batch}, lr {self.base_lr:.3e}, {self.world_size} process(es) on "
                          f"{self.device.type}, {self.steps_per_epoch} steps per epoch")
         self.model.train()
-        loss_sum = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = {}
         n_micro, micro, wait, t_last, step_last = 0, 0, 0.0, time.perf_counter(), self.step
+        t_start, step_start = t_last, self.step
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < self.total_steps:
@@ -287,33 +322,70 @@ class Trainer:
                 with sync:
                     losses = self.task.loss(self.model, batch)
                     self.scaler.scale(losses["loss"] / accum).backward()
-                loss_sum += losses["loss"].detach().float()
+                self._accumulate(sums, losses)
                 n_micro += 1
                 if not last:
                     continue
                 self._optimizer_step()
+                self.task.after_step(self.step)
                 if self.step % log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
+                    rate = (self.step - step_start) / max(now - t_start, 1e-9)  # steps/s of this process
                     self.logger.log({
                         "step": self.step, "total_steps": self.total_steps,
-                        "loss": self._check_finite(loss_sum, n_micro),
+                        **self._mean_losses(sums, n_micro),
                         "lr": self.scheduler.get_last_lr()[0],
                         "samples_per_s": (self.step - step_last) * self.global_batch / (now - t_last),
                         "data_wait": wait / (now - t_last),
                         "peak_mem_bytes": peak_memory_bytes(self.device),
+                        "elapsed_s": now - t_start,
+                        "eta_s": (self.total_steps - self.step) / rate if rate > 0 else None,
                     })
-                    loss_sum.zero_()
+                    sums = {}
                     n_micro, wait, t_last, step_last = 0, 0.0, time.perf_counter(), self.step
+                if val_every and self.step % val_every == 0 and self.step < self.total_steps:
+                    self.validate()
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
-                    self._check_finite(loss_sum, n_micro)  # never checkpoint NaN weights
+                    self._mean_losses(sums, n_micro)  # never checkpoint NaN weights
                     self.save()
-        self._check_finite(loss_sum, n_micro)
+        self._mean_losses(sums, n_micro)
+        if self.val_loader is not None:
+            self.validate()
         if self._saved_step != self.step:  # same answer on every rank: save() is collective
             self.save()
         if self.world_size > 1:
             # leave together: a rank tearing down gloo while rank 0 still writes the checkpoint
             # aborted now and then ("terminate called without an active exception")
             dist.barrier()
+
+    def validate(self) -> dict[str, float]:
+        """The task's losses on the validation split (the whole split, or validation.max_batches),
+        logged with a val_ prefix. A new lowest val_loss writes checkpoints/best.pt."""
+        max_batches = self.cfg.validation.max_batches
+        self.val_loader.load_state_dict(self._val_start)  # every validation reads the same samples
+        self.student.eval()
+        sums: dict[str, torch.Tensor] = {}
+        n = 0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for batch in self.val_loader:
+                self._accumulate(sums, self.task.loss(self.student, batch))
+                n += 1
+                if max_batches and n >= max_batches:
+                    break
+        self.model.train()
+        means = self._mean_losses(sums, n, prefix="val_")
+        improved = self.best_val is None or means["val_loss"] < self.best_val
+        if improved:
+            self.best_val = means["val_loss"]
+        self.logger.log_val({"step": self.step, "total_steps": self.total_steps, **means,
+                             "val_batches": n, "val_s": time.perf_counter() - t0, "best": improved})
+        if improved:
+            state = self.state_dict()  # every rank: the RNG gather is collective
+            path = self.checkpointer.save_best(state)
+            if path is not None:
+                self.logger.info(f"best checkpoint (val_loss {self.best_val:.5f}): {path}")
+        return means
 
     def close(self) -> None:
         self.logger.close()

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trainer.fields import between, choice
+
 
 @dataclass
 class AugmentConfig:
     """Per-sample image augmentation (train) or the fixed validation transform."""
 
-    size: int = 224  # output side in pixels (square)
+    size: int = field(default=224, metadata=between(8))  # output side in pixels (square)
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (0.9-1.0 multimodal)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
-    hflip: float = 0.5  # probability of a horizontal flip
-    color_jitter: float = 0.0  # brightness/contrast/saturation strength; 0 disables
+    hflip: float = field(default=0.5, metadata=between(0.0, 1.0))  # probability of a horizontal flip
+    color_jitter: float = field(default=0.0, metadata=between(0.0, 1.0))  # brightness/contrast/saturation strength; 0 disables
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet mean, RGB
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet std, RGB
-    interpolation: str = "bilinear"  # "bilinear" or "bicubic" (the reference used bicubic)
+    interpolation: str = field(default="bilinear", metadata=choice("bilinear", "bicubic"))  # "bilinear" or "bicubic" (the reference used bicubic)
     train: bool = True  # False: validation transform (resize whole image to size x size)
 
 
@@ -31,14 +33,15 @@ class DataConfig:
     manifests: list[str] = field(default_factory=list)  # manifest.json paths (or their dirs)
     weights: list[float] = field(default_factory=list)  # mixing weights, one per manifest; empty = by size
     split: str = "train"  # split name inside each manifest
-    batch_size: int = 256  # per rank
-    num_workers: int = 4  # DataLoader worker processes per rank (0 = in the main process)
+    val_split: str = ""  # split validated every validation.every_steps (e.g. "validation"); "": none
+    batch_size: int = field(default=256, metadata=between(1))  # per rank
+    num_workers: int = field(default=4, metadata=between(0))  # DataLoader worker processes per rank (0 = in the main process)
     seed: int = 0  # seeds the epoch order and every per-sample random draw
-    shuffle_buffer: int = 2000  # bounded shuffle window (samples) applied within the epoch order
-    remainder: str = "drop"  # "drop" the last partial global batch, or "pad" with marked repeats
-    decode_device: str = "auto"  # "cpu", "cuda" or "auto" (cuda when available)
-    output_dtype: str = "float32"  # "float32" or "bfloat16" for image tensors
-    text_max_len: int = 64  # caption length in tokens (padded) for image-text data
+    shuffle_buffer: int = field(default=2000, metadata=between(1))  # bounded shuffle window (samples) applied within the epoch order
+    remainder: str = field(default="drop", metadata=choice("drop", "pad"))  # "drop" the last partial global batch, or "pad" with marked repeats
+    decode_device: str = field(default="auto", metadata=choice("auto", "cpu", "cuda"))  # "cpu", "cuda" or "auto" (cuda when available)
+    output_dtype: str = field(default="float32", metadata=choice("float32", "bfloat16"))  # "float32" or "bfloat16" for image tensors
+    text_max_len: int = field(default=64, metadata=between(2))  # caption length in tokens (padded) for image-text data
     tokenizer: str = ""  # tokenizer.json / vocab.txt path or directory, for on-the-fly text tokenisation
-    block_size: int = 256  # OpenWebText block length in tokens, incl. [CLS] and [SEP]
+    block_size: int = field(default=256, metadata=between(3))  # OpenWebText block length in tokens, incl. [CLS] and [SEP]
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -8,15 +8,59 @@ never in checkpoints), is kept in eval mode and runs under `torch.inference_mode
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import nn
 
-from trainer.config import Config
+from trainer.config import Config, ConfigError
 from trainer.errors import UserError
+from trainer.fields import between, choice
 from trainer.losses import layer_average_target, mse_over_tokens
-from trainer.models.vit import Data2Vec2ViT, load_data2vec2
+from trainer.models.vit import Data2Vec2ViT, ViTShape, load_data2vec2
+from trainer.tasks.base import Task
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen teacher: a Data2Vec2 ViT loaded from a fairseq checkpoint."""
+
+    checkpoint: str = ""  # path to the fairseq checkpoint (e.g. base_imagenet.pt); required
+    num_heads: int = field(default=0, metadata=between(0))  # 0: from the checkpoint's cfg (else 12)
+    norm_eps: float = field(default=0.0, metadata=between(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
+    dtype: str = field(default="bfloat16", metadata=choice("bfloat16", "float16", "float32"))  # teacher forward precision
+
+
+@dataclass
+class StudentConfig:
+    """The student: the teacher's embeddings plus its first `depth` blocks."""
+
+    depth: int = field(default=6, metadata=between(1))  # number of teacher blocks copied into the student
+    init: str = field(default="teacher", metadata=choice("teacher", "random"))  # copy teacher weights or re-initialise
+    train_pos_embed: bool = True  # the reference (timm) trains the position embedding; False keeps it fixed
+
+
+@dataclass
+class LossConfig:
+    """How targets are built from layer outputs and compared."""
+
+    # "layer_avg": the thesis recipe (all blocks, instance norm over tokens, average, final
+    # parameter-free LayerNorm; student the same over its own blocks; MSE over all tokens).
+    # "d2v2_topk": original data2vec 2.0 targets (FFN outputs of the teacher's top-K blocks,
+    # [CLS] excluded); the student regresses them from its last block through a linear head.
+    variant: str = field(default="layer_avg", metadata=choice("layer_avg", "d2v2_topk"))
+    top_k: int = field(default=10, metadata=between(1))  # layers averaged by "d2v2_topk"
+    final_layer_norm: bool = True  # parameter-free LayerNorm over features after averaging (images: yes)
+
+
+@dataclass
+class ImageKDConfig:
+    """image_kd's sections of the config (top-level keys teacher, student, loss)."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
            "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -50,8 +94,7 @@ class KDStudent(nn.Module):
         return self.head(layers[-1][:, 1:])  # patch tokens only, as the targets
 
 
-def build_student(teacher: Data2Vec2ViT, cfg: Config) -> Data2Vec2ViT:
-    scfg = cfg.student
+def build_student(teacher: Data2Vec2ViT, scfg: StudentConfig) -> Data2Vec2ViT:
     if scfg.depth > teacher.shape.depth:
         raise UserError(f"config key 'student.depth': {scfg.depth} is more than the teacher's "
                         f"{teacher.shape.depth} blocks")
@@ -64,35 +107,61 @@ def build_student(teacher: Data2Vec2ViT, cfg: Config) -> Data2Vec2ViT:
     return student
 
 
-class ImageKDTask:
-    """Builds teacher and student; `loss(model, batch)` returns named losses ("loss" is optimised)."""
+class ImageKDTask(Task):
+    """Builds teacher and student; `loss(model, batch)` returns {"loss": MSE}."""
 
+    name = "image_kd"
+    config_class = ImageKDConfig
     data_kind = "image"
 
+    @classmethod
+    def check_config(cls, cfg: Config) -> None:
+        tc = cfg.task_cfg
+        if not tc.teacher.checkpoint:
+            raise ConfigError("config key 'teacher.checkpoint' is empty: give the Data2Vec2 fairseq checkpoint")
+
     def __init__(self, cfg: Config, device: torch.device):
-        self.cfg = cfg
-        self.device = device
-        if not cfg.teacher.checkpoint:
-            raise UserError("config key 'teacher.checkpoint' is empty: give the Data2Vec2 fairseq checkpoint")
-        teacher = load_data2vec2(cfg.teacher.checkpoint, cfg.teacher.num_heads, cfg.teacher.norm_eps)
+        super().__init__(cfg, device)
+        tc = cfg.task_cfg
+        teacher = load_data2vec2(tc.teacher.checkpoint, tc.teacher.num_heads, tc.teacher.norm_eps)
+        if cfg.data.augment.size != teacher.shape.img_size:
+            raise UserError(f"config key 'data.augment.size': {cfg.data.augment.size} px, but the teacher "
+                            f"expects {teacher.shape.img_size} px images")
         # the student copies the teacher's fp32 weights before the teacher moves to its device
         torch.manual_seed(cfg.seed)
-        vit = build_student(teacher, cfg)
-        self.student = KDStudent(vit, cfg.loss.variant, cfg.loss.final_layer_norm).to(device)
+        vit = build_student(teacher, tc.student)
+        self.student = KDStudent(vit, tc.loss.variant, tc.loss.final_layer_norm).to(device)
         teacher.requires_grad_(False)
         self.teacher = teacher.to(device).eval()
-        if cfg.loss.variant == "d2v2_topk" and cfg.loss.top_k > teacher.shape.depth:
-            raise UserError(f"config key 'loss.top_k': {cfg.loss.top_k} is more than the teacher's "
+        if tc.loss.variant == "d2v2_topk" and tc.loss.top_k > teacher.shape.depth:
+            raise UserError(f"config key 'loss.top_k': {tc.loss.top_k} is more than the teacher's "
                             f"{teacher.shape.depth} blocks")
+
+    def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
+        return no_weight_decay(name, param)
+
+    def student_arch(self) -> dict[str, Any]:
+        vit = self.student.vit
+        return {"vit": asdict(vit.shape), "train_pos_embed": vit.pos_embed.requires_grad,
+                "variant": self.student.variant, "final_layer_norm": self.student.final_layer_norm}
+
+    @classmethod
+    def build_student(cls, arch: dict[str, Any]) -> nn.Module:
+        vit = Data2Vec2ViT(ViTShape(**arch["vit"]), train_pos_embed=arch["train_pos_embed"])
+        return KDStudent(vit, arch["variant"], arch["final_layer_norm"])
+
+    @classmethod
+    def student_encoders(cls, student: nn.Module) -> dict[str, nn.Module]:
+        return {"image": ViTEncoder(student.vit)}
 
     @property
     def img_size(self) -> int:
         return self.teacher.shape.img_size
 
     def teacher_targets(self, img_BCHW: torch.Tensor) -> torch.Tensor:
-        lcfg = self.cfg.loss
+        lcfg = self.cfg.task_cfg.loss
         self.teacher.eval()  # guards against a stray .train() on a parent module
-        with torch.inference_mode(), autocast(self.device, self.cfg.teacher.dtype):
+        with torch.inference_mode(), autocast(self.device, self.cfg.task_cfg.teacher.dtype):
             if lcfg.variant == "layer_avg":
                 target = layer_average_target(self.teacher(img_BCHW), final_layer_norm=lcfg.final_layer_norm)
             else:
@@ -112,6 +181,17 @@ class ImageKDTask:
         # always weighted when the loader marks padding: testing for any pad would sync the GPU
         weight = (~batch["is_pad"]).to(pred.device, torch.float32) if "is_pad" in batch else None
         return {"loss": mse_over_tokens(pred, target, weight)}
+
+
+class ViTEncoder(nn.Module):
+    """The evaluation view of a ViT: images -> the last block's tokens ([CLS] first)."""
+
+    def __init__(self, vit: Data2Vec2ViT):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.vit(img_BCHW)[-1]
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
