@@ -289,3 +289,101 @@ def test_check_config(tmp_path):
     d, _ = _tiny_bert_dir(tmp_path)  # vocab 50 against the 30522 tokenizer
     with pytest.raises(ConfigError, match="'data.tokenizer'.*30522"):
         TextKDTask.check_config(make_cfg(teacher=str(d), depth=1, manifests=[raw], tokenizer=str(MINILM / "tokenizer.json")))
+
+
+# -- through the loop, export and the CLI --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def owt_tok(tmp_path_factory):
+    """OpenWebText slices (0 train, 1 validation) pre-tokenised by shardify with the MiniLM's
+    WordPiece into 32-token blocks: the real shards the task reads."""
+    from click.testing import CliRunner
+
+    import text_pair_fixtures as fx
+    from shardify.cli import main as shardify_main
+
+    root = tmp_path_factory.mktemp("owt")
+    fx.make_owt_slices(root / "src", slices=(0, 1), members=1, docs=2, bad_docs=False)
+    res = CliRunner().invoke(shardify_main, [
+        "openwebtext", "--source", str(root / "src"), "--out", str(root / "tok"), "--split", "train",
+        "--split", "validation", "--split-slices", "train=0", "--split-slices", "validation=1",
+        "--tokenizer", str(MINILM), "--block-size", "32", "--samples-per-shard", "4", "--workers", "1"])
+    assert res.exit_code == 0, res.output
+    return root / "tok"
+
+
+def demo_text_args(tmp_path, shards, **over):
+    m = json.loads((shards / "manifest.json").read_text())
+    over = {"teacher.path": str(MINILM), "data.manifests": f"[{shards}]", "out_dir": str(tmp_path / "run"),
+            "data.block_size": 32, "student.dropout": 0.0, "logging.every_steps": 1,
+            # one batch holds the whole train split: every step sees the same blocks
+            "data.batch_size": m["splits"]["train"]["samples"],
+            "schedule.max_steps": 6, "schedule.warmup_steps": 1, "validation.every_steps": 3,
+            "checkpoint.every_steps": 3, **over}
+    return [str(Path(__file__).resolve().parents[1] / "configs" / "demo_text.yaml"),
+            *[f"{k}={v}" for k, v in over.items()]]
+
+
+@pytest.mark.slow
+def test_text_kd_trains_validates_and_exports_through_the_loop(tmp_path, owt_tok):
+    from trainer.config import load_config
+    from trainer.export import load_student
+    from trainer.loop import Trainer
+
+    args = demo_text_args(tmp_path, owt_tok)
+    t = Trainer(load_config(args[0], args[1:]))
+    try:
+        t.train()
+    finally:
+        t.close()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6] and [r["step"] for r in val_rows] == [3, 6]
+    assert train_rows[-1]["loss"] < 0.8 * train_rows[0]["loss"], [r["loss"] for r in train_rows]
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    loaded = load_student(str(tmp_path / "run"))  # no teacher needed from here on
+    assert loaded.task == "text_kd" and loaded.arch["bert_config"]["num_hidden_layers"] == 2
+    ids = torch.tensor([[101, 7592, 2088, 102, 0]])
+    pad = torch.tensor([[False, False, False, False, True]])
+    with torch.no_grad():
+        tokens = loaded.encoders["text"](ids, pad)
+        want = t.task.student.bert.eval()(input_ids=ids, attention_mask=(~pad).long()).last_hidden_state
+    assert tokens.shape == (1, 5, 384)
+    last = load_student(str(tmp_path / "run" / "checkpoints" / "step_00000006.pt"))
+    assert last.step == 6
+    with torch.no_grad():
+        torch.testing.assert_close(last.encoders["text"](ids, pad), want)
+
+
+def test_dry_run_and_config_errors_from_the_cli(tmp_path, owt_tok, capsys):
+    import yaml
+
+    from trainer.cli import main
+
+    main(["train", *demo_text_args(tmp_path, owt_tok), "--dry-run"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["task"] == "text_kd" and printed["loss"] == {"layers": "all"}
+    assert printed["student"] == {"depth": 2, "dropout": 0.0, "init": "teacher"}
+    assert not (tmp_path / "run").exists()
+    for over, msg in (("teacher.path=", "config key 'teacher.path' is empty"),
+                      ("loss.layers=2..L", "config key 'loss.layers': '2..L' is not one of all, 1..L"),
+                      ("student.dropout=1.5", "config key 'student.dropout': 1.5 is outside"),
+                      ("data.block_size=16", "config key 'data.block_size': 16 would cut the 32-token blocks")):
+        with pytest.raises(SystemExit):
+            main(["train", *demo_text_args(tmp_path, owt_tok), over, "--dry-run"])
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+
+
+def test_text_kd_yaml_resolves_to_the_thesis_settings():
+    from trainer.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "text_kd.yaml"),
+                      ["teacher.path=" + str(MINILM), "data.manifests=[]"])
+    tc = cfg.task_cfg
+    assert (tc.teacher.path, tc.student.depth, tc.student.dropout, tc.loss.layers) == (str(MINILM), 6, 0.1, "all")
+    assert (cfg.data.batch_size, cfg.data.block_size, cfg.data.val_split) == (256, 256, "validation")
+    assert (cfg.optim.lr, tuple(cfg.optim.betas), cfg.schedule.max_steps, cfg.validation.every_steps) == \
+        (5e-4, (0.9, 0.98), 60000, 6000)

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.config import ConfigError, _choice, _range
+from trainer.config import ConfigError
 from trainer.errors import UserError
+from trainer.fields import between, choice
 from trainer.losses import layer_average_target
 from trainer.models.text import BertTextEncoder, attention_mask, bert_from_config, bert_student, load_bert, local_bert_config
 from trainer.tasks.base import Task, default_no_weight_decay
@@ -38,16 +39,16 @@ class TextTeacherConfig:
     """The frozen BERT teacher, in the Hugging Face format."""
 
     path: str = "bert-base-uncased"  # local BERT directory (config.json + model.safetensors) or a hub id
-    dtype: str = field(default="bfloat16", metadata=_choice("bfloat16", "float16", "float32"))  # teacher forward precision
+    dtype: str = field(default="bfloat16", metadata=choice("bfloat16", "float16", "float32"))  # teacher forward precision
 
 
 @dataclass
 class TextStudentConfig:
     """The student: the teacher's embeddings plus its first `depth` layers."""
 
-    depth: int = field(default=6, metadata=_range(1))  # number of teacher layers copied into the student
-    dropout: float = field(default=0.1, metadata=_range(0.0, 1.0))  # hidden and attention dropout (BERT's 0.1)
-    init: str = field(default="teacher", metadata=_choice("teacher", "random"))  # copy teacher weights or re-initialise
+    depth: int = field(default=6, metadata=between(1))  # number of teacher layers copied into the student
+    dropout: float = field(default=0.1, metadata=between(0.0, 1.0))  # hidden and attention dropout (BERT's 0.1)
+    init: str = field(default="teacher", metadata=choice("teacher", "random"))  # copy teacher weights or re-initialise
 
 
 @dataclass
@@ -56,7 +57,7 @@ class TextLossConfig:
 
     # "all": the embedding output and every layer's output (13 teacher / 7 student tensors), as
     # the thesis code did; "1..L": the layer outputs only (12 / 6), as the thesis formula writes
-    layers: str = field(default="all", metadata=_choice(*LAYER_CHOICES))
+    layers: str = field(default="all", metadata=choice(*LAYER_CHOICES))
 
 
 @dataclass
@@ -155,6 +156,9 @@ class TextKDTask(Task):
     @classmethod
     def check_config(cls, cfg) -> None:
         tcfg = cfg.task_cfg
+        if not tcfg.teacher.path:
+            raise ConfigError("config key 'teacher.path' is empty: give a BERT directory or hub id "
+                              "(e.g. bert-base-uncased)")
         bert = local_bert_config(tcfg.teacher.path)  # None for a hub id: checked when loaded
         if bert is not None:
             n_pos = bert.get("max_position_embeddings", 512)
