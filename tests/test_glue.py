@@ -167,3 +167,26 @@ def test_regression_and_two_split_tasks_run(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["score_name"] == "validation_matched accuracy"
     with pytest.raises(UserError, match="student not found"):
         glue.run_glue(glue.GlueOptions(student=str(tmp_path / "none"), task="sst2", data=str(root)))
+
+
+def test_an_exported_text_student_is_fine_tuned_with_its_teachers_tokenizer(tmp_path):
+    import torch
+
+    from trainer.config import load_config, to_dict
+    from trainer.tasks.text_kd import TextKDTask
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = load_config(str(repo / "configs" / "demo_text.yaml"), [f"teacher.path={MINILM}", "student.depth=2",
+                                                                 "data.manifests=[]"])
+    task = TextKDTask(cfg, torch.device("cpu"))
+    record = {"kind": "shardify-kd-student", "version": 1, "task": "text_kd", "student_arch": task.student_arch(),
+              "config": to_dict(cfg), "state_dict": task.student.state_dict(), "step": 7, "source": "test"}
+    torch.save(record, tmp_path / "student.pt")
+    root = make_glue(tmp_path / "glue")
+    r = glue.run_glue(glue.GlueOptions(student=str(tmp_path / "student.pt"), task="sst2", data=str(root),
+                                       out=str(tmp_path / "r.json"), epochs=1, batch_size=16, device="cpu",
+                                       max_len=16, max_train_samples=16))
+    assert r["student"] == {"source": str(tmp_path / "student.pt"), "kind": "shardify-kd-student",
+                            "task": "text_kd", "step": 7}
+    assert r["tokenizer"] == str(MINILM / "tokenizer.json")  # found in the teacher's directory
+    assert r["examples"]["train"] == 16 and 0.0 <= r["score"] <= 1.0

@@ -17,12 +17,13 @@ file used with its size and sha256.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -298,7 +299,6 @@ class GlueOptions:
     device: str = "auto"
     max_train_samples: int = 0  # 0: all
     max_eval_samples: int = 0  # 0: all
-    extra: dict = field(default_factory=dict)
 
 
 def _sha256(p: Path) -> str:
@@ -328,8 +328,6 @@ def _predict(model: GlueModel, data: list, pad_id: int, bs: int, device: torch.d
 
 
 def _autocast(device: torch.device):
-    import contextlib
-
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -422,8 +420,7 @@ def run_glue(opts: GlueOptions) -> dict[str, Any]:
         "examples": {"train": len(train), **{s: len(d) for s, (d, _) in evals.items()}},
         "student": student.info,
         "tokenizer": student.tokenizer,
-        "config": {k: v for k, v in asdict(opts).items() if k not in ("extra",)} | {"steps": total,
-                                                                                     "device": str(device)},
+        "config": asdict(opts) | {"steps": total, "device": str(device)},
         "data_files": {s: [{"path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in fs]
                        for s, fs in files.items()},
         "history": history,
