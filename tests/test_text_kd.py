@@ -387,3 +387,20 @@ def test_text_kd_yaml_resolves_to_the_thesis_settings():
     assert (cfg.data.batch_size, cfg.data.block_size, cfg.data.val_split) == (256, 256, "validation")
     assert (cfg.optim.lr, tuple(cfg.optim.betas), cfg.schedule.max_steps, cfg.validation.every_steps) == \
         (5e-4, (0.9, 0.98), 60000, 6000)
+
+
+@pytest.mark.slow
+def test_gpu_text_kd_script_smoke_on_cpu(tmp_path):
+    """The prepared GPU benchmark runs end to end (tiny settings, CPU) and prints its line."""
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "bench/gpu_text_kd.py", "--tiny", "--device", "cpu", "--batch", "4",
+                        "--block", "16", "--steps", "1", "--repeats", "1", "--workers", "0",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, cwd=repo,
+                       env={**os.environ, "PYTHONPATH": str(repo)}, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^gpu-text-kd: \d+ samples/s \(\d+ tokens/s\), data-wait \d+\.\d%, peak mem \d+\.\d GiB",
+                     r.stdout, re.M), r.stdout
