@@ -13,7 +13,7 @@ TEACHER ?= bert-base-uncased
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-train train-image train-text clean
+.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image train-text clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -43,6 +43,9 @@ bench-tokenize: $(VENV)/.installed ## Tokenise-and-pack throughput per core agai
 
 bench-loader: $(VENV)/.installed ## CPU loader path against the classic torchvision pipeline and a bare decode (IMAGES=dir)
 	$(OFFLINE) $(PY) bench/bench_loader.py --images $(IMAGES)
+
+bench-download: $(VENV)/.installed ## URL-list download against img2dataset from a local 127.0.0.1 server (IMAGES=dir)
+	$(OFFLINE) $(PY) bench/bench_download.py --images $(IMAGES)
 
 clean: ## Remove demo and benchmark outputs (keeps .venv)
 	rm -rf $(DEMO_OUT) bench_out
