@@ -235,6 +235,7 @@ class _Evil:
         return (os.system, ("touch PWNED_BY_PICKLE",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_code_is_never_run(tmp_path, monkeypatch):
     d, _ = _tiny_bert_dir(tmp_path)
     (d / "pytorch_model.bin").write_bytes(pickle.dumps({"x": _Evil()}))

@@ -120,7 +120,7 @@ def _manifest_tokenizer(path: str) -> tuple[Path, dict | None] | None:
     return p, tok if isinstance(tok, dict) else None
 
 
-def _tokenizer_vocab_size(path: str) -> int | None:
+def _tokenizer_vocab_size(path: str) -> int:
     try:
         from trainer.data.text import load_tokenizer
 
@@ -141,15 +141,16 @@ class TextKDTask(Task):
         tcfg = cfg.task_cfg
         self.layers = tcfg.loss.layers
         teacher = load_bert(tcfg.teacher.path).float()
+        # a hub teacher's config is only known now (check_config reads local ones)
+        if cfg.data.block_size > teacher.config.max_position_embeddings:
+            raise UserError(f"config key 'data.block_size': {cfg.data.block_size} is more than the "
+                            f"teacher's {teacher.config.max_position_embeddings} positions")
         # the student copies the teacher's fp32 weights before the teacher moves to its device
         torch.manual_seed(cfg.seed)
         bert = bert_student(teacher, tcfg.student.depth, tcfg.student.dropout, tcfg.student.init)
         self.student = TextKDStudent(bert, self.layers).to(device)
         teacher.requires_grad_(False)
         self.teacher = teacher.to(device).eval()
-        if cfg.data.block_size > teacher.config.max_position_embeddings:
-            raise UserError(f"config key 'data.block_size': {cfg.data.block_size} is more than the "
-                            f"teacher's {teacher.config.max_position_embeddings} positions")
 
     # -- config -------------------------------------------------------------------------------
 
