@@ -295,8 +295,7 @@ def test_check_config(tmp_path):
 # -- through the loop, export and the CLI --------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def owt_tok(tmp_path_factory):
+def shard_owt(root: Path, docs: int) -> Path:
     """OpenWebText slices (0 train, 1 validation) pre-tokenised by shardify with the MiniLM's
     WordPiece into 32-token blocks: the real shards the task reads."""
     from click.testing import CliRunner
@@ -304,14 +303,18 @@ def owt_tok(tmp_path_factory):
     import text_pair_fixtures as fx
     from shardify.cli import main as shardify_main
 
-    root = tmp_path_factory.mktemp("owt")
-    fx.make_owt_slices(root / "src", slices=(0, 1), members=1, docs=2, bad_docs=False)
+    fx.make_owt_slices(root / "src", slices=(0, 1), members=1, docs=docs, bad_docs=False)
     res = CliRunner().invoke(shardify_main, [
         "openwebtext", "--source", str(root / "src"), "--out", str(root / "tok"), "--split", "train",
         "--split", "validation", "--split-slices", "train=0", "--split-slices", "validation=1",
         "--tokenizer", str(MINILM), "--block-size", "32", "--samples-per-shard", "4", "--workers", "1"])
     assert res.exit_code == 0, res.output
     return root / "tok"
+
+
+@pytest.fixture(scope="module")
+def owt_tok(tmp_path_factory):
+    return shard_owt(tmp_path_factory.mktemp("owt"), docs=2)
 
 
 def demo_text_args(tmp_path, shards, **over):
@@ -405,3 +408,48 @@ def test_gpu_text_kd_script_smoke_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.search(r"^gpu-text-kd: \d+ samples/s \(\d+ tokens/s\), data-wait \d+\.\d%, peak mem \d+\.\d GiB",
                      r.stdout, re.M), r.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path_factory, tmp_path):
+    """DDP (gloo, torchrun): 2 x 4 blocks give the parameters and validation losses of 1 x 8,
+    also where padding is spread unevenly over the ranks (the token mean is global)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    shards = shard_owt(tmp_path_factory.mktemp("owt_ddp"), docs=6)
+    common = {"data.batch_size": 8, "schedule.max_steps": 4, "validation.every_steps": 2,
+              "checkpoint.every_steps": 4, "optim.lr": 1e-3}
+    one = demo_text_args(tmp_path / "one", shards, **common)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t = Trainer(load_config(one[0], one[1:]))
+        try:
+            t.train()
+        finally:
+            t.close()
+    finally:
+        torch.set_num_threads(threads)
+    two = demo_text_args(tmp_path / "two", shards, **{**common, "data.batch_size": 4})
+    repo = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", "-m", "tests.train_fixtures", *two],
+                       capture_output=True, text=True, cwd=repo, timeout=280,
+                       env={**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "run" / "checkpoints" / "step_00000004.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "two" / "run" / "checkpoints" / "step_00000004.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=2e-5, msg=k)
+
+    def val(run):
+        rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+        return [r["val_loss"] for r in rows if "val_loss" in r]
+
+    assert val(tmp_path / "two" / "run") == pytest.approx(val(tmp_path / "one" / "run"), rel=1e-5)

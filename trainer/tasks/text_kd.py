@@ -6,7 +6,7 @@ BERT-base, 7 for a 6-layer student), each instance-normalised over all positions
 (padding included, as the thesis code did), then averaged; no final LayerNorm. `loss.layers:
 "1..L"` leaves the embedding output out (the thesis formula's layers 1..L). The student's
 prediction is built the same way from its own hidden states, and the MSE is averaged over the
-non-padding tokens of the batch (and over the features).
+non-padding tokens of the global batch (and over the features).
 
 The teacher stays outside the trainable module (never wrapped by DDP, never optimised, never
 saved), in eval mode, under `torch.inference_mode()`; the student keeps BERT's dropout in
@@ -79,12 +79,29 @@ def hidden_state_target(hidden_states: tuple[torch.Tensor, ...], layers: str) ->
     return layer_average_target(select_layers(hidden_states, layers), final_layer_norm=False)
 
 
-def masked_token_mse(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, keep_BT: torch.Tensor) -> torch.Tensor:
+def masked_token_mse(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, keep_BT: torch.Tensor,
+                     n_tokens: torch.Tensor | None = None) -> torch.Tensor:
     """Squared error averaged over the features and over the kept tokens (fp32); 0 when no token
-    is kept. Each rank averages over its own tokens (as the thesis did on each GPU)."""
+    is kept. `n_tokens` replaces the local count of kept tokens as the divisor (see
+    `tokens_per_rank`)."""
     err_BT = (pred_BTD.float() - target_BTD.float()).pow(2).mean(-1)
     w = keep_BT.to(err_BT.dtype)
-    return (err_BT * w).sum() / w.sum().clamp(min=1.0)
+    n = w.sum() if n_tokens is None else n_tokens.to(err_BT.dtype)
+    return (err_BT * w).sum() / n.clamp(min=1.0)
+
+
+def tokens_per_rank(keep_BT: torch.Tensor) -> torch.Tensor:
+    """The kept tokens of all ranks divided by the number of ranks. Dividing each rank's sum by
+    it makes DDP's gradient average the mean over every real token of the global batch, however
+    the padding is spread over the ranks (a per-rank mean would weight a rank's tokens by how
+    few it has). One scalar all-reduce per micro-batch; the count alone without DDP."""
+    n = keep_BT.sum().float()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        if world > 1:
+            torch.distributed.all_reduce(n)
+            n = n / world
+    return n
 
 
 class TextKDStudent(nn.Module):
@@ -214,7 +231,7 @@ class TextKDTask(Task):
         keep = ~pad
         if "is_pad" in batch:  # repeats the loader added to even out ranks count for nothing
             keep = keep & ~batch["is_pad"].to(self.device, non_blocking=True)[:, None]
-        return {"loss": masked_token_mse(pred, target, keep)}
+        return {"loss": masked_token_mse(pred, target, keep, tokens_per_rank(keep))}
 
     # -- export and evaluation ------------------------------------------------------------------
 
