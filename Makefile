@@ -13,7 +13,7 @@ TEACHER ?= bert-base-uncased
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image train-text clean
+.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image train-text clean gpu-check-prep gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -59,3 +59,9 @@ train-text: $(VENV)/.installed ## Distil BERT into 6 layers on pre-tokenised Ope
 
 bench-train: $(VENV)/.installed ## Time the demo training config on CPU through the streaming loader (SHARDS=dir)
 	$(OFFLINE) $(PY) bench/bench_train.py --shards $(SHARDS)
+
+gpu-check-prep: $(VENV)/.installed ## Put simplejpeg wheels and the bench photos into gpu_check_data/ for a GPU machine (IMAGES=dir)
+	PY=$(PY) IMAGES=$(IMAGES) bash scripts/gpu_check_prep.sh
+
+gpu-check: ## The GPU check on this machine (needs CUDA; see docs/benchmarks.md)
+	bash scripts/gpu_check.sh

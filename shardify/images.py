@@ -94,6 +94,29 @@ def _reencode_reason(h: JpegHeader) -> str | None:
     return None
 
 
+def _check_complete(data: bytes, h: JpegHeader) -> None:
+    # The entropy-coded data never contains FF D9, so an EOI after the scan start is the
+    # real end of the image; without one the file was cut short.
+    if data.rfind(b"\xff\xd9") < h.scan_offset:
+        raise Reject("truncated", "no end-of-image marker after the scan data")
+
+
+def check_stored_jpeg(data: bytes) -> JpegHeader:
+    """The header of a shard's `jpg`; Reject unless shardify would have stored it as it is.
+
+    The loader runs this on every sample before either decode path, so the CPU and GPU paths
+    refuse the same inputs: a broken header, a file cut short (no end-of-image marker after the
+    scan; nvJPEG's hardware decoder may decode such a file into a partly blank image
+    instead of failing, where libjpeg refuses it), and
+    the kinds nvJPEG cannot decode (CMYK, RGB-coded, arithmetic or lossless JPEGs)."""
+    h = parse_jpeg_header(data)
+    _check_complete(data, h)
+    reason = _reencode_reason(h)
+    if reason is not None:
+        raise Reject("unreadable", f"{reason}: shardify re-encodes such images; re-shard this source")
+    return h
+
+
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise Reject("too_many_pixels", f"{width}x{height} is above the limit of {max_pixels} pixels")
@@ -142,10 +165,7 @@ def normalise_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
     if data[:2] == b"\xff\xd8":
         h = parse_jpeg_header(data)
         _check_pixels(h.width, h.height, max_pixels)
-        # The entropy-coded data never contains FF D9, so an EOI after the scan start is the
-        # real end of the image; without one the file was cut short.
-        if data.rfind(b"\xff\xd9") < h.scan_offset:
-            raise Reject("truncated", "no end-of-image marker after the scan data")
+        _check_complete(data, h)
         reason = _reencode_reason(h)
         if reason is None:
             return data, {"format": "jpeg", "width": h.width, "height": h.height}
