@@ -24,6 +24,7 @@ from shardify import state
 from shardify.records import Item, Reject, UserError
 from shardify.sources.base import ListContext, Source
 from shardify.tarwriter import ShardTarWriter
+from shardify.workers import run_in_workers
 
 SCHEMA_VERSION = 1
 _PROGRESS_EVERY = 32  # samples between progress messages from a worker
@@ -316,21 +317,19 @@ def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: 
             for index, items in tasks:
                 write_shard(split, index, items)
             return
-        ctx = mp.get_context("fork")  # sources hold only picklable state; fork avoids re-imports
-        q = ctx.Queue()
-        with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread)) as pool:
-            pending = pool.map_async(_task, [(split, i, items) for i, items in tasks], chunksize=1)
+        q = mp.get_context("fork").Queue()  # sources hold only picklable state; fork avoids re-imports
+
+        def drain() -> None:
             while True:
-                try:
-                    bar.update(*q.get(timeout=0.02))
-                except queue.Empty:
-                    if pending.ready():
-                        break
-            while True:  # drain the last messages
                 try:
                     bar.update(*q.get_nowait())
                 except queue.Empty:
-                    break
-            pending.get()  # re-raises a worker's exception
+                    return
+
+        run_in_workers(_task, [(split, i, items) for i, items in tasks], opts.workers,
+                       initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread),
+                       poll=drain, what=f"writing {split} shards")
+        time.sleep(0.05)  # let the workers' last progress messages arrive
+        drain()
     finally:
         bar.close()

@@ -9,7 +9,6 @@ local .bin at random, like any other file. Units are staged in parallel processe
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from shardify import state
 from shardify.records import Item
+from shardify.workers import run_in_workers
 
 # A unit streamer yields (key, origin, payload bytes, meta) in the unit's order.
 Streamer = Callable[[str], Iterator[tuple[str, str, bytes, dict]]]
@@ -66,9 +66,9 @@ def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, workers: 
         progress(f"staged {unit}", len(items))
 
     if workers > 1 and len(units) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(units))) as pool:
-            for unit, entries in zip(units, pool.imap(_stage_one, jobs)):
-                collect(unit, entries)
+        staged = run_in_workers(_stage_one, jobs, min(workers, len(units)), what="staging inputs")
+        for unit, entries in zip(units, staged):
+            collect(unit, entries)
     else:
         for job in jobs:
             collect(job[1], _stage_one(job))
