@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from shardify import plan as planning
+from shardify import readers
 from shardify import state
 from shardify.records import UserError
 
@@ -22,11 +23,10 @@ MANIFEST = "manifest.json"
 
 def finalize(out_dir) -> dict:
     out_dir = Path(out_dir)
-    sdir = state.state_dir(out_dir)
-    if not (sdir / "job.json").exists():
+    if not state.job_path(out_dir).exists():
         raise UserError(f"{out_dir} holds no shardify job (no {state.STATE_DIR}/job.json)")
-    job = state.read_json(sdir / "job.json")
-    plans = sorted(sdir.glob("plan-*.json"))
+    job = state.read_json(state.job_path(out_dir))
+    plans = state.plan_paths(out_dir)
     if not plans:
         raise UserError(f"{out_dir}: no split has been planned yet; run the shardify command first")
     problems: list[str] = []
@@ -36,12 +36,12 @@ def finalize(out_dir) -> dict:
     for plan_path in plans:
         plan = state.read_json(plan_path)
         split = plan["split"]
-        n_nodes = _node_count(sdir, split)
+        n_nodes = _node_count(out_dir, split)
         shards = []
         rejects.extend(plan["listing_rejects"])
         for i in range(plan["shards"]):
             name = planning.shard_name(split, i)
-            stats_path = sdir / "shards" / f"{name}.json"
+            stats_path = state.stats_path(out_dir, name)
             tar_path = out_dir / f"{name}.tar"
             if not stats_path.exists() or not tar_path.exists():
                 who = f"node {i % n_nodes} of {n_nodes}" if n_nodes else "no node"
@@ -49,7 +49,9 @@ def finalize(out_dir) -> dict:
                 continue
             st = state.read_json(stats_path)
             if os.path.getsize(tar_path) != st["bytes"]:
-                problems.append(f"{name}.tar has {os.path.getsize(tar_path)} bytes, its stats say {st['bytes']}")
+                who = f" (node {i % n_nodes} of {n_nodes})" if n_nodes and n_nodes > 1 else ""
+                problems.append(f"{name}.tar has {os.path.getsize(tar_path)} bytes, its stats say {st['bytes']}: "
+                                f"something changed it; rerun the shardify command{who} to write it again")
             if st["key_digest"] != plan["key_digests"][i]:
                 problems.append(f"{name}.tar does not hold the planned inputs (written with another plan?)")
             if st["samples"] + st["rejected"] != st["inputs"]:
@@ -84,6 +86,9 @@ def finalize(out_dir) -> dict:
     state.remove_temporaries(out_dir)  # every node is done: leftovers of crashed runs can go
     _write_text_atomic(out_dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
     state.write_json_atomic(out_dir / "sizes.json", dict(sorted(sizes.items())))
+    state.write_json_atomic(out_dir / "_info.json", readers.timm_info(manifest))
+    for split in splits:
+        state.write_json_atomic(out_dir / readers.wids_index_name(split), readers.wids_index(manifest, split))
     state.write_json_atomic(out_dir / MANIFEST, manifest)  # last: its presence means "complete"
     return manifest
 
@@ -93,9 +98,9 @@ def _sum(parts) -> dict:
     return {k: sum(p[k] for p in parts) for k in keys}
 
 
-def _node_count(sdir: Path, split: str) -> int | None:
+def _node_count(out_dir: Path, split: str) -> int | None:
     """The node count the split was run with, from the nodes' partial records."""
-    counts = {state.read_json(p)["num_nodes"] for p in (sdir / "nodes").glob(f"{split}-node-*.json")}
+    counts = {state.read_json(p)["num_nodes"] for p in state.node_paths(out_dir, split)}
     return max(counts) if counts else None
 
 

@@ -112,3 +112,145 @@ def test_ctrl_c_with_several_workers_ends_promptly(tmp_path):
         assert "Traceback" not in err and "interrupted: rerun" in err
         rerun = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=env)
         assert rerun.returncode == 0, rerun.stderr
+
+
+# ------------------------------------------------------------------ data loss, silent output
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return fx.write_imagefolder(tmp_path_factory.mktemp("small") / "src", per_class=4, specials=False)
+
+
+def test_overwrite_deletes_only_what_shardify_wrote(tmp_path):
+    out = tmp_path / "out"
+    src = fx.write_imagefolder(out / "my-source", per_class=4, specials=False)  # the source sits in --out
+    out.mkdir(exist_ok=True)
+    (out / "backup.tar").write_bytes(b"the user's own backup")
+    (out / "notes.idx").write_text("mine")
+    (out / "x.tar").mkdir()
+    (out / "x.tar" / "inside.txt").write_text("keep me")
+    shard(src, out)
+    assert (out / "_info.json").exists()
+    shard(src, out, "--seed", 7, "--overwrite")
+    assert (out / "backup.tar").read_bytes() == b"the user's own backup"
+    assert (out / "notes.idx").read_text() == "mine"
+    assert (out / "x.tar" / "inside.txt").read_text() == "keep me"
+    assert len(list((src / "train").rglob("*.JPEG"))) == 12
+    assert json.loads((out / "manifest.json").read_text())["options"]["seed"] == 7
+    assert run_cli("verify", out, "--no-progress").output.strip().endswith("OK")
+
+
+def test_a_rerun_with_another_source_is_refused_and_changes_nothing(tmp_path):
+    a = fx.write_imagefolder(tmp_path / "a", per_class=4, specials=False)
+    b = fx.write_imagefolder(tmp_path / "b", per_class=2, specials=False)
+    out = tmp_path / "out"
+    shard(a, out)
+    before = tree_bytes(out)
+    result = shard(b, out, expect=2)
+    assert "source.local_path" in result.output and str(b) in result.output and "--overwrite" in result.output
+    assert tree_bytes(out) == before
+    shard(b, out, "--overwrite")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["source"]["local_path"] == str(b) and manifest["splits"]["train"]["inputs"] == 6
+
+
+def test_replaced_files_under_the_same_source_path_are_never_reused_from_staging(tmp_path):
+    src = fx.write_archives(tmp_path / "src", per_class=4, specials=False)
+    out = tmp_path / "out"
+    shard(src, out, "--split", "validation")
+    other = fx.write_archives(tmp_path / "other", per_class=2, specials=False)  # new archive, same name
+    (src / "data" / "val_images.tar.gz").write_bytes((other / "data" / "val_images.tar.gz").read_bytes())
+    shard(src, out, "--split", "validation")
+    shard(src, tmp_path / "fresh", "--split", "validation")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "fresh")
+    assert json.loads((out / "manifest.json").read_text())["splits"]["validation"]["inputs"] == 6
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error(tmp_path, monkeypatch):
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    locked = src / "train" / fx.SYNSETS[1]
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(locked):  # as a chmod 000 folder does (tests may run as root)
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(src), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: cannot list {locked}") and len(result.output.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_files_the_imagefolder_layout_does_not_read_are_rejected_not_dropped(tmp_path):
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    folder = src / "train" / fx.SYNSETS[0]
+    (folder / "readme.txt").write_text("notes")
+    (folder / ".DS_Store").write_bytes(b"\0\0")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "x.JPEG").write_bytes(fx.jpeg_bytes(5))
+    (src / "LOC_synset_mapping.txt").write_text("outside every split: not an input")
+    out = tmp_path / "out"
+    result = shard(src, out, "--split", "train")
+    assert "inputs = written + rejected: 9 = 6 + 3" in result.output
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert sorted(r["source"] for r in rejects) == sorted(
+        [f"train/{fx.SYNSETS[0]}/.DS_Store", f"train/{fx.SYNSETS[0]}/.ipynb_checkpoints/",
+         f"train/{fx.SYNSETS[0]}/readme.txt"])
+    assert {r["reason"] for r in rejects} == {"ignored_file"}
+
+
+def test_a_directory_whose_work_state_was_deleted_is_not_extended(tmp_path, small):
+    import shutil
+
+    out = tmp_path / "out"
+    shard(small, out, "--split", "train")
+    shutil.rmtree(out / ".shardify")  # the docs say it may go once manifest.json exists
+    before = tree_bytes(out)
+    result = shard(small, out, "--split", "validation", expect=2)
+    assert "no .shardify/ work state" in result.output and len(result.output.splitlines()) == 1
+    assert tree_bytes(out) == before and not (out / ".shardify").exists()
+    (out / "backup.tar").write_bytes(b"mine")
+    shard(small, out, "--split", "validation", "--overwrite")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["splits"]) == ["validation"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["backup.tar", "validation-000000.tar",
+                                                          "validation-000001.tar", "validation-000002.tar"]
+    assert run_cli("verify", out, "--no-progress").output.strip().endswith("OK")
+
+
+def test_shard_named_files_of_unknown_origin_are_refused(tmp_path, small):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"someone else's")
+    result = shard(small, out, "--overwrite", expect=2)
+    assert "train-000000.tar" in result.output and "deletes only what it wrote" in result.output
+    assert (out / "train-000000.tar").read_bytes() == b"someone else's"
+
+
+def test_the_same_key_in_two_splits_is_refused(tmp_path):
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    twin = src / "val" / fx.SYNSETS[0] / f"{fx.SYNSETS[0]}_00000.JPEG"  # also a train file name
+    twin.write_bytes(fx.jpeg_bytes(4242))
+    out = tmp_path / "out"
+    shard(src, out, "--split", "train")
+    before = tree_bytes(out)
+    state_before = sorted(p.name for p in (out / ".shardify").rglob("*"))
+    result = shard(src, out, "--split", "validation", expect=2)
+    assert f"key '{fx.SYNSETS[0]}_00000'" in result.output and "'train'" in result.output
+    assert tree_bytes(out) == before
+    assert sorted(p.name for p in (out / ".shardify").rglob("*")) == state_before
+
+
+def test_a_truncated_or_modified_shard_is_written_again_on_rerun(tmp_path, small):
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    shard(small, ref)
+    shard(small, out)
+    with open(out / "train-000001.tar", "r+b") as f:  # cut short by something else
+        f.truncate(4096)
+    data = bytearray((out / "validation-000000.tar").read_bytes())
+    data[1500] ^= 0xFF  # same size, other bytes
+    (out / "validation-000000.tar").write_bytes(bytes(data))
+    result = shard(small, out)
+    assert result.output.count("(2 already complete)") == 2  # one shard of each split redone
+    assert tree_bytes(out) == tree_bytes(ref)

@@ -164,11 +164,31 @@ class ImageNetSource(Source):
                 synset = rel.split("/")[1]
                 items.append(Item(key=make_key(_basename_stem(rel)), origin=rel,
                                   loc=(self.loc.path(rel), 0, None), meta={"synset": synset}))
-            return items
+            return items + self._not_taken(split)
+
         if self.layout == "wds" and self.loc.local_path is not None:
             return [it for rel in files for it in self._list_local_wds(rel)]
         return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir,
                            ctx.workers, ctx.progress, ctx.show_progress)
+
+    def _not_taken(self, split: str) -> list[Item]:
+        """Files under the split's folder that the layout does not read (other extensions,
+        hidden files and folders): inputs all the same, so they are rejected with a reason
+        instead of vanishing from the count."""
+        dirs = {"validation": ("val", "validation")}.get(split, (split,))
+        out = []
+        for rel in self.loc.files:
+            if rel.split("/", 1)[0] in dirs and not rel.lower().endswith(_IMAGE_EXT):
+                ext = rel.rsplit("/", 1)[-1].rpartition(".")[2] if "." in rel.rsplit("/", 1)[-1] else ""
+                detail = (f"extension .{ext}" if ext else "no extension") + \
+                    f" is not one the imagefolder layout reads ({', '.join(_IMAGE_EXT)})"
+                out.append(Item(key=make_key(rel), origin=rel, meta={"reject": "ignored_file", "detail": detail}))
+        for rel in self.loc.hidden:
+            if rel.split("/", 1)[0] in dirs:
+                what = "hidden folder, its files are not read" if rel.endswith("/") else "hidden file"
+                out.append(Item(key=make_key(rel.rstrip("/")), origin=rel,
+                                meta={"reject": "ignored_file", "detail": what}))
+        return out
 
     def _stream_unit(self, split: str, rel: str):
         """Yield (key, origin, payload, meta) for every image of one archive/parquet/tar unit."""
@@ -256,6 +276,8 @@ class _ImageNetReader(Reader):
         self._files = LocalFileReader()
 
     def read(self, item: Item) -> bytes:
+        if "reject" in item.meta:
+            raise Reject(item.meta["reject"], item.meta.get("detail", ""))
         path, offset, size = item.loc
         if size is None:
             with open(path, "rb") as f:
