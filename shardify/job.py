@@ -22,8 +22,8 @@ from pathlib import Path
 from shardify import __version__
 from shardify import plan as planning
 from shardify import state
-from shardify.records import Item, Reject, UserError
-from shardify.sources.base import ListContext, Source
+from shardify.records import Item, Reject, UserError, reject_record
+from shardify.sources.base import Source
 from shardify.tarwriter import ShardTarWriter
 from shardify.workers import run_in_workers
 
@@ -72,12 +72,6 @@ OUTPUT_FILES = ("manifest.json", "sizes.json", "rejects.jsonl", "_info.json")
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.(tar|idx)$")
 
 
-def _unlink_file(path: Path) -> None:
-    """Delete a regular file we wrote; never a folder or anything else of the same name."""
-    if path.is_file() and not path.is_symlink():
-        path.unlink()
-
-
 def _clear_output(out_dir: Path) -> None:
     """Delete what this job wrote, and nothing else: the shards its stats name, their .idx,
     its own output files and its work state. Other files (a user's backup.tar) stay."""
@@ -87,10 +81,10 @@ def _clear_output(out_dir: Path) -> None:
 
     splits = [state.read_json(p).get("split") for p in state.plan_paths(out_dir)]
     for name in state.written_shards(out_dir):
-        _unlink_file(out_dir / name)
-        _unlink_file(out_dir / (name[: -len(".tar")] + ".idx"))
+        state.unlink_file(out_dir / name)
+        state.unlink_file(out_dir / (name[: -len(".tar")] + ".idx"))
     for name in OUTPUT_FILES + tuple(reader_index_names(s) for s in splits if s):
-        _unlink_file(out_dir / name)
+        state.unlink_file(out_dir / name)
     state.remove_temporaries(out_dir)
     shutil.rmtree(state.state_dir(out_dir), ignore_errors=True)
 
@@ -103,10 +97,10 @@ def _clear_finished(out_dir: Path, manifest: dict) -> None:
         for sh in info.get("shards", []):
             name = str(sh.get("name", ""))
             if _SHARD_FILE.match(name):
-                _unlink_file(out_dir / name)
-                _unlink_file(out_dir / (name[: -len(".tar")] + ".idx"))
+                state.unlink_file(out_dir / name)
+                state.unlink_file(out_dir / (name[: -len(".tar")] + ".idx"))
     for name in OUTPUT_FILES + tuple(reader_index_names(s) for s in manifest.get("splits", {})):
-        _unlink_file(out_dir / name)
+        state.unlink_file(out_dir / name)
 
 
 def _orphans(out_dir: Path) -> list[str]:
@@ -186,144 +180,6 @@ def _read_manifest_or_none(out_dir: Path) -> dict | None:
     return doc if isinstance(doc, dict) else {}
 
 
-def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log) -> tuple[list, list, list]:
-    """List a split, reject duplicate keys, and cut the seeded order into shards.
-
-    Returns (items per shard, listing rejects, key digest per shard) and records the plan in the
-    state directory. A key that another split of the directory already uses is refused.
-    """
-    stage_dir = state.stage_dir(out_dir, split)
-    staged_before = stage_dir.exists()
-    last = [0.0]
-
-    def progress(desc: str, count: int) -> None:
-        now = time.monotonic()
-        if opts.progress and now - last[0] > 2.0:
-            last[0] = now
-            log(f"  listing {split}: {desc} ({count} inputs so far)")
-
-    ctx = ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress, show_progress=opts.progress)
-    items = source.list_items(split, ctx)
-    seen: set[str] = set()
-    unique: list[Item] = []
-    listing_rejects = []
-    for item in items:
-        if item.key in seen:
-            listing_rejects.append(_reject_record(split, item, Reject("duplicate_key", "key listed before"), None))
-        else:
-            seen.add(item.key)
-            unique.append(item)
-    del seen
-    try:
-        hashes = _check_keys_unique_across_splits(out_dir, split, unique)
-    except UserError:
-        if not staged_before:  # a refused command leaves nothing behind
-            import shutil
-
-            shutil.rmtree(stage_dir, ignore_errors=True)
-        raise
-    order = planning.seeded_order([it.key for it in unique], opts.seed)
-    n_shards = planning.num_shards(len(unique), opts.samples_per_shard)
-    bounds = planning.shard_bounds(len(unique), n_shards)
-    per_shard = [[unique[j] for j in order[a:b]] for a, b in bounds]
-    digests = [str(state.key_digest(it.key for it in shard)) for shard in per_shard]
-    _save_key_hashes(state.keys_path(out_dir, split), hashes)
-    state.write_json_atomic(state.plan_path(out_dir, split), {
-        "split": split,
-        "inputs": len(items),
-        "shards": n_shards,
-        "key_digests": digests,
-        "listing_rejects": listing_rejects,
-        "extras": source.split_extras(split, ctx),
-    })
-    return per_shard, listing_rejects, digests
-
-
-def _check_keys_unique_across_splits(out_dir: Path, split: str, unique: list[Item]):
-    """Keys are unique per dataset directory: refuse a split that reuses another split's key."""
-    import numpy as np
-
-    hashes = state.key_hashes(it.key for it in unique)
-    for path in state.plan_paths(out_dir):
-        other = state.read_json(path).get("split")
-        keys_file = state.keys_path(out_dir, other) if other else None
-        if other == split or keys_file is None or not keys_file.exists():
-            continue
-        common = np.intersect1d(hashes, np.load(keys_file, allow_pickle=False))
-        if len(common):
-            shared = set(int(x) for x in common)
-            for it in unique:
-                h = int(state.key_hashes([it.key])[0])
-                if h in shared:
-                    raise UserError(
-                        f"the {split} input {it.origin} has the key {it.key!r}, which the split "
-                        f"{other!r} in {out_dir} already uses; keys must be unique in a dataset "
-                        f"directory: write {split} to another --out (or rename the file)"
-                    )
-    return hashes
-
-
-def _save_key_hashes(path: Path, hashes) -> None:
-    import numpy as np
-
-    tmp = state.tmp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, hashes, allow_pickle=False)
-    os.replace(tmp, path)
-
-
-def _reject_record(split: str, item: Item, rej: Reject, shard: str | None) -> dict:
-    return {"split": split, "key": item.key, "source": item.origin, "reason": rej.reason,
-            "detail": rej.detail, "shard": shard}
-
-
-def _remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> None:
-    """Shards past the end of the plan are left from a run over a larger source: delete them
-    (only those our stats say we wrote), so that nothing in the directory looks like part of
-    the dataset without being in it."""
-    prefix = f"{split}-"
-    for name in state.written_shards(out_dir):
-        index = name[len(prefix): -len(".tar")] if name.startswith(prefix) and name.endswith(".tar") else ""
-        if index.isdigit() and len(index) == 6 and int(index) >= n_shards:
-            stem = name[: -len(".tar")]
-            _unlink_file(out_dir / name)
-            _unlink_file(out_dir / f"{stem}.idx")
-            state.stats_path(out_dir, stem).unlink(missing_ok=True)
-
-
-def shard_done(out_dir: Path, split: str, index: int, key_digest: str) -> bool:
-    """A shard is done when its tar, .idx and stats exist, it holds the planned inputs (a local
-    source that changed between two runs changes the plan: such shards are written again) and
-    its bytes are the ones its stats describe (a tar truncated or modified by something else
-    is written again). The sha256 is recomputed only for a tar whose mtime changed."""
-    name = planning.shard_name(split, index)
-    tar, stats_path = out_dir / f"{name}.tar", state.stats_path(out_dir, name)
-    if not (tar.is_file() and stats_path.exists() and (out_dir / f"{name}.idx").is_file()):
-        return False
-    st = state.read_json(stats_path)
-    if st["key_digest"] != key_digest:
-        return False
-    info = tar.stat()
-    if info.st_size != st["bytes"]:
-        return False
-    if st.get("mtime_ns") != info.st_mtime_ns:  # touched or copied since written: check the bytes
-        if _sha256_file(tar) != st["sha256"]:
-            return False
-        st["mtime_ns"] = info.st_mtime_ns
-        state.write_json_atomic(stats_path, st, indent=None)
-    return True
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- worker side
 _WORKER: dict = {}
 
@@ -358,7 +214,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
                     raise payload
                 fields = source.encode(item, payload)
             except Reject as rej:
-                rejects.append(_reject_record(split, item, rej, name))
+                rejects.append(reject_record(split, item, rej, name))
                 pending_samples += 1
                 continue
             before = writer.offset
@@ -441,13 +297,13 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
 
     for split in splits:
         log(f"{source.dataset} {split}: listing inputs")
-        per_shard, listing_rejects, digests = plan_split(source, split, out_dir, opts, log)
+        per_shard, listing_rejects, digests = planning.plan_split(source, split, out_dir, opts, log)
         n_inputs = sum(len(s) for s in per_shard) + len(listing_rejects)
-        _remove_stale_shards(out_dir, split, len(per_shard))
+        planning.remove_stale_shards(out_dir, split, len(per_shard))
         mine = planning.node_shards(len(per_shard), opts.num_nodes, opts.node_rank)
         if opts.num_nodes > 1:  # only this node's leftovers: the others may be writing theirs
             state.remove_temporaries(out_dir, [planning.shard_name(split, i) for i in mine])
-        todo = [i for i in mine if not shard_done(out_dir, split, i, digests[i])]
+        todo = [i for i in mine if not planning.shard_done(out_dir, split, i, digests[i])]
         log(f"{source.dataset} {split}: {n_inputs} inputs -> {len(per_shard)} shards; "
             f"this node writes {len(mine)} ({len(mine) - len(todo)} already complete)")
         _write_shards(source, out_dir, split, [(i, per_shard[i]) for i in todo], opts)

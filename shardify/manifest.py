@@ -16,9 +16,8 @@ from pathlib import Path
 from shardify import plan as planning
 from shardify import readers
 from shardify import state
+from shardify.format import MANIFEST, read_manifest, write_manifest  # noqa: F401
 from shardify.records import UserError
-
-MANIFEST = "manifest.json"
 
 
 def finalize(out_dir) -> dict:
@@ -89,7 +88,7 @@ def finalize(out_dir) -> dict:
     state.write_json_atomic(out_dir / "_info.json", readers.timm_info(manifest))
     for split in splits:
         state.write_json_atomic(out_dir / readers.wids_index_name(split), readers.wids_index(manifest, split))
-    state.write_json_atomic(out_dir / MANIFEST, manifest)  # last: its presence means "complete"
+    write_manifest(out_dir, manifest)  # last: its presence means "complete"
     return manifest
 
 
@@ -111,13 +110,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def load_manifest(path) -> tuple[dict, Path]:
-    """Read a manifest given the file or its directory; return (manifest, directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST
-    if not path.exists():
-        raise UserError(f"{path}: no manifest.json (is the job finished? run `shardify finalize`)")
-    try:
-        return state.read_json(path), path.parent
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    """Read and validate a manifest given the file or its directory; return (manifest, directory)."""
+    manifest, root = read_manifest(path)
+    return manifest, Path(root)

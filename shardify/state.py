@@ -22,6 +22,8 @@ import os
 import socket
 from pathlib import Path
 
+from shardify.format import write_json_atomic  # noqa: F401  (temporary name, then rename)
+
 STATE_DIR = ".shardify"
 TMP_MARK = ".tmp-"
 
@@ -86,14 +88,10 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
 
 
-def write_json_atomic(path: Path, obj, indent: int | None = 1) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+def unlink_file(path: Path) -> None:
+    """Delete a regular file we wrote; never a folder or a link of the same name."""
+    if path.is_file() and not path.is_symlink():
+        path.unlink()
 
 
 def read_json(path: Path):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shardify.images import parse_jpeg_header
-from shardify.records import Reject
+from shardify.format import JpegError as Reject  # the contract's JPEG header error (reason, detail)
+from shardify.format import parse_jpeg_header
 
 from .augment import cpu_resized_crop
 
