@@ -254,3 +254,60 @@ def test_a_truncated_or_modified_shard_is_written_again_on_rerun(tmp_path, small
     result = shard(small, out)
     assert result.output.count("(2 already complete)") == 2  # one shard of each split redone
     assert tree_bytes(out) == tree_bytes(ref)
+
+
+# ------------------------------------------------------------------ verify, bad files
+def _edit(key):
+    def edits(m):
+        tr = m["splits"]["train"]
+        if key == "shard_rejected":
+            tr["shards"][0]["rejected"] += 1
+        elif key == "totals_bytes":
+            m["totals"]["bytes"] += 1
+        elif key == "fields":
+            m["fields"] = ["jpg", "json"]
+        elif key == "drop_shard":  # consistent counts, but a tar on disk the manifest omits
+            sh = tr["shards"].pop()
+            for d in (tr, m["totals"]):
+                for k in ("samples", "inputs", "rejected", "bytes"):
+                    d[k] -= sh[k]
+        elif key == "split_rejects":
+            for d in (tr, m["totals"]):
+                d["rejected"] += 1
+                d["inputs"] += 1
+        elif key == "dataset":
+            m["dataset"] = "not-imagenet"
+        elif key == "shard_order":
+            tr["shards"].reverse()
+        elif key == "schema":
+            m["schema_version"] = 7
+        elif key == "escape":
+            tr["shards"][0]["name"] = "../elsewhere.tar"
+        elif key == "samples_type":
+            tr["shards"][0]["samples"] = "3"
+    return edits
+
+
+@pytest.mark.parametrize("key", ["shard_rejected", "totals_bytes", "fields", "drop_shard", "split_rejects",
+                                 "dataset", "shard_order", "schema", "escape", "samples_type"])
+def test_verify_checks_every_claim_of_the_manifest(tmp_path, small, key):
+    out = tmp_path / "out"
+    shard(small, out, "--split", "train")
+    path = out / "manifest.json"
+    manifest = json.loads(path.read_text())
+    _edit(key)(manifest)
+    path.write_text(json.dumps(manifest))
+    result = CliRunner().invoke(main, ["verify", str(out), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "problem" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("text", ["[]", "{}", '{"schema_version": 1, "dataset": "x"}', "not json"])
+def test_a_bad_manifest_is_one_line_in_every_command(tmp_path, text):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    result = CliRunner().invoke(main, ["verify", str(out), "--no-progress"])
+    assert result.exit_code == 1 and "manifest.json" in result.output, result.output
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
