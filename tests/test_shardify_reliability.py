@@ -311,3 +311,68 @@ def test_a_bad_manifest_is_one_line_in_every_command(tmp_path, text):
     assert result.exit_code == 1 and "manifest.json" in result.output, result.output
     result = CliRunner().invoke(main, ["inspect", str(out)])
     assert result.exit_code == 2 and result.output.startswith("error: ") and len(result.output.splitlines()) == 1
+
+
+def _one_line_error(result, name: str):
+    """Exit 2 and one `error:` line naming the file (after the usual progress lines), no traceback."""
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: ") and name in last, result.output
+    assert result.output.count("error") == 1 and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_damaged_tar_gz_is_one_line(tmp_path, damage, workers):
+    src = fx.write_archives(tmp_path / "src", per_class=4, specials=False)
+    archive = src / "data" / "train_images_1.tar.gz"
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"garbage, not gzip" * 100)
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(src), "--out", str(tmp_path / "out"),
+                                       "--no-progress", "--split", "train", "--workers", str(workers)])
+    _one_line_error(result, "data/train_images_1.tar.gz")
+
+
+def test_a_truncated_parquet_file_is_one_line(tmp_path):
+    src = fx.write_parquet(tmp_path / "src", per_class=4, specials=False)
+    path = src / "data" / "train-00001-of-00002.parquet"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(src), "--out", str(tmp_path / "out"),
+                                       "--no-progress", "--split", "train"])
+    _one_line_error(result, "train-00001-of-00002.parquet")
+
+
+def test_a_truncated_local_webdataset_tar_is_one_line(tmp_path):
+    src = fx.write_wds(tmp_path / "src", per_class=4, specials=False)
+    path = src / "imagenet1k-train-0001.tar"
+    path.write_bytes(path.read_bytes()[:700])
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(src), "--out", str(tmp_path / "out"),
+                                       "--no-progress", "--split", "train"])
+    _one_line_error(result, "imagenet1k-train-0001.tar")
+
+
+def test_a_parquet_image_column_of_plain_bytes_is_read(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    (src / "data").mkdir(parents=True)
+    rows = fx.good_images("train", per_class=2)
+    table = pa.table({"image": pa.array([data for _, _, data in rows], pa.binary()),
+                      "label": [fx.label_of(s) for _, s, _ in rows]})
+    pq.write_table(table, src / "data" / "train-00000-of-00001.parquet")
+    out = tmp_path / "out"
+    result = shard(src, out, "--split", "train")
+    assert "inputs = written + rejected: 6 = 6 + 0" in result.output
+    assert run_cli("verify", out, "--no-progress").output.strip().endswith("OK")
+
+
+def test_a_grid_path_without_an_extension_still_writes_a_png(tmp_path, small):
+    from PIL import Image
+
+    out = tmp_path / "out"
+    shard(small, out, "--split", "train")
+    run_cli("inspect", out, "--grid", tmp_path / "grid", "-n", 4)
+    with Image.open(tmp_path / "grid") as img:
+        assert img.format == "PNG"

@@ -26,7 +26,7 @@ from importlib import resources
 from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.records import Item, Reject, UserError, make_key
 from shardify.sources.base import ListContext, Reader, Source
-from shardify.staging import LocalFileReader, stage_units
+from shardify.staging import LocalFileReader, stage_units, unit_error
 from shardify.storage import Location
 
 HUB_ID = "ILSVRC/imagenet-1k"
@@ -221,7 +221,10 @@ class ImageNetSource(Source):
                 images = batch.column("image").to_pylist()
                 labels = batch.column("label").to_pylist() if "label" in columns else [None] * len(images)
                 for image, label in zip(images, labels):
-                    image = image or {}
+                    if isinstance(image, (bytes, bytearray)):  # a plain binary image column
+                        image = {"bytes": bytes(image)}
+                    elif not isinstance(image, dict):
+                        image = {}
                     path = image.get("path") or ""
                     key, synset = _split_image_name(_basename_stem(path)) if path else (f"{split}_{_basename_stem(rel)}_{row:07d}", None)
                     payload = image.get("bytes") or b""
@@ -231,11 +234,14 @@ class ImageNetSource(Source):
     def _list_local_wds(self, rel: str) -> list[Item]:
         """Local mirror tars are read in place: list the image members with their data offsets."""
         path = self.loc.path(rel)
-        with tarfile.open(path, mode="r:") as tar:
-            return [Item(key=make_key(key), origin=f"{rel}:{key}",
-                         loc=(path, image[0].offset_data, image[0].size) if image else (path, 0, 0),
-                         meta={"synset": None, "label": label})
-                    for key, image, label in _wds_samples(tar, read_images=False)]
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                return [Item(key=make_key(key), origin=f"{rel}:{key}",
+                             loc=(path, image[0].offset_data, image[0].size) if image else (path, 0, 0),
+                             meta={"synset": None, "label": label})
+                        for key, image, label in _wds_samples(tar, read_images=False)]
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise unit_error(rel, exc) from None
 
     # ---- reading and encoding (worker side)
     def open_reader(self, split: str) -> Reader:
