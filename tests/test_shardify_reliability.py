@@ -376,3 +376,71 @@ def test_a_grid_path_without_an_extension_still_writes_a_png(tmp_path, small):
     run_cli("inspect", out, "--grid", tmp_path / "grid", "-n", 4)
     with Image.open(tmp_path / "grid") as img:
         assert img.format == "PNG"
+
+
+# ------------------------------------------------------------------ readers users already have
+@pytest.fixture(scope="module")
+def with_specials(tmp_path_factory):
+    """Shards of an ImageFolder copy where only some images are re-encoded (CMYK, PNG)."""
+    root = tmp_path_factory.mktemp("specials")
+    src = fx.write_imagefolder(root / "src", per_class=4, specials=True)
+    out = root / "out"
+    shard(src, out, "--samples-per-shard", 4)
+    return out
+
+
+def _urls(out: Path, split: str) -> list[str]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [str(out / sh["name"]) for sh in manifest["splits"][split]["shards"]]
+
+
+def test_every_json_has_the_same_keys_so_hf_datasets_keeps_late_ones(tmp_path, with_specials):
+    import datasets
+
+    urls = _urls(with_specials, "train")
+    ds = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train",
+                               cache_dir=str(tmp_path / "hf-cache"))
+    rows = {row["__key__"]: row["json"] for row in ds}
+    assert len(rows) == 14  # 12 plain JPEGs, a CMYK JPEG and a PNG; the other specials are rejected
+    reencoded = {k: v["reencoded_from"] for k, v in rows.items() if v["reencoded_from"]}
+    assert reencoded == {f"{fx.SYNSETS[0]}_90001": "cmyk-jpeg", f"{fx.SYNSETS[1]}_90002": "png"}
+    assert all(set(v) == {"source", "format", "width", "height", "reencoded_from", "synset"} for v in rows.values())
+
+
+@pytest.mark.slow  # importing timm takes about 10 s
+def test_timm_reads_the_shards_through_info_json(with_specials):
+    pytest.importorskip("timm", reason="timm is a test extra: pip install -e '.[test]'")
+    from timm.data import create_dataset
+
+    manifest = json.loads((with_specials / "manifest.json").read_text())
+    for split in ("train", "validation"):
+        ds = create_dataset(f"wds/{fx.__name__}", root=str(with_specials), split=split, is_training=False,
+                            batch_size=1, input_img_mode="RGB", input_key="jpg")  # target: the .cls member
+        assert len(ds) == manifest["splits"][split]["samples"]
+        labels = sorted(int(target) for _, target in ds)
+        want = []
+        for url in _urls(with_specials, split):
+            import tarfile
+
+            with tarfile.open(url) as tar:
+                want += [int(tar.extractfile(m).read()) for m in tar if m.name.endswith(".cls")]
+        assert labels == sorted(want)
+
+
+def test_wids_reads_the_shards_through_its_index(with_specials):
+    wids = pytest.importorskip("wids", reason="wids is a test extra: pip install -e '.[test]'")
+    manifest = json.loads((with_specials / "manifest.json").read_text())
+    index = with_specials / "wids-train.json"
+    assert json.loads(index.read_text())["__kind__"] == "wids-shard-index-v1"
+    ds = wids.ShardListDataset(str(index), transformations=[])
+    assert len(ds) == manifest["splits"]["train"]["samples"]
+    keys = [ds[i]["__key__"] for i in range(len(ds))]
+    expected = []
+    for sh in manifest["splits"]["train"]["shards"]:
+        import tarfile
+
+        with tarfile.open(with_specials / sh["name"]) as tar:
+            expected += [m.name.split(".")[0] for m in tar if m.name.endswith(".jpg")]
+    assert keys == expected
+    sample = ds[0]
+    assert sample[".jpg"] if ".jpg" in sample else sample["jpg"]

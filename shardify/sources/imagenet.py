@@ -250,7 +250,10 @@ class ImageNetSource(Source):
     def encode(self, item: Item, payload: bytes) -> dict[str, bytes]:
         label = _label(item)  # before decoding: a sample without a label is rejected cheaply
         jpeg, info = normalise_image(payload, self.max_pixels)
-        meta = {"source": item.origin, **info}
+        # Every sample's json has the same keys with the same types: HF datasets infers the
+        # schema from the first samples, so a key that shows up later is dropped, and one that
+        # is null there cannot take a string later. "" means "not re-encoded".
+        meta = {"source": item.origin, "reencoded_from": "", "synset": None, **info}
         fields = {"jpg": jpeg}
         if label is not None:
             meta["synset"] = imagenet_classes()[0][label]
