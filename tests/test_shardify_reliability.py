@@ -444,3 +444,23 @@ def test_wids_reads_the_shards_through_its_index(with_specials):
     assert keys == expected
     sample = ds[0]
     assert sample[".jpg"] if ".jpg" in sample else sample["jpg"]
+
+
+def test_open_clip_s_webdataset_pin_fits_our_requirements():
+    """open_clip[training] pins webdataset<=0.2.86: our runtime requirements must allow it, which
+    they can because shardify and the trainer never import webdataset."""
+    import ast
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for line in project["dependencies"]:
+        req = Requirement(line)
+        if req.name == "webdataset":
+            assert req.specifier.contains("0.2.86"), line
+    for path in list((REPO / "shardify").rglob("*.py")) + list((REPO / "trainer").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "webdataset" for n in names), f"{path} imports webdataset"
