@@ -277,6 +277,30 @@ class _Progress:
             self.bar.close()
 
 
+def check_options(source: Source, out_dir: Path, splits: list[str], opts: JobOptions) -> None:
+    """Every option value makes sense, checked before any work (and before anything is written)."""
+    if opts.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if opts.samples_per_shard < 1:
+        raise UserError("--samples-per-shard must be at least 1")
+    if opts.num_nodes < 1 or not 0 <= opts.node_rank < opts.num_nodes:
+        raise UserError(f"--node-rank {opts.node_rank} is not in [0, {opts.num_nodes})")
+    if not splits:
+        raise UserError("no split to write")
+    twice = sorted({s for s in splits if splits.count(s) > 1})
+    if twice:
+        raise UserError(f"--split {twice[0]} is given more than once")
+    unknown = [s for s in splits if s not in source.splits()]
+    if unknown:
+        raise UserError(f"split {unknown[0]!r} is not in this source (it has: {', '.join(source.splits())})")
+    local = getattr(getattr(source, "loc", None), "local_path", None)
+    if local is not None:
+        src, out = Path(local).resolve(), out_dir.resolve()
+        if out == src or src in out.parents:
+            raise UserError(f"--out {out_dir} lies inside --source {local}: a rerun would read the shards as "
+                            "inputs; write them outside the source tree")
+
+
 def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=None) -> dict | None:
     """Write this node's shards of `splits`; finalize when this is the only node.
 
@@ -286,13 +310,7 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out_dir = Path(out_dir)
-    if opts.workers < 1:
-        raise UserError("--workers must be at least 1")
-    if not 0 <= opts.node_rank < opts.num_nodes:
-        raise UserError(f"--node-rank {opts.node_rank} is not in [0, {opts.num_nodes})")
-    unknown = [s for s in splits if s not in source.splits()]
-    if unknown:
-        raise UserError(f"split {unknown[0]!r} is not in this source (it has: {', '.join(source.splits())})")
+    check_options(source, out_dir, splits, opts)
     prepare_output(out_dir, source, opts, log)
 
     for split in splits:

@@ -464,3 +464,31 @@ def test_open_clip_s_webdataset_pin_fits_our_requirements():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not any(n.split(".")[0] == "webdataset" for n in names), f"{path} imports webdataset"
+
+
+# ------------------------------------------------------------------ options checked before work
+@pytest.mark.parametrize("args, message", [
+    (["--split", "train", "--split", "train"], "--split train is given more than once"),
+    (["--num-nodes", "2", "--node-rank", "2"], "--node-rank 2 is not in [0, 2)"),
+    (["--samples-per-shard", "0"], "--samples-per-shard"),
+    (["--workers", "0"], "--workers"),
+    (["--max-reject-rate", "2"], "--max-reject-rate"),
+])
+def test_option_values_are_checked_before_any_work(tmp_path, small, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(small), "--out", str(out), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_an_output_inside_the_source_is_refused(tmp_path):
+    src = fx.write_wds(tmp_path / "src", per_class=2, specials=False)  # our shard names match this layout
+    result = CliRunner().invoke(main, ["imagenet", "--source", str(src), "--out", str(src / "shards")])
+    assert result.exit_code == 2 and "lies inside --source" in result.output, result.output
+    assert not (src / "shards").exists()
+
+
+@pytest.mark.parametrize("args", [["verify", "--sample-per-shard", "-1"], ["inspect", "-n", "0"]])
+def test_verify_and_inspect_options_are_checked(tmp_path, args):
+    result = CliRunner().invoke(main, [args[0], str(tmp_path), *args[1:]])
+    assert result.exit_code == 2 and "Invalid value" in result.output
