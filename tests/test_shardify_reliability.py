@@ -492,3 +492,11 @@ def test_an_output_inside_the_source_is_refused(tmp_path):
 def test_verify_and_inspect_options_are_checked(tmp_path, args):
     result = CliRunner().invoke(main, [args[0], str(tmp_path), *args[1:]])
     assert result.exit_code == 2 and "Invalid value" in result.output
+
+
+def test_bench_shardify_with_a_missing_image_folder_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_shardify.py"), "--images",
+                           str(tmp_path / "nope"), "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no such folder" in proc.stderr
