@@ -150,8 +150,9 @@ def _verify_rejects(manifest: dict, root: Path) -> list[str]:
         if per_split[split] != info["rejected"]:
             problems.append(f"rejects.jsonl lists {per_split[split]} {split} inputs, the manifest counts {info['rejected']}")
         for sh in info["shards"]:
-            if per_shard[sh["name"]] != sh["rejected"]:
-                problems.append(f"rejects.jsonl lists {per_shard[sh['name']]} rejects of {sh['name']}, "
+            stem = sh["name"][: -len(".tar")]  # a reject's "shard" is the shard's name without .tar
+            if per_shard[stem] != sh["rejected"]:
+                problems.append(f"rejects.jsonl lists {per_shard[stem]} rejects of {sh['name']}, "
                                 f"the manifest counts {sh['rejected']}")
     return problems
 
