@@ -89,17 +89,26 @@ def _clear_output(out_dir: Path) -> None:
     shutil.rmtree(state.state_dir(out_dir), ignore_errors=True)
 
 
+def _listed_files(manifest: dict) -> set[str]:
+    """The shard and .idx names a manifest lists (tolerant: the manifest may be damaged)."""
+    names = set()
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    for info in splits.values():
+        for sh in (info.get("shards") or []) if isinstance(info, dict) else []:
+            name = str(sh.get("name", "")) if isinstance(sh, dict) else ""
+            if _SHARD_FILE.match(name) and name.endswith(".tar"):
+                names |= {name, name[: -len(".tar")] + ".idx"}
+    return names
+
+
 def _clear_finished(out_dir: Path, manifest: dict) -> None:
     """Without work state, delete what a shardify manifest lists (its shards and their .idx)."""
     from shardify.readers import reader_index_names
 
-    for info in manifest.get("splits", {}).values():
-        for sh in info.get("shards", []):
-            name = str(sh.get("name", ""))
-            if _SHARD_FILE.match(name):
-                state.unlink_file(out_dir / name)
-                state.unlink_file(out_dir / (name[: -len(".tar")] + ".idx"))
-    for name in OUTPUT_FILES + tuple(reader_index_names(s) for s in manifest.get("splits", {})):
+    for name in _listed_files(manifest):
+        state.unlink_file(out_dir / name)
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    for name in OUTPUT_FILES + tuple(reader_index_names(s) for s in splits):
         state.unlink_file(out_dir / name)
 
 
@@ -141,15 +150,19 @@ def prepare_output(out_dir: Path, source: Source, opts: JobOptions, log=print) -
                     "shards added now would leave the old ones out of the manifest: write to a new "
                     "--out, or add --overwrite to replace the finished dataset"
                 )
-            if manifest is not None:
-                _clear_finished(out_dir, manifest)
-            left = _orphans(out_dir)
-            if left:
+            if manifest is not None and (manifest.get("tool") or {}).get("name") != "shardify":
+                raise UserError(f"{out_dir}/manifest.json was not written by shardify; shardify deletes "
+                                "only what it wrote itself: move it, or write to a new --out")
+            listed = _listed_files(manifest or {})
+            left = [name for name in _orphans(out_dir) if name not in listed]
+            if left:  # refuse before deleting anything: a refused command changes nothing
                 raise UserError(
                     f"{out_dir} holds shard files no manifest or work state of shardify lists "
                     f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''}); shardify deletes only "
                     "what it wrote itself: move or delete them, or write to a new --out"
                 )
+            if manifest is not None:
+                _clear_finished(out_dir, manifest)
     if old_job is not None and listing is not None and old_job.get("listing") not in (None, listing):
         # Same source path, other files: payloads staged from the old files must not be reused.
         # Shards that no longer hold their planned inputs are written again (see shard_done).

@@ -228,6 +228,26 @@ def test_shard_named_files_of_unknown_origin_are_refused(tmp_path, small):
     assert (out / "train-000000.tar").read_bytes() == b"someone else's"
 
 
+def test_overwrite_of_a_stateless_directory_with_strays_changes_nothing(tmp_path, small):
+    import shutil
+
+    out = tmp_path / "out"
+    shard(small, out, "--split", "train")
+    shutil.rmtree(out / ".shardify")
+    (out / "train-000099.tar").write_bytes(b"not listed anywhere")
+    before = tree_bytes(out)
+    result = shard(small, out, "--overwrite", expect=2)
+    assert "train-000099.tar" in result.output
+    assert tree_bytes(out) == before
+    (out / "train-000099.tar").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["tool"]["name"] = "something-else"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = tree_bytes(out)
+    result = shard(small, out, "--overwrite", expect=2)
+    assert "not written by shardify" in result.output and tree_bytes(out) == before
+
+
 def test_the_same_key_in_two_splits_is_refused(tmp_path):
     src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
     twin = src / "val" / fx.SYNSETS[0] / f"{fx.SYNSETS[0]}_00000.JPEG"  # also a train file name
