@@ -89,6 +89,20 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
     return loc
 
 
+def local_file_location(path: str) -> Location:
+    """A Location holding one local file (e.g. a URL list): its folder as the root, that file
+    only, and a listing digest of that file alone (the folder is not walked)."""
+    import fsspec
+
+    path = os.path.abspath(path)
+    root, name = os.path.dirname(path), os.path.basename(path)
+    st = os.stat(path)
+    digest = hashlib.blake2b(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(), digest_size=16)
+    loc = Location(fsspec.filesystem("file"), root, [name], local_path=path)
+    loc.listing_digest = digest.hexdigest()
+    return loc
+
+
 def hub_location(repo_id: str, revision: str | None, token: str | None = None) -> Location:
     """The hub dataset repo at `revision` (default main), resolved to a commit sha."""
     try:
