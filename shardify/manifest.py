@@ -3,8 +3,9 @@
 `finalize` runs at the end of a single-node job and as `shardify finalize DIR` after a
 multi-node one. It refuses to write a manifest unless every planned shard is present exactly
 once with the planned inputs (checked through per-shard key digests), and inputs = written +
-rejected holds per shard, per split and in total. Then it writes rejects.jsonl, sizes.json and,
-last and atomically, manifest.json.
+rejected holds per shard, per split and in total. Then it writes rejects.jsonl, sizes.json, the
+reader indexes (_info.json for timm, wids-<split>.json for wids) and, last and atomically,
+manifest.json (validated against the contract in shardify/format.py).
 """
 
 from __future__ import annotations
