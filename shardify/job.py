@@ -168,7 +168,8 @@ def prepare_output(out_dir: Path, source: Source, opts: JobOptions, log=print) -
         # Shards that no longer hold their planned inputs are written again (see shard_done).
         import shutil
 
-        log(f"{source.dataset}: the files under --source changed since the last run; listing them again")
+        log(f"{source.dataset}: the files under --source changed since the last run: listing them again "
+            "and writing again every shard written from the old files")
         shutil.rmtree(state.stage_dir(out_dir), ignore_errors=True)
     if opts.num_nodes == 1:  # nobody else writes here: leftovers of an interrupted run can go
         state.remove_temporaries(out_dir)
@@ -197,10 +198,10 @@ def _read_manifest_or_none(out_dir: Path) -> dict | None:
 _WORKER: dict = {}
 
 
-def _init_worker(source: Source, out_dir: str, progress_queue, hash_thread: bool) -> None:
+def _init_worker(source: Source, out_dir: str, progress_queue, hash_thread: bool, listing: str | None) -> None:
     _WORKER.clear()
     _WORKER.update(source=source, out_dir=Path(out_dir), queue=progress_queue, readers={},
-                   hash_thread=hash_thread)
+                   hash_thread=hash_thread, listing=listing)
 
 
 def _reader(split: str):
@@ -246,6 +247,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
     stats.update(
         name=f"{name}.tar",
         mtime_ns=os.stat(tar_tmp).st_mtime_ns,  # a rename keeps it: a later change shows
+        listing=_WORKER["listing"],  # the source files it was written from
         index=index,
         inputs=len(items),
         rejected=len(rejects),
@@ -325,6 +327,7 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
     out_dir = Path(out_dir)
     check_options(source, out_dir, splits, opts)
     prepare_output(out_dir, source, opts, log)
+    listing = source.listing_digest()  # the local files the shards are written from
 
     for split in splits:
         log(f"{source.dataset} {split}: listing inputs")
@@ -334,10 +337,10 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
         mine = planning.node_shards(len(per_shard), opts.num_nodes, opts.node_rank)
         if opts.num_nodes > 1:  # only this node's leftovers: the others may be writing theirs
             state.remove_temporaries(out_dir, [planning.shard_name(split, i) for i in mine])
-        todo = [i for i in mine if not planning.shard_done(out_dir, split, i, digests[i])]
+        todo = [i for i in mine if not planning.shard_done(out_dir, split, i, digests[i], listing)]
         log(f"{source.dataset} {split}: {n_inputs} inputs -> {len(per_shard)} shards; "
             f"this node writes {len(mine)} ({len(mine) - len(todo)} already complete)")
-        _write_shards(source, out_dir, split, [(i, per_shard[i]) for i in todo], opts)
+        _write_shards(source, out_dir, split, [(i, per_shard[i]) for i in todo], opts, listing)
         state.write_json_atomic(
             state.node_path(out_dir, split, opts.node_rank, opts.num_nodes),
             {"split": split, "node_rank": opts.node_rank, "num_nodes": opts.num_nodes, "shards": mine},
@@ -348,14 +351,15 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
     return None
 
 
-def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: JobOptions) -> None:
+def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: JobOptions,
+                  listing: str | None) -> None:
     total = sum(len(items) for _, items in tasks)
     bar = _Progress(total, opts.progress and total > 0, f"{split}")
     # Hashing in a helper thread only pays when a core is left over for it.
     hash_thread = opts.hash_thread if opts.hash_thread is not None else opts.workers < (os.cpu_count() or 1)
     try:
         if opts.workers == 1 or len(tasks) <= 1:
-            _init_worker(source, str(out_dir), lambda msg: bar.update(*msg), hash_thread)
+            _init_worker(source, str(out_dir), lambda msg: bar.update(*msg), hash_thread, listing)
             for index, items in tasks:
                 write_shard(split, index, items)
             return
@@ -369,7 +373,7 @@ def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: 
                     return
 
         run_in_workers(_task, [(split, i, items) for i, items in tasks], opts.workers,
-                       initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread),
+                       initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread, listing),
                        poll=drain, what=f"writing {split} shards")
         time.sleep(0.05)  # let the workers' last progress messages arrive
         drain()

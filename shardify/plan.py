@@ -152,17 +152,19 @@ def remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> None:
             state.stats_path(out_dir, stem).unlink(missing_ok=True)
 
 
-def shard_done(out_dir: Path, split: str, index: int, key_digest: str) -> bool:
+def shard_done(out_dir: Path, split: str, index: int, key_digest: str, listing: str | None = None) -> bool:
     """A shard is done when its tar, .idx and stats exist, it holds the planned inputs (a local
-    source that changed between two runs changes the plan: such shards are written again) and
-    its bytes are the ones its stats describe (a tar truncated or modified by something else
-    is written again). The sha256 is recomputed only for a tar whose mtime changed."""
+    source that changed between two runs changes the plan: such shards are written again), it
+    was written from the source's current files (`listing`: a file replaced under the same name
+    keeps the plan but not the bytes) and its bytes are the ones its stats describe (a tar
+    truncated or modified by something else is written again). The sha256 is recomputed only
+    for a tar whose mtime changed."""
     name = shard_name(split, index)
     tar, stats_path = out_dir / f"{name}.tar", state.stats_path(out_dir, name)
     if not (tar.is_file() and stats_path.exists() and (out_dir / f"{name}.idx").is_file()):
         return False
     st = state.read_json(stats_path)
-    if st["key_digest"] != key_digest:
+    if st["key_digest"] != key_digest or st.get("listing") != listing:
         return False
     info = tar.stat()
     if info.st_size != st["bytes"]:

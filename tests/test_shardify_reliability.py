@@ -165,6 +165,18 @@ def test_replaced_files_under_the_same_source_path_are_never_reused_from_staging
     assert json.loads((out / "manifest.json").read_text())["splits"]["validation"]["inputs"] == 6
 
 
+def test_a_file_replaced_under_the_same_name_is_written_again(tmp_path):
+    src = fx.write_imagefolder(tmp_path / "src", per_class=4, specials=False)
+    out = tmp_path / "out"
+    shard(src, out, "--split", "train")
+    replaced = src / "train" / fx.SYNSETS[1] / f"{fx.SYNSETS[1]}_00002.JPEG"
+    replaced.write_bytes(fx.jpeg_bytes(31337, size=(50, 40)))  # a fixed copy: same name, other bytes
+    result = shard(src, out, "--split", "train")
+    assert "changed since the last run" in result.output
+    shard(src, tmp_path / "fresh", "--split", "train")
+    assert tree_bytes(out) == tree_bytes(tmp_path / "fresh")
+
+
 def test_a_folder_that_cannot_be_listed_is_an_error(tmp_path, monkeypatch):
     src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
     locked = src / "train" / fx.SYNSETS[1]
