@@ -22,6 +22,7 @@ import os
 import socket
 from pathlib import Path
 
+from shardify.format import ShardifyError
 from shardify.format import write_json_atomic  # noqa: F401  (temporary name, then rename)
 
 STATE_DIR = ".shardify"
@@ -95,8 +96,13 @@ def unlink_file(path: Path) -> None:
 
 
 def read_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A work-state file; one that something else damaged is a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ShardifyError(f"{path} is damaged ({exc}); shardify writes its state atomically, so "
+                            "something else changed it: write to a new --out") from None
 
 
 def key_hashes(keys):

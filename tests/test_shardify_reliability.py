@@ -532,3 +532,12 @@ def test_bench_shardify_with_a_missing_image_folder_is_one_line(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "no such folder" in proc.stderr
+
+
+def test_damaged_work_state_is_one_line(tmp_path, small):
+    out = tmp_path / "out"
+    shard(small, out, "--split", "train")
+    (out / ".shardify" / "job.json").write_text('{"fingerprint": ')
+    for args in (["imagenet", "--source", str(small), "--out", str(out), "--split", "train"], ["finalize", str(out)]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "job.json is damaged" in result.output, result.output
