@@ -45,7 +45,8 @@ class JpegError(ShardifyError):
 KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 MAX_KEY_LEN = 90  # key + "." + extension must fit the 100-byte ustar name field
-SHARD_NAME_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<index>\d{6})\.tar$")
+# A shard or its index: `{split}-{NNNNNN}.tar` / `.idx` (what shardify may have written in --out).
+SHARD_FILE_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.(tar|idx)$")
 
 
 def is_valid_key(key: str) -> bool:

@@ -17,13 +17,12 @@ import hashlib
 import io
 import json
 import os
-import re
 import sys
 import tarfile
 from pathlib import Path
 
 from shardify import readers
-from shardify.format import (JpegError, ShardifyError, gpu_unreadable_reason, is_valid_key, parse_idx,
+from shardify.format import (SHARD_FILE_RE, JpegError, ShardifyError, gpu_unreadable_reason, is_valid_key, parse_idx,
                              parse_jpeg_header, shard_name)
 from shardify.manifest import load_manifest
 
@@ -57,7 +56,7 @@ def verify(out_dir, full: bool = False, sample_per_shard: int = 4, progress: boo
 
 
 _COUNTS = ("samples", "inputs", "rejected", "bytes")
-_SHARD_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.(tar|idx)$")
+_SHARD_FILE = SHARD_FILE_RE
 
 
 def _verify_counts(manifest: dict) -> list[str]:
