@@ -43,6 +43,7 @@ def run_in_workers(func: Callable, tasks: Iterable, workers: int, initializer=No
     """
     tasks = list(tasks)
     results: list = [None] * len(tasks)
+    before = set(mp.active_children())
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
                              initializer=_init, initargs=(initializer, initargs))
     clean = False
@@ -70,16 +71,26 @@ def run_in_workers(func: Callable, tasks: Iterable, workers: int, initializer=No
         if clean:
             ex.shutdown(wait=True)
         else:  # an error, a dead worker or Ctrl-C: stop the others now, without waiting for them
-            _kill(ex)
-            # the pool's manager thread notices the dead workers and ends; waiting for it
-            # here keeps its clean-up from printing errors at interpreter exit
-            ex.shutdown(wait=True, cancel_futures=True)
+            _kill(ex, before)
+            # The pool's manager thread notices the dead workers and ends; waiting for it here
+            # (bounded: nothing may hang on the way out) keeps its clean-up from printing
+            # errors at interpreter exit.
+            manager = getattr(ex, "_executor_manager_thread", None)
+            ex.shutdown(wait=False, cancel_futures=True)
+            if manager is not None:
+                manager.join(timeout=5)
 
 
-def _kill(ex: ProcessPoolExecutor) -> None:
-    procs = list((getattr(ex, "_processes", None) or {}).values())
+def _kill(ex: ProcessPoolExecutor, before: set) -> None:
+    """SIGKILL the pool's workers, including any the pool did not register yet (a Ctrl-C that
+    lands while it forks): a worker left alive would block the interpreter's exit, which joins
+    every child process."""
+    import time
+
+    procs = set((getattr(ex, "_processes", None) or {}).values()) | (set(mp.active_children()) - before)
     for p in procs:
         if p.is_alive():
             p.kill()
+    deadline = time.monotonic() + 5
     for p in procs:
-        p.join(timeout=5)
+        p.join(timeout=max(0.0, deadline - time.monotonic()))

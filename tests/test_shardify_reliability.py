@@ -91,7 +91,7 @@ def test_a_killed_worker_ends_the_run_with_one_line(tmp_path):
 def test_ctrl_c_with_several_workers_ends_promptly(tmp_path):
     """With the progress bar on and workers busy, Ctrl-C used to hang about half the time."""
     src = fx.write_imagefolder(tmp_path / "src", per_class=50, specials=False)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     for trial in range(3):
         out = tmp_path / f"out{trial}"
         cmd = [sys.executable, "-m", "shardify", "imagenet", "--source", str(src), "--out", str(out),
@@ -105,9 +105,12 @@ def test_ctrl_c_with_several_workers_ends_promptly(tmp_path):
         try:
             _, err = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            raise AssertionError(f"trial {trial}: Ctrl-C did not end the run")
+            os.kill(proc.pid, signal.SIGABRT)  # faulthandler prints where it hangs
+            try:
+                _, err = proc.communicate(timeout=10)
+            finally:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError(f"trial {trial}: Ctrl-C did not end the run:\n{err[-5000:]}")
         assert proc.returncode == 130, err
         assert "Traceback" not in err and "interrupted: rerun" in err
         rerun = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=env)
