@@ -115,7 +115,9 @@ def _check_keys_unique_across_splits(out_dir: Path, split: str, unique: list[Ite
         keys_file = state.keys_path(out_dir, other) if other else None
         if other == split or keys_file is None or not keys_file.exists():
             continue
-        common = np.intersect1d(hashes, np.load(keys_file, allow_pickle=False))
+        theirs = np.load(keys_file, allow_pickle=False)  # sorted
+        at = np.searchsorted(theirs, hashes).clip(max=max(len(theirs) - 1, 0))
+        common = hashes[theirs[at] == hashes] if len(theirs) else hashes[:0]
         if len(common):
             shared = set(int(x) for x in common)
             for it in unique:
