@@ -17,7 +17,7 @@ from pathlib import Path
 from shardify import plan as planning
 from shardify import readers
 from shardify import state
-from shardify.format import MANIFEST, read_manifest, write_manifest  # noqa: F401
+from shardify.format import read_manifest, write_manifest
 from shardify.records import UserError
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 # Key rules and the error type are the shard contract's (shardify/format.py); re-exported here
 # for the code that builds records.
-from shardify.format import KEY_RE, MAX_KEY_LEN, make_key  # noqa: F401
+from shardify.format import make_key  # noqa: F401
 from shardify.format import ShardifyError as UserError  # noqa: F401
 
 
