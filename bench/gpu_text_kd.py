@@ -29,6 +29,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from shardify.format import simple_manifest  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
@@ -70,11 +71,9 @@ def write_blocks(root: Path, n: int, block: int, per_shard: int = 1024, vocab: i
                 i += 1
         shards.append({"name": name, "samples": len(keys), "bytes": (root / name).stat().st_size,
                        "first_key": keys[0], "last_key": keys[-1]})
-    manifest = {"schema_version": 1, "dataset": "bench-blocks", "fields": ["npy"],
-                "tokenizer": {"name": "random ids", "vocab_size": vocab, "block_size": block,
-                              "cls_id": 101, "sep_id": 102, "pad_id": 0, "dtype": "uint16"},
-                "splits": {"train": {"samples": n, "shards": shards}}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    simple_manifest(root, "bench-blocks", ["npy"], {"train": shards},
+                    tokenizer={"name": "random ids", "vocab_size": vocab, "block_size": block,
+                               "cls_id": 101, "sep_id": 102, "pad_id": 0, "dtype": "uint16"})
     return root
 
 

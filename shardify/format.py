@@ -166,6 +166,24 @@ def validate_manifest(doc, where: str = MANIFEST) -> None:
         _need(totals, k, int, where, "totals")
 
 
+def simple_manifest(out_dir, dataset: str, fields: list[str], splits: dict[str, list[dict]], **extra) -> dict:
+    """A valid manifest for shards written by other code (benchmarks, tests): each shard given as
+    {"name", "samples"} and optionally "first_key"/"last_key"; sizes are read from the files, no
+    rejects, no checksums. Written to out_dir/manifest.json and returned."""
+    def counts(items):
+        return {k: sum(x[k] for x in items) for k in _COUNTS}
+
+    doc_splits = {}
+    for split, shards in splits.items():
+        full = [{"inputs": sh["samples"], "rejected": 0, "sha256": "", "first_key": None, "last_key": None,
+                 "bytes": os.path.getsize(os.path.join(os.fspath(out_dir), sh["name"])), **sh} for sh in shards]
+        doc_splits[split] = {**counts(full), "shards": full}
+    doc = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "fields": list(fields), **extra,
+           "splits": doc_splits, "totals": counts(list(doc_splits.values()))}
+    write_manifest(out_dir, doc)
+    return doc
+
+
 def write_manifest(out_dir, manifest: dict) -> None:
     """Validate and write `manifest.json` atomically (temporary name, then rename)."""
     validate_manifest(manifest, os.path.join(os.fspath(out_dir), MANIFEST))
