@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import json
 import os
 import re
 import statistics
@@ -37,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from shardify.format import simple_manifest  # noqa: E402
 from trainer.data import AugmentConfig, DataConfig, build_loader, tjregion  # noqa: E402
 from trainer.data import decode as dec  # noqa: E402
 from trainer.data.stream import BatchStream  # noqa: E402
@@ -61,12 +61,7 @@ def shard_folder(files: list[str], out: str, per_shard: int = 64, unique_keys: b
                     ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
                     tf.addfile(ti, io.BytesIO(data))
         shards.append({"name": name, "samples": len(chunk)})
-    n = len(files)
-    manifest = {"schema_version": 1, "tool": {"name": "bench_loader", "version": "0"},
-                "splits": {"train": {"samples": n, "inputs": n, "rejected": 0, "shards": shards}},
-                "totals": {"samples": n, "inputs": n, "rejected": 0}}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    simple_manifest(out, "bench_loader", ["cls", "jpg"], {"train": shards})
     return out
 
 

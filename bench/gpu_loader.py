@@ -26,7 +26,6 @@ import argparse
 import glob
 import importlib.util
 import io
-import json
 import os
 import sys
 import tarfile
@@ -37,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from shardify.format import simple_manifest  # noqa: E402
 from shardify.images import normalise_image  # noqa: E402
 from shardify.records import Reject  # noqa: E402
 from trainer.data import AugmentConfig, DataConfig, build_loader  # noqa: E402
@@ -101,11 +101,7 @@ def prepare(args) -> None:
                     tf.addfile(ti, io.BytesIO(data))
         shards.append({"name": name, "samples": min(args.samples, s + per) - s})
     n = args.samples
-    manifest = {"schema_version": 1, "tool": {"name": "gpu_loader", "version": "0"},
-                "splits": {"train": {"samples": n, "inputs": n, "rejected": 0, "shards": shards}},
-                "totals": {"samples": n, "inputs": n, "rejected": 0}}
-    with open(os.path.join(args.out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    simple_manifest(args.out, "gpu_loader", ["cls", "jpg"], {"train": shards})
     mean_kb = sum(len(b) for b in blobs) / len(blobs) / 1024
     print(f"sharded {n} samples ({origin}, mean {mean_kb:.0f} KB) in {time.perf_counter() - t:.1f}s")
     print(f"gpu-check: prepare samples={n} source={'real' if 'real' in origin else 'generated'} mean_kb={mean_kb:.0f}")

@@ -23,13 +23,10 @@ _D = DownloadConfig()
 
 def file_or_dir_location(path: str):
     """A Location for a local directory, or for a single list file (its folder, that file only)."""
-    from shardify.storage import local_location
+    from shardify.storage import local_file_location, local_location
 
     if os.path.isfile(path):
-        loc = local_location(os.path.dirname(os.path.abspath(path)))
-        loc.files = [os.path.basename(path)]
-        loc.local_path = os.path.abspath(path)
-        return loc
+        return local_file_location(path)
     return local_location(path)
 
 

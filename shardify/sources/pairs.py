@@ -26,6 +26,9 @@ from shardify.sources.base import Reader
 from shardify.staging import LocalFileReader
 
 PAIR_FIELDS = ("jpg", "txt", "json")
+# Per-input facts in every pair's json (null when a dataset does not have them).
+PAIR_JSON_KEYS = ("image_id", "url", "caption_index", "sentid", "karpathy_split", "filename", "orig_key")
+_PAIR_STRING_KEYS = ("url", "karpathy_split", "filename", "orig_key")  # "" when absent
 RESIZE_QUALITY = 95
 
 
@@ -64,16 +67,17 @@ def encode_pair(item: Item, payload: bytes, opts: ImageOptions, source_name: str
     width, height = info["width"], info["height"]
     if min(width, height) < opts.min_side:
         raise Reject("placeholder", f"{width}x{height} image (shorter side below --min-side {opts.min_side})")
-    meta = {"source": source_name, "origin": item.origin, "format": info["format"]}
-    if "reencoded_from" in info:
-        meta["reencoded_from"] = info["reencoded_from"]
+    # Every sample's json has the same keys with the same types: HF datasets infers the schema
+    # from the first samples, so a key that shows up later is dropped, and one that is null
+    # there cannot take a string later. "" means "does not apply" for strings.
+    meta = {"source": source_name, "origin": item.origin, "format": info["format"],
+            "reencoded_from": info.get("reencoded_from", ""), "orig_width": width, "orig_height": height}
     if opts.max_side and max(width, height) > opts.max_side:
-        meta["resized_from"] = [width, height]
         jpeg, width, height = _resize(jpeg, opts.max_side)
     meta.update(width=width, height=height)
-    for k in ("image_id", "url", "caption_index", "sentid", "karpathy_split", "filename", "orig_key"):
-        if item.meta.get(k) is not None:
-            meta[k] = item.meta[k]
+    for k in PAIR_JSON_KEYS:
+        value = item.meta.get(k)
+        meta[k] = "" if value is None and k in _PAIR_STRING_KEYS else value
     return {"jpg": jpeg, "txt": caption.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
 

@@ -41,8 +41,8 @@ import threading
 import numpy as np
 import torch
 
-from shardify.images import check_stored_jpeg, parse_jpeg_header
-from shardify.records import Reject
+from shardify.format import JpegError as Reject  # the contract's JPEG error (reason, detail)
+from shardify.format import check_stored_jpeg, parse_jpeg_header
 
 from . import tjregion
 from .augment import cpu_resized_crop
