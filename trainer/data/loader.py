@@ -115,9 +115,13 @@ class StreamingLoader:
         ds = BatchStream(self.sources, cfg, self.kind, self.rank, self.world_size, self.epoch, start,
                          self.gpu_decode)
         nw = max(0, int(cfg.num_workers))
+        # a private generator: DataLoader draws a base seed at every iter(), which would advance
+        # the global torch RNG (dropout, drop path) by a different count in a resumed run;
+        # workers need no seed from it (every random draw is seeded per sample)
         dl = DataLoader(ds, batch_size=None, num_workers=nw,
                         pin_memory=self.device.type == "cuda" and not self.gpu_decode,
-                        prefetch_factor=2 if nw > 0 else None, persistent_workers=False)
+                        prefetch_factor=2 if nw > 0 else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(self.epoch))
         it = iter(dl)  # workers start here, forked from the caller's thread
         staged = self._ahead(it) if self.lookahead > 0 else (self._device_stage(wb) for wb in it)
         done = 0
