@@ -168,8 +168,9 @@ def test_image_bytes_checked_once_per_sample(server, tmp_path, monkeypatch):
     calls = []
     real = pairs.check_image_bytes
     monkeypatch.setattr(pairs, "check_image_bytes", lambda data: calls.append(len(data)) or real(data))
-    fx.write_url_list(tmp_path / "list.csv", [{"url": f"{server.url}/good/{i}.jpg", "caption": "c"} for i in range(3)])
-    src = UrlListSource(local_location(str(tmp_path)), download=DownloadConfig(timeout=2, retries=0, host_rate=0))
+    (tmp_path / "src").mkdir()  # the output may not sit inside the source
+    fx.write_url_list(tmp_path / "src" / "list.csv", [{"url": f"{server.url}/good/{i}.jpg", "caption": "c"} for i in range(3)])
+    src = UrlListSource(local_location(str(tmp_path / "src")), download=DownloadConfig(timeout=2, retries=0, host_rate=0))
     from shardify.job import run_job
 
     manifest = run_job(src, tmp_path / "out", ["train"], JobOptions(progress=False), log=lambda m: None)
