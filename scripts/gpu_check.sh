@@ -18,7 +18,7 @@ T0=$(date +%s)
 OUT=${OUT:-gpu_check_out}
 DATA=${GPU_CHECK_DATA:-gpu_check_data}
 WORK=${GPU_CHECK_WORK:-/tmp/gpu_check}
-BUDGET=${GPU_CHECK_BUDGET:-420}
+BUDGET=${GPU_CHECK_BUDGET:-480}
 ONLY=${GPU_CHECK_ONLY:-}  # e.g. "loader compare": rerun only these stages (prepare runs if shards are missing)
 PY=${PY:-python3}
 CORES=$(nproc 2>/dev/null || echo 8)
@@ -83,6 +83,9 @@ run_all() {
   # by file: test modules of other parts need packages this machine may not have
   stage cuda_tests 120 "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_loader_cuda.py \
     tests/test_train_cuda.py tests/test_loader_gpu_path.py
+  # the text and multimodal tasks at thesis batch sizes, bf16 (need transformers: the GPU image has it)
+  stage text_kd 90 "$PY" bench/gpu_text_kd.py --steps 5 --repeats 2 --workers "$WORKERS" --out "$WORK/text_kd"
+  stage multimodal 110 "$PY" bench/gpu_multimodal.py --steps 5 --repeats 2 --out "$WORK/multimodal"
 }
 
 section() {  # the log lines of one stage
@@ -90,15 +93,18 @@ section() {  # the log lines of one stage
 }
 
 summary() {
-  local loader compare memory train_s train_l tests
+  local loader compare memory train_s train_l tests text_kd multimodal
   loader=$(section loader | grep -h "^gpu-check: loader" | sed 's/^gpu-check: loader //')
   compare=$(section compare | grep -h "^gpu-check: compare" | sed 's/^gpu-check: compare //')
   memory=$(section memory | grep -h "^gpu-check: memory" | sed 's/^gpu-check: memory //')
   train_s=$(section train_synthetic | grep -h "^gpu-train:" | sed 's/^gpu-train: //; s/ (.*//')
   train_l=$(section train_loader | grep -h "^gpu-train:" | sed 's/^gpu-train: //; s/ (.*//')
   tests=$(section cuda_tests | grep -E "(passed|failed|error).* in [0-9.]+s" | tail -1 | tr -d '=' | xargs)
+  text_kd=$(section text_kd | grep -h "^gpu-text-kd:" | sed 's/^gpu-text-kd: //')
+  multimodal=$(section multimodal | grep -h "^gpu-multimodal:" | sed 's/^gpu-multimodal: //; s/ (.*//')
   echo "GPU-CHECK SUMMARY: loader [$loader] compare [$compare] memory [$memory]" \
        "train synthetic [$train_s] train with GPU loader [$train_l] tests [$tests]" \
+       "text_kd [$text_kd] multimodal [$multimodal]" \
        "stages [$(tr '\n' ' ' < "$STAGES" | xargs)] $(( $(date +%s) - T0 ))s"
 }
 
