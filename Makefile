@@ -7,10 +7,15 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 IMAGES ?= ../shared/bench-images
 SHARDS ?= demo_out/shards/imagenet
 CKPT ?= runs/image_kd
+TEXT_SHARDS ?= shards/owt-bert
+TEXT_CKPT ?= runs/text_kd
+TEACHER ?= bert-base-uncased
+MM_SHARDS ?= shards/coco-karpathy,shards/cc3m,shards/cc12m
+MM_CKPT ?= runs/multimodal
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-train train-image clean
+.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image train-text train-multimodal clean gpu-check-prep gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -41,11 +46,27 @@ bench-tokenize: $(VENV)/.installed ## Tokenise-and-pack throughput per core agai
 bench-loader: $(VENV)/.installed ## CPU loader path against the classic torchvision pipeline and a bare decode (IMAGES=dir)
 	$(OFFLINE) $(PY) bench/bench_loader.py --images $(IMAGES)
 
+bench-download: $(VENV)/.installed ## URL-list download against img2dataset from a local 127.0.0.1 server (IMAGES=dir)
+	$(OFFLINE) $(PY) bench/bench_download.py --images $(IMAGES)
+
 clean: ## Remove demo and benchmark outputs (keeps .venv)
 	rm -rf $(DEMO_OUT) bench_out
 
 train-image: $(VENV)/.installed ## Distil Data2Vec2 ViT-B/16 into 6 blocks (SHARDS=shards dir, CKPT=run dir; resumes)
 	$(OFFLINE) $(VENV)/bin/trainer train configs/image_kd.yaml "data.manifests=[$(SHARDS)]" "out_dir=$(CKPT)" resume=auto $(TRAIN_ARGS)
 
+# not offline: a hub id teacher is fetched once into the Hugging Face cache (TEACHER=DIR works offline)
+train-text: $(VENV)/.installed ## Distil BERT into 6 layers on pre-tokenised OpenWebText (TEXT_SHARDS=dir, TEXT_CKPT=run dir, TEACHER=id or dir; resumes)
+	$(VENV)/bin/trainer train configs/text_kd.yaml "data.manifests=[$(TEXT_SHARDS)]" "teacher.path=$(TEACHER)" "out_dir=$(TEXT_CKPT)" resume=auto $(TRAIN_ARGS)
+
+train-multimodal: $(VENV)/.installed ## S-SMKE: Data2Vec2 + BERT towers, shared block, BEiTv2 teacher (MM_SHARDS=a,b,c MM_CKPT=run dir; resumes)
+	$(OFFLINE) $(VENV)/bin/trainer train configs/multimodal.yaml "data.manifests=[$(MM_SHARDS)]" "out_dir=$(MM_CKPT)" resume=auto $(TRAIN_ARGS)
+
 bench-train: $(VENV)/.installed ## Time the demo training config on CPU through the streaming loader (SHARDS=dir)
 	$(OFFLINE) $(PY) bench/bench_train.py --shards $(SHARDS)
+
+gpu-check-prep: $(VENV)/.installed ## Put simplejpeg wheels and the bench photos into gpu_check_data/ for a GPU machine (IMAGES=dir)
+	PY=$(PY) IMAGES=$(IMAGES) bash scripts/gpu_check_prep.sh
+
+gpu-check: ## The GPU check on this machine (needs CUDA; see docs/benchmarks.md)
+	bash scripts/gpu_check.sh

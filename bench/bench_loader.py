@@ -9,6 +9,8 @@
    the same images each run, methods interleaved batch by batch, medians of 3 runs:
    - ours: the loader's CPU path for one epoch (shard read, crop-driven decode, crop, resize,
      flip; the uint8 batch is what a worker hands over, normalisation is device work);
+   - ours, whole-image decode: the same with the fallback decoder (simplejpeg decodes the whole
+     image at the DCT scale; what runs where libturbojpeg 3 cannot be loaded);
    - ours+norm: the same plus normalisation to float32 on the CPU (what device=cpu costs);
    - classic: the torchvision ImageNet recipe on the original files (PIL open,
      RandomResizedCrop, RandomHorizontalFlip, ToTensor, Normalize);
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import glob
 import io
-import json
 import os
 import re
 import statistics
@@ -35,7 +36,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from trainer.data import AugmentConfig, DataConfig, build_loader  # noqa: E402
+from shardify.format import simple_manifest  # noqa: E402
+from trainer.data import AugmentConfig, DataConfig, build_loader, tjregion  # noqa: E402
+from trainer.data import decode as dec  # noqa: E402
 from trainer.data.stream import BatchStream  # noqa: E402
 
 
@@ -58,12 +61,7 @@ def shard_folder(files: list[str], out: str, per_shard: int = 64, unique_keys: b
                     ti.size, ti.mtime, ti.mode = len(data), 0, 0o644
                     tf.addfile(ti, io.BytesIO(data))
         shards.append({"name": name, "samples": len(chunk)})
-    n = len(files)
-    manifest = {"schema_version": 1, "tool": {"name": "bench_loader", "version": "0"},
-                "splits": {"train": {"samples": n, "inputs": n, "rejected": 0, "shards": shards}},
-                "totals": {"samples": n, "inputs": n, "rejected": 0}}
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(manifest, f)
+    simple_manifest(out, "bench_loader", ["cls", "jpg"], {"train": shards})
     return out
 
 
@@ -119,12 +117,22 @@ def main() -> None:
         # ours: the worker's work (what the CPU path costs per core); ours+norm: the whole
         # loader with device=cpu, normalising to float32 here
         ours = iter(BatchStream(loader.sources, cfg, "image", 0, 1, epoch, 0, gpu_decode=False))
+        whole = iter(BatchStream(loader.sources, cfg, "image", 0, 1, epoch, 0, gpu_decode=False))
+
+        def whole_batch() -> int:
+            dec.REGION_DECODE = False
+            try:
+                return next(whole)["image"].shape[0]
+            finally:
+                dec.REGION_DECODE = True
         loader.set_epoch(epoch)
         ours_norm = iter(loader)
-        t = {k: 0.0 for k in ("ours", "ours+norm", "classic", "bare decode", "bare decode (fast idct)")}
+        t = {k: 0.0 for k in ("ours", "ours, whole-image decode", "ours+norm", "classic", "bare decode",
+                              "bare decode (fast idct)")}
         got = dict.fromkeys(t, 0)
         for c in chunks:
             for name, fn in (("ours", lambda: next(ours)["image"].shape[0]),
+                             ("ours, whole-image decode", whole_batch),
                              ("ours+norm", lambda: next(ours_norm)["image"].shape[0]),
                              ("classic", lambda: classic(c)), ("bare decode", lambda: bare(c)),
                              ("bare decode (fast idct)", lambda: bare_fast(c))):
@@ -152,6 +160,9 @@ def main() -> None:
     for k, v in rate.items():
         print(f"  {k:26s} {v:8.1f} images/s")
     print(f"  ours+norm vs classic: {rate['ours+norm'] / rate['classic']:.2f}x")
+    tj = tjregion.load()
+    print(f"  decoder: {'libturbojpeg 3 region decode, ' + tj.path if tj else 'whole-image simplejpeg: ' + tjregion.why_not()}; "
+          f"region vs whole-image decode: {rate['ours'] / rate['ours, whole-image decode']:.2f}x")
     print(f"  resident memory after 3 more loader epochs: {', '.join(f'{m:.0f}' for m in rss)} MiB "
           f"({(rss[2] / rss[0] - 1) * 100:+.1f}% from the first)")
     print(f"cpu loader vs classic: {rate['ours'] / rate['classic']:.2f}x; "

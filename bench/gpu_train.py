@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timed intervals after one warm-up interval")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for --shards (0: the config's)")
     ap.add_argument("--tiny", action="store_true", help="small model and images: a smoke run of this script")
     ap.add_argument("--out", default="bench_out/gpu_train")
     args = ap.parse_args()
@@ -91,6 +92,8 @@ def main() -> None:
     ]
     if args.shards:
         over += [f"data.manifests=[{args.shards}]", "data.decode_device=auto"]
+        if args.workers:
+            over.append(f"data.num_workers={args.workers}")
     cfg = load_config(REPO / "configs" / "image_kd.yaml", over)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

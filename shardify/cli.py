@@ -63,7 +63,8 @@ def finalize(directory, max_reject_rate):
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--full", is_flag=True, help="Decode every sample, not a sample of them.")
-@click.option("--sample-per-shard", default=4, show_default=True, help="Samples decoded per shard without --full.")
+@click.option("--sample-per-shard", default=4, show_default=True, type=click.IntRange(min=0),
+              help="Samples decoded per shard without --full.")
 @click.option("--no-progress", is_flag=True)
 def verify(directory, full, sample_per_shard, no_progress):
     """Recompute checksums and counts, check tar structure and keys, decode images. Exit 1 on problems."""
@@ -82,7 +83,8 @@ def verify(directory, full, sample_per_shard, no_progress):
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--grid", type=click.Path(dir_okay=False), default=None, help="Write a contact sheet PNG here.")
 @click.option("--split", default=None, help="Split for the contact sheet (default: the first).")
-@click.option("-n", "count", default=32, show_default=True, help="Images in the contact sheet.")
+@click.option("-n", "count", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Images in the contact sheet.")
 def inspect_(directory, grid, split, count):
     """Summarise a shard directory: splits, samples, bytes, classes, rejects."""
     from shardify.inspect_cmd import contact_sheet, summary

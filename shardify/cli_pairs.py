@@ -14,7 +14,7 @@ import os
 import click
 
 from shardify.cli_common import check_reject_rate, job_options, report
-from shardify.download import DownloadConfig
+from shardify.download import DownloadConfig, check_lookahead
 from shardify.images import DEFAULT_MAX_PIXELS
 from shardify.sources.pairs import DATASETS
 
@@ -23,13 +23,10 @@ _D = DownloadConfig()
 
 def file_or_dir_location(path: str):
     """A Location for a local directory, or for a single list file (its folder, that file only)."""
-    from shardify.storage import local_location
+    from shardify.storage import local_file_location, local_location
 
     if os.path.isfile(path):
-        loc = local_location(os.path.dirname(os.path.abspath(path)))
-        loc.files = [os.path.basename(path)]
-        loc.local_path = os.path.abspath(path)
-        return loc
+        return local_file_location(path)
     return local_location(path)
 
 
@@ -61,8 +58,8 @@ def pairs_source(dataset: str, source_dir=None, revision=None, repo=None, image=
 def run_pairs(source, out, splits, job, max_reject_rate, retry_failed=False, echo=click.echo):
     """Run (or resume, or retry) a pairs job; print the reconciliation and, for URL lists, the
     download summary. Returns the manifest (None on a node of a multi-node job)."""
+    from shardify.download_retry import download_summary, prepare_retry
     from shardify.job import run_job
-    from shardify.sources.pairs import download_summary, prepare_retry
 
     if retry_failed:
         redo = prepare_retry(out, job.num_nodes, job.node_rank)
@@ -106,9 +103,12 @@ def run_pairs(source, out, splits, job, max_reject_rate, retry_failed=False, ech
 @click.option("--max-bytes", default=_D.max_bytes, show_default=True, type=click.IntRange(min=1),
               help="Largest image body accepted, after any decompression.")
 @click.option("--max-redirects", default=_D.max_redirects, show_default=True, type=click.IntRange(min=0))
+@click.option("--lookahead-mb", default=_D.lookahead_bytes // 1_000_000, show_default=True,
+              type=click.IntRange(min=1),
+              help="MB of images each worker may download ahead of a slow URL while keeping the order.")
 def pairs(dataset, out, job, max_reject_rate, source_dir, revision, splits, repo, max_side, max_pixels,
           min_side, url_col, caption_col, subset, retry_failed, timeout, retries, backoff, concurrency,
-          host_rate, max_bytes, max_redirects):
+          host_rate, max_bytes, max_redirects, lookahead_mb):
     """Image-text pairs to shards: jpg (GPU-decodable), txt (caption), json (image id, url, size)."""
     from shardify.sources.pairs import ImageOptions
 
@@ -117,7 +117,10 @@ def pairs(dataset, out, job, max_reject_rate, source_dir, revision, splits, repo
     if is_urls and ctx.get_parameter_source("max_reject_rate") == click.core.ParameterSource.DEFAULT:
         max_reject_rate = 1.0  # dead links are normal in URL lists; the summary reports the rate
     download = DownloadConfig(timeout=timeout, retries=retries, backoff=backoff, concurrency=concurrency,
-                              host_rate=host_rate, max_bytes=max_bytes, max_redirects=max_redirects)
+                              host_rate=host_rate, max_bytes=max_bytes, max_redirects=max_redirects,
+                              lookahead_bytes=lookahead_mb * 1_000_000)
+    if is_urls:
+        check_lookahead(download.lookahead_bytes, job.workers)
     source = pairs_source(dataset, source_dir, revision, repo,
                           ImageOptions(max_side=max_side, max_pixels=max_pixels, min_side=min_side),
                           download, url_col, caption_col, subset)

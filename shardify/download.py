@@ -10,41 +10,42 @@ Retry-After); 4xx answers such as 404/403 are final. Every failure is a `Reject`
 the error kind (`http_404`, `timeout`, `connection`, `too_large`, ...), so it lands in
 rejects.jsonl.
 
-`DownloadReader` runs fetches on a bounded thread pool inside each shard-writing worker and
-yields results in the order asked, with a per-host rate limit shared by the worker's threads.
-The standard library is enough here (http.client), so there is no extra dependency; proxies
-from the environment are not used.
+A fetch may be given a `hold` (shardify/download_order.py): every chunk of body read is
+accounted to it first, so the bytes downloaded ahead of the writer stay within a bound. The
+thread pool and the in-order hand-back live in download_order.py; the URL-list reader (one
+per worker process, holding the rate limiter its threads share) in sources/pairs_urls.py. The
+standard library is enough here (http.client), so there is no extra dependency; proxies from
+the environment are not used.
 """
 
 from __future__ import annotations
 
-import collections
 import http.client
+import os
 import random
 import socket
 import ssl
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from urllib.parse import urljoin, urlsplit
 
 from shardify import __version__
-from shardify.records import Item, Reject
-from shardify.sources.base import Reader
+from shardify.records import Reject, UserError
 
-# Every reason fetch() can give; `--retry-failed` rewrites the shards that hold one of these.
+# Every reason fetch() can give (download_retry.py decides which of them a rerun retries).
 DOWNLOAD_REASONS_PREFIX = "http_"
 DOWNLOAD_REASONS = {"timeout", "connection", "dns", "ssl", "too_large", "too_many_redirects",
                     "redirect_loop", "bad_redirect", "bad_scheme", "bad_url", "bad_response",
                     "download_error"}
 _TRANSIENT_STATUS = {408, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
 _REDIRECTS = {301, 302, 303, 307, 308}
+_READ_SIZE = 65536  # bytes asked of the socket per read
 
 
 def is_download_reason(reason: str) -> bool:
+    """True for the reasons fetch() gives (a URL that could not be downloaded)."""
     return reason in DOWNLOAD_REASONS or reason.startswith(DOWNLOAD_REASONS_PREFIX)
 
 
@@ -60,10 +61,40 @@ class DownloadConfig:
     host_rate: float = 10.0  # requests per second to one host, per worker process; 0 = no limit
     max_bytes: int = 20_000_000  # largest body accepted (after any decompression)
     max_redirects: int = 5
+    # Bytes a worker may hold downloaded ahead of the image its writer waits for: threads keep
+    # fetching past one slow URL until this much waits in memory (the awaited image itself is
+    # not counted, so one image larger than this still passes).
+    lookahead_bytes: int = 256_000_000
     user_agent: str = f"shardify/{__version__} (image-text dataset downloader)"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_lookahead(lookahead_bytes: int, workers: int, total_memory: int | None = None) -> None:
+    """Refuse a look-ahead that cannot be sensible: below 1 MB, or more, over all workers, than
+    the machine's memory (`--lookahead-mb` x `--workers`)."""
+    if lookahead_bytes < 1_000_000:
+        raise UserError(f"--lookahead-mb must be at least 1 (got {lookahead_bytes / 1e6:g} MB)")
+    if total_memory is None:
+        try:
+            total_memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return  # unknown on this platform: nothing to check against
+    if lookahead_bytes * workers > total_memory:
+        raise UserError(f"--lookahead-mb {lookahead_bytes // 1_000_000} x --workers {workers} = "
+                        f"{lookahead_bytes * workers / 1e9:.1f} GB is more than this machine's memory "
+                        f"({total_memory / 1e9:.1f} GB); lower --lookahead-mb")
+
+
+class NoHold:
+    """The hold of a fetch outside a look-ahead window: nothing to account, never waits."""
+
+    def take(self, nbytes: int) -> float:
+        return 0.0
+
+    def drop(self) -> None:
+        pass
 
 
 class _Transient(Exception):
@@ -100,7 +131,7 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: ignore it, use our own backoff
 
 
-def _read_body(resp: http.client.HTTPResponse, conn, deadline: float, limit: int) -> bytes:
+def _read_body(resp: http.client.HTTPResponse, conn, deadline: float, limit: int, hold) -> bytes:
     length = resp.getheader("Content-Length")
     if length and length.isdigit() and int(length) > limit:
         raise Reject("too_large", f"Content-Length {length} is above --max-bytes {limit}")
@@ -117,7 +148,7 @@ def _read_body(resp: http.client.HTTPResponse, conn, deadline: float, limit: int
             raise _Transient("timeout", "body not complete within the timeout")
         if conn.sock is not None:
             conn.sock.settimeout(remaining)
-        chunk = resp.read1(65536)
+        chunk = resp.read1(_READ_SIZE)
         if not chunk:
             break
         raw += len(chunk)
@@ -129,13 +160,15 @@ def _read_body(resp: http.client.HTTPResponse, conn, deadline: float, limit: int
         size += len(chunk)
         if size > limit or raw > limit:
             raise Reject("too_large", f"body is above --max-bytes {limit}")
+        # Waiting for room in the look-ahead window is not the server's fault: not on the clock.
+        deadline += hold.take(len(chunk))
         chunks.append(chunk)
     if resp.length:  # http.client counts down Content-Length; bytes missing = cut short
         raise _Transient("connection", f"connection closed with {resp.length} bytes missing")
     return b"".join(chunks)
 
 
-def _fetch_once(url: str, cfg: DownloadConfig, limiter: HostRateLimiter) -> bytes:
+def _fetch_once(url: str, cfg: DownloadConfig, limiter: HostRateLimiter, hold) -> bytes:
     seen = set()
     current = url
     deadline = time.monotonic() + cfg.timeout
@@ -174,7 +207,7 @@ def _fetch_once(url: str, cfg: DownloadConfig, limiter: HostRateLimiter) -> byte
                 current = urljoin(current, target.strip())
                 continue
             if status == 200:
-                return _read_body(resp, conn, deadline, cfg.max_bytes)
+                return _read_body(resp, conn, deadline, cfg.max_bytes, hold)
             if status in _TRANSIENT_STATUS or status >= 500:
                 raise _Transient(f"http_{status}", f"HTTP {status} {resp.reason}",
                                  _retry_after(resp.getheader("Retry-After")))
@@ -197,14 +230,22 @@ def _fetch_once(url: str, cfg: DownloadConfig, limiter: HostRateLimiter) -> byte
 
 
 def fetch(url: str, cfg: DownloadConfig, limiter: HostRateLimiter | None = None,
-          sleep=time.sleep) -> bytes:
-    """The body of `url`, or raise Reject with the reason it could not be fetched."""
+          sleep=time.sleep, hold=None) -> bytes:
+    """The body of `url`, or raise Reject with the reason it could not be fetched.
+
+    `hold` (take/drop) is told of every chunk read; a failed attempt drops what it took.
+    """
     limiter = limiter or HostRateLimiter(cfg.host_rate)
+    hold = hold or NoHold()
     attempt = 0
     while True:
         try:
-            return _fetch_once(url, cfg, limiter)
+            return _fetch_once(url, cfg, limiter, hold)
+        except Reject:
+            hold.drop()
+            raise
         except _Transient as t:
+            hold.drop()
             if attempt >= cfg.retries:
                 raise Reject(t.reason, f"{t.detail} (after {attempt + 1} attempts)") from None
             wait = cfg.backoff * (2 ** attempt) * (1 + 0.5 * random.random())
@@ -256,46 +297,3 @@ def check_image_bytes(data: bytes) -> None:
         kind = "html page" if head.lstrip().lower().startswith((b"<!doctype", b"<html", b"<head", b"<body")) \
             else "text"
         raise Reject("not_image", f"{kind}, not an image (starts with {data[:16]!r})")
-
-
-class DownloadReader(Reader):
-    """Fetches items' URLs on a bounded thread pool; yields (item, bytes | Reject) in order."""
-
-    def __init__(self, cfg: DownloadConfig, url_of=lambda item: item.loc):
-        self.cfg = cfg
-        self.url_of = url_of
-        self.limiter = HostRateLimiter(cfg.host_rate)
-        self._pool: ThreadPoolExecutor | None = None
-
-    def read(self, item: Item) -> bytes:
-        if "reject" in item.meta:
-            raise Reject(item.meta["reject"], item.meta.get("detail", ""))
-        return fetch(self.url_of(item), self.cfg, self.limiter)
-
-    def _safe(self, item: Item) -> bytes | Reject:
-        try:
-            return self.read(item)
-        except Reject as rej:
-            return rej
-        except Exception as exc:  # never let one URL take the shard down
-            return Reject("download_error", f"{type(exc).__name__}: {exc}")
-
-    def read_many(self, items: Sequence[Item]) -> Iterator[tuple[Item, bytes | Reject]]:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency),
-                                            thread_name_prefix="shardify-download")
-        window: collections.deque = collections.deque()
-        ahead = 2 * max(1, self.cfg.concurrency)  # bounded look-ahead keeps memory bounded
-        for item in items:
-            window.append((item, self._pool.submit(self._safe, item)))
-            if len(window) >= ahead:
-                done_item, fut = window.popleft()
-                yield done_item, fut.result()
-        while window:
-            done_item, fut = window.popleft()
-            yield done_item, fut.result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None

@@ -86,5 +86,5 @@ def contact_sheet(out_dir, out_png, n: int = 32, split: str | None = None, thumb
         x, y = (i % cols) * thumb, (i // cols) * cell_h
         sheet.paste(img, (x + (thumb - img.width) // 2, y + (thumb - img.height) // 2))
         draw.text((x + 2, y + thumb + 1), label, fill="black")
-    sheet.save(out_png)
+    sheet.save(out_png, format="PNG")  # a PNG whatever the name ends with (or if it has no extension)
     return len(tiles)

@@ -3,9 +3,10 @@
     inputs (source order) -> seeded order -> shard ranges -> this node's shards -> workers
     each worker: read payloads -> source.encode -> reproducible tar (temp name) -> stats -> rename
 
-Resuming is free: finished shards (tar + stats present) are skipped, half-written ones are
-deleted, and a rerun with different options is refused. Every input ends up either in a tar or
-in the shard's reject list, so finalize can reconcile inputs = written + rejected.
+Resuming is free: finished shards (see plan.shard_done) are skipped, half-written ones are
+deleted, and a rerun with different options is refused (outdir.py). Every input ends up either
+in a tar or in the shard's reject list, so finalize can reconcile inputs = written + rejected.
+Workers run through workers.py, so a dead worker or Ctrl-C ends the run instead of hanging it.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardify import __version__
 from shardify import plan as planning
 from shardify import state
-from shardify.records import Item, Reject, UserError
-from shardify.sources.base import ListContext, Source
+from shardify.outdir import prepare_output
+from shardify.records import Item, Reject, UserError, reject_record
+from shardify.sources.base import Source
 from shardify.tarwriter import ShardTarWriter
+from shardify.workers import run_in_workers
 
-SCHEMA_VERSION = 1
 _PROGRESS_EVERY = 32  # samples between progress messages from a worker
 
 
@@ -41,142 +42,14 @@ class JobOptions:
     hash_thread: bool | None = None  # sha256 in a helper thread; None: when a core is spare
 
 
-def fingerprint(source: Source, opts: JobOptions) -> dict:
-    """Everything that changes the output bytes; a rerun must match it to resume."""
-    described = {k: v for k, v in source.describe().items() if k != "local_path"}
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "dataset": source.dataset,
-        "source": described,
-        "source_options": source.options(),
-        "seed": opts.seed,
-        "samples_per_shard": opts.samples_per_shard,
-    }
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-def _clear_output(out_dir: Path) -> None:
-    import shutil
-
-    for path in out_dir.iterdir():
-        is_ours = path.suffix in (".tar", ".idx") or path.name in (
-            "manifest.json", "sizes.json", "rejects.jsonl", state.STATE_DIR)
-        if is_ours:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def prepare_output(out_dir: Path, source: Source, opts: JobOptions) -> None:
-    """Create the directory, check the fingerprint, clean temporaries of an interrupted run."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job_path = state.state_dir(out_dir) / "job.json"
-    fp = fingerprint(source, opts)
-    if job_path.exists():
-        old = state.read_json(job_path).get("fingerprint", {})
-        if old != fp:
-            if not opts.overwrite:
-                diff = "; ".join(_differences(old, fp)) or "format version"
-                raise UserError(
-                    f"{out_dir} holds shards written with other options ({diff}); "
-                    "rerun with the same options to resume, or add --overwrite to start over"
-                )
-            _clear_output(out_dir)
-    elif opts.overwrite and (out_dir / "manifest.json").exists():
-        _clear_output(out_dir)
-    if opts.num_nodes == 1:  # nobody else writes here: leftovers of an interrupted run can go
-        state.remove_temporaries(out_dir)
-    state.write_json_atomic(job_path, {
-        "fingerprint": fp,
-        "tool": {"name": "shardify", "version": __version__},
-        "source": source.describe(),
-        "fields": list(source.fields),
-        "extras": source.manifest_extras(),
-    })
-
-
-def plan_split(source: Source, split: str, out_dir: Path, opts: JobOptions, log) -> tuple[list, list, list]:
-    """List a split, reject duplicate keys, and cut the seeded order into shards.
-
-    Returns (items per shard, listing rejects, key digest per shard) and records the plan in the
-    state directory.
-    """
-    stage_dir = state.state_dir(out_dir) / "stage" / split
-    last = [0.0]
-
-    def progress(desc: str, count: int) -> None:
-        now = time.monotonic()
-        if opts.progress and now - last[0] > 2.0:
-            last[0] = now
-            log(f"  listing {split}: {desc} ({count} inputs so far)")
-
-    ctx = ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress, show_progress=opts.progress)
-    items = source.list_items(split, ctx)
-    seen: set[str] = set()
-    unique: list[Item] = []
-    listing_rejects = []
-    for item in items:
-        if item.key in seen:
-            listing_rejects.append(_reject_record(split, item, Reject("duplicate_key", "key listed before"), None))
-        else:
-            seen.add(item.key)
-            unique.append(item)
-    order = planning.seeded_order([it.key for it in unique], opts.seed)
-    n_shards = planning.num_shards(len(unique), opts.samples_per_shard)
-    bounds = planning.shard_bounds(len(unique), n_shards)
-    per_shard = [[unique[j] for j in order[a:b]] for a, b in bounds]
-    digests = [str(state.key_digest(it.key for it in shard)) for shard in per_shard]
-    state.write_json_atomic(state.state_dir(out_dir) / f"plan-{split}.json", {
-        "split": split,
-        "inputs": len(items),
-        "shards": n_shards,
-        "key_digests": digests,
-        "listing_rejects": listing_rejects,
-        "extras": source.split_extras(split, ctx),
-    })
-    return per_shard, listing_rejects, digests
-
-
-def _reject_record(split: str, item: Item, rej: Reject, shard: str | None) -> dict:
-    return {"split": split, "key": item.key, "source": item.origin, "reason": rej.reason,
-            "detail": rej.detail, "shard": shard}
-
-
-def _remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> None:
-    """Shards past the end of the plan are left from a run over a larger source: delete them, so
-    that nothing in the directory looks like part of the dataset without being in it."""
-    for path in list(out_dir.glob(f"{split}-*.tar")) + list(out_dir.glob(f"{split}-*.idx")):
-        index = path.stem[len(split) + 1:]
-        if index.isdigit() and int(index) >= n_shards:
-            path.unlink(missing_ok=True)
-            (state.state_dir(out_dir) / "shards" / f"{path.stem}.json").unlink(missing_ok=True)
-
-
-def shard_done(out_dir: Path, split: str, index: int, key_digest: str) -> bool:
-    """A shard is done when its tar and stats exist and it holds the planned inputs (a local
-    source that changed between two runs changes the plan: such shards are written again)."""
-    name = planning.shard_name(split, index)
-    stats = state.state_dir(out_dir) / "shards" / f"{name}.json"
-    return ((out_dir / f"{name}.tar").exists() and stats.exists()
-            and state.read_json(stats)["key_digest"] == key_digest)
-
-
 # ---------------------------------------------------------------- worker side
 _WORKER: dict = {}
 
 
-def _init_worker(source: Source, out_dir: str, progress_queue, hash_thread: bool) -> None:
+def _init_worker(source: Source, out_dir: str, progress_queue, hash_thread: bool, listing: str | None) -> None:
     _WORKER.clear()
     _WORKER.update(source=source, out_dir=Path(out_dir), queue=progress_queue, readers={},
-                   hash_thread=hash_thread)
+                   hash_thread=hash_thread, listing=listing)
 
 
 def _reader(split: str):
@@ -203,7 +76,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
                     raise payload
                 fields = source.encode(item, payload)
             except Reject as rej:
-                rejects.append(_reject_record(split, item, rej, name))
+                rejects.append(reject_record(split, item, rej, name))
                 pending_samples += 1
                 continue
             before = writer.offset
@@ -221,6 +94,8 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
     report((pending_samples, pending_bytes))
     stats.update(
         name=f"{name}.tar",
+        mtime_ns=os.stat(tar_tmp).st_mtime_ns,  # a rename keeps it: a later change shows
+        listing=_WORKER["listing"],  # the source files it was written from
         index=index,
         inputs=len(items),
         rejected=len(rejects),
@@ -230,7 +105,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
     idx_tmp = state.tmp_path(out_dir / f"{name}.idx")
     idx_tmp.write_text(writer.index_text(), encoding="utf-8")
     os.replace(idx_tmp, out_dir / f"{name}.idx")
-    state.write_json_atomic(state.state_dir(out_dir) / "shards" / f"{name}.json", stats, indent=None)
+    state.write_json_atomic(state.stats_path(out_dir, name), stats, indent=None)
     os.replace(tar_tmp, out_dir / f"{name}.tar")  # last: the tar's presence means "complete"
     return {k: stats[k] for k in ("name", "samples", "rejected", "bytes")}
 
@@ -265,6 +140,30 @@ class _Progress:
             self.bar.close()
 
 
+def check_options(source: Source, out_dir: Path, splits: list[str], opts: JobOptions) -> None:
+    """Every option value makes sense, checked before any work (and before anything is written)."""
+    if opts.workers < 1:
+        raise UserError("--workers must be at least 1")
+    if opts.samples_per_shard < 1:
+        raise UserError("--samples-per-shard must be at least 1")
+    if opts.num_nodes < 1 or not 0 <= opts.node_rank < opts.num_nodes:
+        raise UserError(f"--node-rank {opts.node_rank} is not in [0, {opts.num_nodes})")
+    if not splits:
+        raise UserError("no split to write")
+    twice = sorted({s for s in splits if splits.count(s) > 1})
+    if twice:
+        raise UserError(f"--split {twice[0]} is given more than once")
+    unknown = [s for s in splits if s not in source.splits()]
+    if unknown:
+        raise UserError(f"split {unknown[0]!r} is not in this source (it has: {', '.join(source.splits())})")
+    local = getattr(getattr(source, "loc", None), "local_path", None)
+    if local is not None:
+        src, out = Path(local).resolve(), out_dir.resolve()
+        if out == src or src in out.parents:
+            raise UserError(f"--out {out_dir} lies inside --source {local}: a rerun would read the shards as "
+                            "inputs; write them outside the source tree")
+
+
 def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=None) -> dict | None:
     """Write this node's shards of `splits`; finalize when this is the only node.
 
@@ -274,29 +173,24 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out_dir = Path(out_dir)
-    if opts.workers < 1:
-        raise UserError("--workers must be at least 1")
-    if not 0 <= opts.node_rank < opts.num_nodes:
-        raise UserError(f"--node-rank {opts.node_rank} is not in [0, {opts.num_nodes})")
-    unknown = [s for s in splits if s not in source.splits()]
-    if unknown:
-        raise UserError(f"split {unknown[0]!r} is not in this source (it has: {', '.join(source.splits())})")
-    prepare_output(out_dir, source, opts)
+    check_options(source, out_dir, splits, opts)
+    prepare_output(out_dir, source, opts, log)
+    listing = source.listing_digest()  # the local files the shards are written from
 
     for split in splits:
         log(f"{source.dataset} {split}: listing inputs")
-        per_shard, listing_rejects, digests = plan_split(source, split, out_dir, opts, log)
+        per_shard, listing_rejects, digests = planning.plan_split(source, split, out_dir, opts, log)
         n_inputs = sum(len(s) for s in per_shard) + len(listing_rejects)
-        _remove_stale_shards(out_dir, split, len(per_shard))
+        planning.remove_stale_shards(out_dir, split, len(per_shard))
         mine = planning.node_shards(len(per_shard), opts.num_nodes, opts.node_rank)
         if opts.num_nodes > 1:  # only this node's leftovers: the others may be writing theirs
             state.remove_temporaries(out_dir, [planning.shard_name(split, i) for i in mine])
-        todo = [i for i in mine if not shard_done(out_dir, split, i, digests[i])]
+        todo = [i for i in mine if not planning.shard_done(out_dir, split, i, digests[i], listing)]
         log(f"{source.dataset} {split}: {n_inputs} inputs -> {len(per_shard)} shards; "
             f"this node writes {len(mine)} ({len(mine) - len(todo)} already complete)")
-        _write_shards(source, out_dir, split, [(i, per_shard[i]) for i in todo], opts)
+        _write_shards(source, out_dir, split, [(i, per_shard[i]) for i in todo], opts, listing)
         state.write_json_atomic(
-            state.state_dir(out_dir) / "nodes" / f"{split}-node-{opts.node_rank}-of-{opts.num_nodes}.json",
+            state.node_path(out_dir, split, opts.node_rank, opts.num_nodes),
             {"split": split, "node_rank": opts.node_rank, "num_nodes": opts.num_nodes, "shards": mine},
         )
     if opts.num_nodes == 1:
@@ -305,32 +199,31 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
     return None
 
 
-def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: JobOptions) -> None:
+def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: JobOptions,
+                  listing: str | None) -> None:
     total = sum(len(items) for _, items in tasks)
     bar = _Progress(total, opts.progress and total > 0, f"{split}")
     # Hashing in a helper thread only pays when a core is left over for it.
     hash_thread = opts.hash_thread if opts.hash_thread is not None else opts.workers < (os.cpu_count() or 1)
     try:
         if opts.workers == 1 or len(tasks) <= 1:
-            _init_worker(source, str(out_dir), lambda msg: bar.update(*msg), hash_thread)
+            _init_worker(source, str(out_dir), lambda msg: bar.update(*msg), hash_thread, listing)
             for index, items in tasks:
                 write_shard(split, index, items)
             return
-        ctx = mp.get_context("fork")  # sources hold only picklable state; fork avoids re-imports
-        q = ctx.Queue()
-        with ctx.Pool(opts.workers, initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread)) as pool:
-            pending = pool.map_async(_task, [(split, i, items) for i, items in tasks], chunksize=1)
+        q = mp.get_context("fork").Queue()  # sources hold only picklable state; fork avoids re-imports
+
+        def drain() -> None:
             while True:
-                try:
-                    bar.update(*q.get(timeout=0.02))
-                except queue.Empty:
-                    if pending.ready():
-                        break
-            while True:  # drain the last messages
                 try:
                     bar.update(*q.get_nowait())
                 except queue.Empty:
-                    break
-            pending.get()  # re-raises a worker's exception
+                    return
+
+        run_in_workers(_task, [(split, i, items) for i, items in tasks], opts.workers,
+                       initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread, listing),
+                       poll=drain, what=f"writing {split} shards")
+        time.sleep(0.05)  # let the workers' last progress messages arrive
+        drain()
     finally:
         bar.close()

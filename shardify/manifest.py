@@ -3,8 +3,9 @@
 `finalize` runs at the end of a single-node job and as `shardify finalize DIR` after a
 multi-node one. It refuses to write a manifest unless every planned shard is present exactly
 once with the planned inputs (checked through per-shard key digests), and inputs = written +
-rejected holds per shard, per split and in total. Then it writes rejects.jsonl, sizes.json and,
-last and atomically, manifest.json.
+rejected holds per shard, per split and in total. Then it writes rejects.jsonl, sizes.json, the
+reader indexes (_info.json for timm, wids-<split>.json for wids) and, last and atomically,
+manifest.json (validated against the contract in shardify/format.py).
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import os
 from pathlib import Path
 
 from shardify import plan as planning
+from shardify import readers
 from shardify import state
+from shardify.format import read_manifest, write_manifest
 from shardify.records import UserError
-
-MANIFEST = "manifest.json"
 
 
 def finalize(out_dir) -> dict:
     out_dir = Path(out_dir)
-    sdir = state.state_dir(out_dir)
-    if not (sdir / "job.json").exists():
+    if not state.job_path(out_dir).exists():
         raise UserError(f"{out_dir} holds no shardify job (no {state.STATE_DIR}/job.json)")
-    job = state.read_json(sdir / "job.json")
-    plans = sorted(sdir.glob("plan-*.json"))
+    job = state.read_json(state.job_path(out_dir))
+    plans = state.plan_paths(out_dir)
     if not plans:
         raise UserError(f"{out_dir}: no split has been planned yet; run the shardify command first")
     problems: list[str] = []
@@ -36,12 +36,12 @@ def finalize(out_dir) -> dict:
     for plan_path in plans:
         plan = state.read_json(plan_path)
         split = plan["split"]
-        n_nodes = _node_count(sdir, split)
+        n_nodes = _node_count(out_dir, split)
         shards = []
         rejects.extend(plan["listing_rejects"])
         for i in range(plan["shards"]):
             name = planning.shard_name(split, i)
-            stats_path = sdir / "shards" / f"{name}.json"
+            stats_path = state.stats_path(out_dir, name)
             tar_path = out_dir / f"{name}.tar"
             if not stats_path.exists() or not tar_path.exists():
                 who = f"node {i % n_nodes} of {n_nodes}" if n_nodes else "no node"
@@ -49,7 +49,9 @@ def finalize(out_dir) -> dict:
                 continue
             st = state.read_json(stats_path)
             if os.path.getsize(tar_path) != st["bytes"]:
-                problems.append(f"{name}.tar has {os.path.getsize(tar_path)} bytes, its stats say {st['bytes']}")
+                who = f" (node {i % n_nodes} of {n_nodes})" if n_nodes and n_nodes > 1 else ""
+                problems.append(f"{name}.tar has {os.path.getsize(tar_path)} bytes, its stats say {st['bytes']}: "
+                                f"something changed it; rerun the shardify command{who} to write it again")
             if st["key_digest"] != plan["key_digests"][i]:
                 problems.append(f"{name}.tar does not hold the planned inputs (written with another plan?)")
             if st["samples"] + st["rejected"] != st["inputs"]:
@@ -84,7 +86,10 @@ def finalize(out_dir) -> dict:
     state.remove_temporaries(out_dir)  # every node is done: leftovers of crashed runs can go
     _write_text_atomic(out_dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
     state.write_json_atomic(out_dir / "sizes.json", dict(sorted(sizes.items())))
-    state.write_json_atomic(out_dir / MANIFEST, manifest)  # last: its presence means "complete"
+    state.write_json_atomic(out_dir / "_info.json", readers.timm_info(manifest))
+    for split in splits:
+        state.write_json_atomic(out_dir / readers.wids_index_name(split), readers.wids_index(manifest, split))
+    write_manifest(out_dir, manifest)  # last: its presence means "complete"
     return manifest
 
 
@@ -93,9 +98,9 @@ def _sum(parts) -> dict:
     return {k: sum(p[k] for p in parts) for k in keys}
 
 
-def _node_count(sdir: Path, split: str) -> int | None:
+def _node_count(out_dir: Path, split: str) -> int | None:
     """The node count the split was run with, from the nodes' partial records."""
-    counts = {state.read_json(p)["num_nodes"] for p in (sdir / "nodes").glob(f"{split}-node-*.json")}
+    counts = {state.read_json(p)["num_nodes"] for p in state.node_paths(out_dir, split)}
     return max(counts) if counts else None
 
 
@@ -106,13 +111,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def load_manifest(path) -> tuple[dict, Path]:
-    """Read a manifest given the file or its directory; return (manifest, directory)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST
-    if not path.exists():
-        raise UserError(f"{path}: no manifest.json (is the job finished? run `shardify finalize`)")
-    try:
-        return state.read_json(path), path.parent
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    """Read and validate a manifest given the file or its directory; return (manifest, directory)."""
+    manifest, root = read_manifest(path)
+    return manifest, Path(root)

@@ -7,31 +7,13 @@ ends up in rejects.jsonl. Nothing is ever dropped without one of the two outcome
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-_BAD_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
-
-
-MAX_KEY_LEN = 90  # key + "." + extension must fit the 100-byte ustar name field
-
-
-def make_key(text: str) -> str:
-    """Turn a file stem or id into a valid sample key (no dots, only [A-Za-z0-9_-], <= 90 chars).
-
-    Over-long keys keep their first 73 characters and get a hash of the whole text, so they
-    stay unique and still say where the sample came from.
-    """
-    key = _BAD_KEY_CHARS.sub("_", text)
-    if not key:
-        raise ValueError(f"cannot make a sample key from {text!r}")
-    if len(key) > MAX_KEY_LEN:
-        import hashlib
-
-        key = key[:73] + "_" + hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-    return key
+# Key rules and the error type are the shard contract's (shardify/format.py); re-exported here
+# for the code that builds records.
+from shardify.format import make_key  # noqa: F401
+from shardify.format import ShardifyError as UserError  # noqa: F401
 
 
 @dataclass(slots=True)  # millions of these are alive while a split is planned
@@ -53,5 +35,7 @@ class Reject(Exception):
         self.detail = detail
 
 
-class UserError(Exception):
-    """A mistake or a condition the user can fix; the CLI prints it as one line, exit 2."""
+def reject_record(split: str, item: Item, rej: Reject, shard: str | None) -> dict:
+    """A line of rejects.jsonl."""
+    return {"split": split, "key": item.key, "source": item.origin, "reason": rej.reason,
+            "detail": rej.detail, "shard": shard}

@@ -9,7 +9,6 @@ local .bin at random, like any other file. Units are staged in parallel processe
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -17,7 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shardify import state
-from shardify.records import Item
+from shardify.records import Item, UserError
+from shardify.workers import run_in_workers
 
 # A unit streamer yields (key, origin, payload bytes, meta) in the unit's order.
 Streamer = Callable[[str], Iterator[tuple[str, str, bytes, dict]]]
@@ -39,7 +39,7 @@ def _stage_one(args) -> list:
     offset = 0
     start = last = time.monotonic()
     with open(tmp, "wb") as out:
-        for key, origin, payload, meta in streamer(unit):
+        for key, origin, payload, meta in _guarded(streamer, unit):
             out.write(payload)
             entries.append([key, origin, offset, len(payload), meta])
             offset += len(payload)
@@ -51,6 +51,24 @@ def _stage_one(args) -> list:
     os.replace(tmp, bin_path)
     state.write_json_atomic(list_path, entries, indent=None)
     return entries
+
+
+def unit_error(unit: str, exc: BaseException) -> UserError:
+    """One line for a unit that cannot be read to its end (truncated or garbage archive or
+    parquet file): its inputs cannot be counted, so the job stops instead of losing them."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return UserError(f"{unit}: cannot read it to the end ({type(exc).__name__}{': ' + text if text else ''}); "
+                     "the file is damaged or incomplete: fetch it again, or move it out of --source")
+
+
+def _guarded(streamer, unit: str):
+    """The unit's entries; a failure to read the unit itself becomes one line naming it."""
+    try:
+        yield from streamer(unit)
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # tarfile, gzip, zlib, lzma, pyarrow and OS errors: all "damaged file"
+        raise unit_error(unit, exc) from None
 
 
 def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, workers: int,
@@ -66,9 +84,9 @@ def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, workers: 
         progress(f"staged {unit}", len(items))
 
     if workers > 1 and len(units) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(units))) as pool:
-            for unit, entries in zip(units, pool.imap(_stage_one, jobs)):
-                collect(unit, entries)
+        staged = run_in_workers(_stage_one, jobs, min(workers, len(units)), what="staging inputs")
+        for unit, entries in zip(units, staged):
+            collect(unit, entries)
     else:
         for job in jobs:
             collect(job[1], _stage_one(job))

@@ -7,6 +7,10 @@
 - `shards/<split>-NNNNNN.json`: the stats of a finished shard, written just before the tar is
   renamed into place. A shard is done when both its tar and its stats exist.
 - `nodes/<split>-node-R-of-K.json`: which shards a node wrote (the partial manifests).
+- `keys-<split>.npy`: sorted 64-bit hashes of the split's keys, so that a key used by two
+  splits of one directory is refused (keys are unique per dataset directory).
+- `stage/<split>/`: payloads of sources that cannot be read at random, staged once.
+This module is the only one that knows these paths.
 All are written to a temporary name and renamed, so a crash never leaves half a file.
 """
 
@@ -18,12 +22,64 @@ import os
 import socket
 from pathlib import Path
 
+from shardify.format import ShardifyError
+from shardify.format import write_json_atomic  # noqa: F401  (temporary name, then rename)
+
 STATE_DIR = ".shardify"
 TMP_MARK = ".tmp-"
 
 
 def state_dir(out_dir: Path) -> Path:
     return Path(out_dir) / STATE_DIR
+
+
+def job_path(out_dir: Path) -> Path:
+    return state_dir(out_dir) / "job.json"
+
+
+def plan_path(out_dir: Path, split: str) -> Path:
+    return state_dir(out_dir) / f"plan-{split}.json"
+
+
+def plan_paths(out_dir: Path) -> list[Path]:
+    return sorted(state_dir(out_dir).glob("plan-*.json"))
+
+
+def keys_path(out_dir: Path, split: str) -> Path:
+    return state_dir(out_dir) / f"keys-{split}.npy"
+
+
+def stats_dir(out_dir: Path) -> Path:
+    return state_dir(out_dir) / "shards"
+
+
+def stats_path(out_dir: Path, shard_stem: str) -> Path:
+    """Stats of the shard `shard_stem` (e.g. "train-000003")."""
+    return stats_dir(out_dir) / f"{shard_stem}.json"
+
+
+def node_path(out_dir: Path, split: str, node_rank: int, num_nodes: int) -> Path:
+    return state_dir(out_dir) / "nodes" / f"{split}-node-{node_rank}-of-{num_nodes}.json"
+
+
+def node_paths(out_dir: Path, split: str) -> list[Path]:
+    return sorted((state_dir(out_dir) / "nodes").glob(f"{split}-node-*.json"))
+
+
+def stage_dir(out_dir: Path, split: str | None = None) -> Path:
+    root = state_dir(out_dir) / "stage"
+    return root if split is None else root / split
+
+
+def written_shards(out_dir: Path) -> list[str]:
+    """Names of the shard tars this job wrote and finished (from their stats), e.g. "train-000003.tar"."""
+    names = []
+    for path in sorted(stats_dir(out_dir).glob("*.json")):
+        try:
+            names.append(read_json(path)["name"])
+        except (OSError, ValueError, KeyError, TypeError):
+            names.append(f"{path.stem}.tar")  # a damaged stats file still names its shard
+    return names
 
 
 def tmp_path(path: Path) -> Path:
@@ -33,19 +89,30 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
 
 
-def write_json_atomic(path: Path, obj, indent: int | None = 1) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+def unlink_file(path: Path) -> None:
+    """Delete a regular file we wrote; never a folder or a link of the same name."""
+    if path.is_file() and not path.is_symlink():
+        path.unlink()
 
 
 def read_json(path: Path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A work-state file; one that something else damaged is a one-line error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ShardifyError(f"{path} is damaged ({exc}); shardify writes its state atomically, so "
+                            "something else changed it: write to a new --out") from None
+
+
+def key_hashes(keys):
+    """Sorted 64-bit hashes of keys (numpy uint64), to test two splits for a shared key."""
+    import numpy as np
+
+    h = np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
+                     for k in keys), dtype=np.uint64)
+    h.sort()
+    return h
 
 
 def key_digest(keys) -> int:

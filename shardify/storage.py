@@ -8,6 +8,7 @@ unreachable hub is a one-line error within seconds instead of a hang or a traceb
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 
@@ -26,6 +27,8 @@ class Location:
     repo_id: str | None = None
     revision: str | None = None  # resolved commit sha on the hub
     local_path: str | None = None
+    hidden: list[str] = field(default_factory=list)  # local: hidden files and folders (not inputs)
+    listing_digest: str | None = None  # local: names, sizes and mtimes of the files
 
     def open(self, rel: str, stream: bool = False):
         """Open a file for reading; `stream` for one front-to-back pass (one GET on the hub)."""
@@ -41,21 +44,63 @@ class Location:
 
 
 def local_location(path: str, repo_id: str | None = None) -> Location:
-    """A local directory laid out like the hub repo (or a classic local layout)."""
+    """A local directory laid out like the hub repo (or a classic local layout).
+
+    A folder that cannot be listed is an error, not a silent gap: its inputs would be missing
+    from every count. Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints/`) are not
+    inputs of any layout; they are listed in `hidden` (folders not entered) so that a layout
+    can account for them. `listing_digest` fingerprints names, sizes and modification times.
+    """
     import fsspec
 
     root = os.path.abspath(path)
     if not os.path.isdir(root):
         raise UserError(f"--source {path}: no such directory")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    files, hidden = [], []
+    digest = hashlib.blake2b(digest_size=16)
+
+    def fail(exc: OSError) -> None:
+        where = exc.filename or root
+        raise UserError(f"cannot list {where} ({exc.strerror or exc}): its files would be missing "
+                        "from the shards; fix its permissions or move it out of --source") from None
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
         rel_dir = os.path.relpath(dirpath, root)
-        for name in filenames:
-            if not name.startswith("."):
-                files.append(name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/"))
+
+        def rel(name: str) -> str:
+            return name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
+
+        hidden += [rel(d) + "/" for d in dirnames if d.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                hidden.append(rel(name))
+                continue
+            files.append(rel(name))
+            try:
+                st = os.stat(os.path.join(dirpath, name))
+            except OSError as exc:
+                fail(exc)
+            digest.update(f"{rel(name)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     files.sort()
-    return Location(fsspec.filesystem("file"), root, files, repo_id=repo_id, local_path=root)
+    loc = Location(fsspec.filesystem("file"), root, files, repo_id=repo_id, local_path=root)
+    loc.hidden = sorted(hidden)
+    loc.listing_digest = digest.hexdigest()
+    return loc
+
+
+def local_file_location(path: str) -> Location:
+    """A Location holding one local file (e.g. a URL list): its folder as the root, that file
+    only, and a listing digest of that file alone (the folder is not walked)."""
+    import fsspec
+
+    path = os.path.abspath(path)
+    root, name = os.path.dirname(path), os.path.basename(path)
+    st = os.stat(path)
+    digest = hashlib.blake2b(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(), digest_size=16)
+    loc = Location(fsspec.filesystem("file"), root, [name], local_path=path)
+    loc.listing_digest = digest.hexdigest()
+    return loc
 
 
 def hub_location(repo_id: str, revision: str | None, token: str | None = None) -> Location:

@@ -18,6 +18,8 @@ import queue
 import tarfile
 import threading
 
+from shardify.format import idx_line, idx_text
+
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, like GNU tar and Python's tarfile
 _ZEROS = bytes(RECORD)
@@ -118,14 +120,14 @@ class ShardTarWriter:
             name = f"{key}.{ext}"
             buffers.append(member_header(name, len(data)))
             offset += BLOCK
-            parts.append(f"{ext} {offset} {len(data)} {name}")
+            parts.append((ext, offset, len(data), name))
             buffers.append(data)
             pad = -len(data) % BLOCK
             if pad:
                 buffers.append(_ZEROS[:pad])
             offset += len(data) + pad
         self._put(buffers)
-        self.index_lines.append(" ".join(parts))
+        self.index_lines.append(idx_line(parts))
         self.keys.append(key)
         self.samples += 1
 
@@ -148,4 +150,4 @@ class ShardTarWriter:
         self._hasher.hexdigest()  # stop the thread
 
     def index_text(self) -> str:
-        return f"v1.2 {self.samples}\n" + "".join(line + "\n" for line in self.index_lines)
+        return idx_text(self.index_lines)

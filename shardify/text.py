@@ -11,11 +11,8 @@ Switched off (`--no-clean`), the text is written exactly as decoded.
 
 from __future__ import annotations
 
-import re
-
+from shardify.format import clean_text
 from shardify.records import Reject
-
-_MANY_NEWLINES = re.compile(r"\n{3,}")
 
 
 def decode_utf8(data: bytes) -> str:
@@ -24,17 +21,6 @@ def decode_utf8(data: bytes) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Reject("undecodable", f"invalid UTF-8 at byte {exc.start}: {exc.reason}") from None
-
-
-def clean_text(text: str) -> str:
-    """The reference cleaning (see the module docstring)."""
-    kept = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line == "---" or "\x00" in line:
-            continue
-        kept.append(line)
-    return _MANY_NEWLINES.sub("\n\n", "\n".join(kept))
 
 
 def prepare_document(data: bytes, clean: bool) -> str:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shardify.format import SpecialIds, special_ids  # noqa: F401  (the contract's)
 from shardify.records import UserError
 
 
@@ -84,29 +85,6 @@ def resolve_tokenizer(name: str) -> TokenizerSpec:
         return TokenizerSpec(name, {fname: _sha256_file(path)}, path, kind)
     raise UserError(f"--tokenizer {name}: not a local file or directory, and the hub gave no "
                     f"tokenizer.json or vocab.txt ({type(last_exc).__name__}: {last_exc})")
-
-
-@dataclass
-class SpecialIds:
-    cls: int
-    sep: int
-    pad: int
-    vocab_size: int
-
-    @property
-    def dtype(self):
-        """uint16 when every id fits (BERT's 30,522 do), else uint32."""
-        return np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
-
-
-def special_ids(tok) -> SpecialIds:
-    ids = []
-    for token in ("[CLS]", "[SEP]", "[PAD]"):
-        i = tok.token_to_id(token)
-        if i is None:
-            raise UserError(f"the tokenizer has no {token} token; a BERT-style vocabulary is needed")
-        ids.append(i)
-    return SpecialIds(*ids, vocab_size=tok.get_vocab_size(with_added_tokens=True))
 
 
 def encode_texts(tok, texts: list[str]) -> list[np.ndarray]:

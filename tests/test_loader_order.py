@@ -7,8 +7,12 @@ import collections
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+
+try:  # the test extra: without it the property test below skips (with the reason), the rest runs
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    given = None
 
 from loader_fixtures import id_shards, key_of
 from trainer.data import DataConfig, build_loader
@@ -135,9 +139,16 @@ def run_loaders(cfg, W, state=None, max_steps=None):
     return keys, pads, states[0], steps
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(B=st.integers(1, 5), buf=st.sampled_from([0, 1, 4, 9, 100]), W1=st.integers(1, 3), W2=st.integers(1, 3),
-       k=st.integers(0, 9), remainder=st.sampled_from(["drop", "pad"]), epoch=st.integers(0, 2))
+def _resume_property(fn):
+    if given is None:
+        return pytest.mark.skip(reason="needs the test extra (hypothesis)")(fn)
+    fn = given(B=st.integers(1, 5), buf=st.sampled_from([0, 1, 4, 9, 100]), W1=st.integers(1, 3),
+               W2=st.integers(1, 3), k=st.integers(0, 9), remainder=st.sampled_from(["drop", "pad"]),
+               epoch=st.integers(0, 2))(fn)
+    return settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])(fn)
+
+
+@_resume_property
 def test_resume_on_another_world_size_repeats_and_skips_nothing(shards, B, buf, W1, W2, k, remainder, epoch):
     cfg = cfg_for(shards, batch_size=B, shuffle_buffer=buf, remainder=remainder)
     full_cfg = cfg_for(shards, batch_size=1, shuffle_buffer=buf, remainder="pad")

@@ -12,7 +12,7 @@ import text_pair_fixtures as fx
 from shardify.cli import main
 from shardify.download import DownloadConfig
 from shardify.job import JobOptions
-from shardify.sources.pairs import download_summary
+from shardify.download_retry import download_summary
 from shardify.storage import Location, local_location
 from shardify.verify import verify
 from test_owt import read_wds, rejects
@@ -57,6 +57,8 @@ def test_url_list_every_url_accounted_for_then_retry(server, tmp_path):
     r = _cli(base)
     assert r.exit_code == 0, r.output
     assert "downloaded and written 5 of 21 URLs" in r.output and "top errors:" in r.output
+    # 12 download failures, of which the two bad_scheme ones (file: URLs) are not retryable
+    assert "; 10 download failures can be retried with --retry-failed" in r.output
     assert verify(out) == []
 
     got = read_wds(out, "train")
@@ -82,7 +84,7 @@ def test_url_list_every_url_accounted_for_then_retry(server, tmp_path):
     before = {p.name: json.loads(p.read_text()) for p in stats_dir.glob("*.json")}
     clean = [n for n, st in before.items()
              if not any(r["reason"] in ("http_500", "timeout", "http_404", "http_403", "redirect_loop",
-                                        "bad_scheme", "too_large", "connection") for r in st["rejects"])]
+                                        "too_large", "connection") for r in st["rejects"])]
     mtimes = {n: (out / (before[n]["name"])).stat().st_mtime_ns for n in clean}
     r = _cli(base + ["--retry-failed"])
     assert r.exit_code == 0, r.output
@@ -118,9 +120,9 @@ def test_list_formats_and_hub_style_location(server, tmp_path, suffix):
 
 def test_prepare_retry_touches_only_this_nodes_failed_shards(tmp_path):
     from shardify import state
-    from shardify.sources.pairs import prepare_retry
+    from shardify.download_retry import prepare_retry
 
-    for index, reason in enumerate(["http_404", "timeout", "placeholder", "http_500"]):
+    for index, reason in enumerate(["http_404", "timeout", "placeholder", "http_500", "bad_scheme"]):
         name = f"train-{index:06d}"
         (tmp_path / f"{name}.tar").write_bytes(b"x")
         state.write_json_atomic(state.state_dir(tmp_path) / "shards" / f"{name}.json",
@@ -130,3 +132,59 @@ def test_prepare_retry_touches_only_this_nodes_failed_shards(tmp_path):
     assert (tmp_path / "train-000001.tar").exists() and (tmp_path / "train-000002.tar").exists()
     assert not (tmp_path / "manifest.json").exists()
     assert prepare_retry(tmp_path, num_nodes=2, node_rank=1) == ["train-000001.tar", "train-000003.tar"]
+    # 4: bad_scheme (a file: or ftp: URL) gives the same answer on every run: never retried
+    assert prepare_retry(tmp_path, num_nodes=1, node_rank=0) == []
+    assert (tmp_path / "train-000004.tar").exists()
+
+
+@pytest.mark.slow  # four jobs of 27 URLs
+def test_shards_are_byte_identical_whatever_the_concurrency_and_lookahead(server, tmp_path):
+    paths = ["/good/1.jpg", "/404", "/png/3.png", "/redirect/4.jpg", "/html.jpg", "/tiny.jpg", "/good/7.jpg",
+             "/to-file", "/403"] * 3
+    rows = [{"url": server.url + p, "caption": f"c{i}"} for i, p in enumerate(paths)]
+    fx.write_url_list(tmp_path / "list.csv", rows)
+    outs = []
+    for i, extra in enumerate((["--concurrency", "1", "--lookahead-mb", "1"], [], ["--concurrency", "5"], [])):
+        out = tmp_path / f"out{i}"
+        r = _cli(["pairs", "urls", "--source", str(tmp_path / "list.csv"), "--out", str(out),
+                  "--samples-per-shard", "10", "--workers", "2", "--no-progress", "--timeout", "5",
+                  "--retries", "0", "--host-rate", "0", *extra])
+        assert r.exit_code == 0, r.output
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].iterdir() if p.suffix in (".tar", ".idx", ".jsonl"))
+    assert len([n for n in names if n.endswith(".tar")]) == 3
+    for out in outs[1:]:
+        assert sorted(p.name for p in out.iterdir() if p.suffix in (".tar", ".idx", ".jsonl")) == names
+        for n in names:
+            assert (out / n).read_bytes() == (outs[0] / n).read_bytes(), n
+    totals = json.loads((outs[0] / "manifest.json").read_text())["totals"]
+    assert (totals["samples"], totals["rejected"]) == (12, 15)  # good, png, redirect, good: 4 x 3
+
+
+def test_image_bytes_checked_once_per_sample(server, tmp_path, monkeypatch):
+    import shardify.sources.pairs as pairs
+    from shardify.sources.pairs_urls import UrlListSource
+
+    calls = []
+    real = pairs.check_image_bytes
+    monkeypatch.setattr(pairs, "check_image_bytes", lambda data: calls.append(len(data)) or real(data))
+    (tmp_path / "src").mkdir()  # the output may not sit inside the source
+    fx.write_url_list(tmp_path / "src" / "list.csv", [{"url": f"{server.url}/good/{i}.jpg", "caption": "c"} for i in range(3)])
+    src = UrlListSource(local_location(str(tmp_path / "src")), download=DownloadConfig(timeout=2, retries=0, host_rate=0))
+    from shardify.job import run_job
+
+    manifest = run_job(src, tmp_path / "out", ["train"], JobOptions(progress=False), log=lambda m: None)
+    assert manifest["totals"]["samples"] == 3
+    assert len(calls) == 3
+
+
+def test_lookahead_option_is_checked(tmp_path):
+    fx.write_url_list(tmp_path / "list.csv", [{"url": "http://127.0.0.1:1/x.jpg", "caption": "c"}])
+    base = ["pairs", "urls", "--source", str(tmp_path / "list.csv"), "--no-progress"]
+    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "a"), "--lookahead-mb", "0"])
+    assert r.exit_code == 2 and "--lookahead-mb" in r.output
+    r = CliRunner().invoke(main, base + ["--out", str(tmp_path / "b"), "--lookahead-mb", "900000000",
+                                         "--workers", "4"])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("error: --lookahead-mb 900000000 x --workers 4") and "memory" in r.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # a refused command writes nothing

@@ -78,7 +78,7 @@ def test_round_trip_every_layout(sources, tmp_path, layout):
         meta = json.loads(sample["json"])
         assert meta["synset"] == synset
         if outcome == "ok":
-            assert sample["jpg"] == data  # original bytes kept
+            assert sample["jpg"] == data and meta["reencoded_from"] == ""  # original bytes kept
         else:
             assert meta["reencoded_from"] == outcome.split(":")[1]
     # Balanced shards: samples + rejects differ by at most one input between shards.

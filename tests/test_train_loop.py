@@ -40,10 +40,19 @@ def final_params(run_dir, step=8) -> dict:
     return torch.load(run_dir / "checkpoints" / f"step_{step:08d}.pt", weights_only=True)["model"]
 
 
-def assert_same_params(a: dict, b: dict, atol: float) -> None:
+# With FFN targets (the default) the last student block's fc2 bias has an exactly-zero gradient:
+# a per-feature constant is removed by the instance norm over tokens, and nothing uses that
+# block's output (tested in test_train_losses.py). Its Adam updates are rounding noise divided by
+# sqrt(v) + eps, so they differ between summation orders (accumulation, compiled kernels);
+# comparisons that are not bit-exact only bound it by what Adam can move it (lr 1e-3 per step, 8
+# steps in these runs).
+NOISE_ONLY = ("vit.blocks.1.mlp.fc2.bias",)
+
+
+def assert_same_params(a: dict, b: dict, atol: float, skip: tuple[str, ...] = ()) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-2 if k in skip else atol, msg=k)
 
 
 @pytest.fixture
@@ -89,7 +98,8 @@ def test_grad_accumulation_matches_a_bigger_batch(tmp_path, teacher):
     run(tmp_path / "b", teacher, **{"data.batch_size": 4, "schedule.grad_accum": 2})
     # same maths, another summation order: Adam divides by sqrt(v) + 1e-6, which magnifies the
     # rounding of tiny gradients (2e-6 seen on real shards), hence not the 1e-6 of an exact resume
-    assert_same_params(final_params(tmp_path / "a" / "run"), final_params(tmp_path / "b" / "run"), atol=1e-5)
+    assert_same_params(final_params(tmp_path / "a" / "run"), final_params(tmp_path / "b" / "run"), atol=1e-5,
+                       skip=NOISE_ONLY)
 
 
 def trainer_subprocess(args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
@@ -187,7 +197,7 @@ def test_torch_compile_matches_eager(tmp_path, teacher):
     run(tmp_path / "eager", teacher, **{"schedule.max_steps": 4})
     run(tmp_path / "compiled", teacher, compile=True, **{"schedule.max_steps": 4})
     assert_same_params(final_params(tmp_path / "eager" / "run", 4), final_params(tmp_path / "compiled" / "run", 4),
-                       atol=1e-5)
+                       atol=1e-5, skip=NOISE_ONLY)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

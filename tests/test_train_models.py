@@ -4,64 +4,21 @@ written here from the raw fairseq keys; the student copy; loader errors."""
 from __future__ import annotations
 
 import math
-import sys
-import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tests.d2v2_fixtures import P, perturb_norms, reference_forward
 from tests.train_fixtures import make_teacher
 from trainer.errors import UserError
 from trainer.models.vit import (
+    Data2Vec2ViT,
     ViTShape,
     load_data2vec2,
     map_fairseq_keys,
-    read_checkpoint,
     sincos_pos_embed_2d,
     write_fairseq_checkpoint,
 )
-
-P = "modality_encoders.IMAGE."
-
-
-def reference_forward(sd: dict, img: torch.Tensor, heads: int, eps: float) -> list[torch.Tensor]:
-    """fairseq data2vec_multi image path written out by hand on the checkpoint's own keys:
-    patch conv, + positions, prepend extra token, context_encoder.norm, post-LN AltBlocks."""
-    x = F.conv2d(img, sd[P + "local_encoder.proj.weight"], sd[P + "local_encoder.proj.bias"],
-                 stride=sd[P + "local_encoder.proj.weight"].shape[-1])
-    x = x.flatten(2).transpose(1, 2)
-    x = x + sd[P + "fixed_positional_encoder.positions"]
-    x = torch.cat([sd[P + "extra_tokens"].expand(x.shape[0], -1, -1), x], dim=1)
-    D = x.shape[-1]
-    x = F.layer_norm(x, (D,), sd[P + "context_encoder.norm.weight"], sd[P + "context_encoder.norm.bias"], eps)
-    outs = []
-    i = 0
-    while f"blocks.{i}.attn.qkv.weight" in sd:
-        b = f"blocks.{i}."
-        B, T, _ = x.shape
-        qkv = x @ sd[b + "attn.qkv.weight"].T + sd[b + "attn.qkv.bias"]
-        q, k, v = qkv.reshape(B, T, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) / math.sqrt(D // heads)).softmax(-1)
-        a = (attn @ v).transpose(1, 2).reshape(B, T, D) @ sd[b + "attn.proj.weight"].T + sd[b + "attn.proj.bias"]
-        x = F.layer_norm(x + a, (D,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], eps)
-        h = F.gelu(x @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"])
-        h = h @ sd[b + "mlp.fc2.weight"].T + sd[b + "mlp.fc2.bias"]
-        x = F.layer_norm(x + h, (D,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], eps)
-        outs.append(x)
-        i += 1
-    return outs
-
-
-def perturb_norms(path):
-    """Random LayerNorm affine params, so a missed norm mapping cannot hide behind ones/zeros."""
-    ckpt = torch.load(path, weights_only=True)
-    g = torch.Generator().manual_seed(1)
-    for k, v in ckpt["model"].items():
-        if torch.is_tensor(v) and ("norm" in k or "extra_tokens" in k):
-            ckpt["model"][k] = v + 0.3 * torch.randn(v.shape, generator=g)
-    torch.save(ckpt, path)
-    return ckpt
 
 
 def test_loaded_teacher_matches_reference_forward(tmp_path):
@@ -70,13 +27,16 @@ def test_loaded_teacher_matches_reference_forward(tmp_path):
     model = load_data2vec2(path).eval()
     assert model.shape == ViTShape(img_size=32, patch_size=8, dim=32, depth=3, num_heads=4, norm_eps=1e-6)
     img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        ours = model(img)
-        ref = reference_forward(ckpt["model"], img, heads=4, eps=1e-6)
-    assert len(ours) == len(ref) == 3
-    for a, b in zip(ours, ref):
-        assert a.shape == (2, 1 + 16, 32)
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for tensor in ("block", "ffn"):
+        with torch.no_grad():
+            ours = model(img, tensor=tensor)
+            ref = reference_forward(ckpt["model"], img, heads=4, eps=1e-6, ffn=tensor == "ffn")
+        assert len(ours) == len(ref) == 3
+        for a, b in zip(ours, ref):
+            assert a.shape == (2, 1 + 16, 32)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the FFN outputs are not the block outputs (a mix-up could not hide here)
+    assert not torch.allclose(model(img, tensor="ffn")[0], model(img)[0], atol=1e-2)
 
 
 def test_checkpoint_layout_and_key_mapping(tmp_path):
@@ -116,7 +76,7 @@ def test_missing_and_foreign_checkpoints(tmp_path):
     ckpt = torch.load(path, weights_only=True)
     ckpt["model"]["blocks.0.attn.extra.weight"] = torch.zeros(1)
     torch.save(ckpt, path)
-    with pytest.raises(UserError, match="unexpected.*blocks.0.attn.extra.weight"):
+    with pytest.raises(UserError, match="cannot place.*blocks.0.attn.extra.weight"):
         load_data2vec2(path)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
@@ -124,23 +84,89 @@ def test_missing_and_foreign_checkpoints(tmp_path):
         load_data2vec2(junk)
 
 
-def test_real_style_cfg_object_is_tolerated(tmp_path, monkeypatch):
-    """Real checkpoints pickle an omegaconf cfg; loading must not need that package."""
-    mod = types.ModuleType("fake_omegaconf")
+def test_prenet_layout_loads_and_matches_reference(tmp_path):
+    """fairseq's layout with modality prenet blocks (`context_encoder.blocks.*`, cfg
+    `prenet_depth`): they run after the embedding norm, before the shared blocks, and are not
+    among the layer results."""
+    shape = ViTShape(16, 8, 32, depth=2, num_heads=4, prenet_depth=2)
+    path = write_fairseq_checkpoint(tmp_path / "t.pt", shape)
+    ckpt = perturb_norms(path)
+    keys = set(ckpt["model"])
+    assert {P + "context_encoder.blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.weight"} <= keys
+    assert not any(k.startswith("blocks.2.") for k in keys)
+    assert ckpt["cfg"]["model"]["modalities"]["image"]["prenet_depth"] == 2
+    model = load_data2vec2(path).eval()
+    assert model.shape == shape and len(model.prenet) == 2 and len(model.blocks) == 2
+    img = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for tensor in ("block", "ffn"):
+        with torch.no_grad():
+            ours = model(img, tensor=tensor)
+        ref = reference_forward(ckpt["model"], img, heads=4, eps=1e-6, ffn=tensor == "ffn")
+        assert len(ours) == len(ref) == 2
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
-    class DictConfig:
-        def __init__(self, content):
-            self._content = content
 
-    DictConfig.__module__, DictConfig.__qualname__ = "fake_omegaconf", "DictConfig"
-    mod.DictConfig = DictConfig
-    monkeypatch.setitem(sys.modules, "fake_omegaconf", mod)
-    path = make_teacher(tmp_path / "t.pt", heads=4)
+def test_prenet_cfg_must_agree_with_the_tensors(tmp_path):
+    path = write_fairseq_checkpoint(tmp_path / "t.pt", ViTShape(16, 8, 32, 2, 4, prenet_depth=1))
     ckpt = torch.load(path, weights_only=True)
-    ckpt["cfg"] = DictConfig({"model": {"num_heads": 4}})
+    ckpt["cfg"]["model"]["modalities"]["image"]["prenet_depth"] = 0  # as the other released config says
     torch.save(ckpt, path)
-    monkeypatch.delitem(sys.modules, "fake_omegaconf")
-    with pytest.raises(Exception):
-        torch.load(path, weights_only=False)  # the plain unpickler fails without the class
-    assert "model" in read_checkpoint(path)
-    assert load_data2vec2(path).shape.num_heads == 4
+    with pytest.raises(UserError, match="prenet_depth 0.*holds 1 blocks"):
+        load_data2vec2(path)
+    del ckpt["cfg"]["model"]["modalities"]
+    torch.save(ckpt, path)
+    assert load_data2vec2(path).shape.prenet_depth == 1  # no cfg entry: the tensors decide
+
+
+def test_every_tensor_must_land(tmp_path):
+    path = write_fairseq_checkpoint(tmp_path / "t.pt", ViTShape(16, 8, 32, 2, 4, prenet_depth=1))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"][P + "context_encoder.blocks.0.attn.bogus"] = torch.zeros(3)
+    ckpt["model"][P + "alibi_scale"] = torch.zeros(1)
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match=r"cannot place: \[.*alibi_scale.*context_encoder\.blocks\.0\.attn\.bogus") as e:
+        load_data2vec2(path)
+    assert "\n" not in str(e.value)
+    # a missing tensor is named too
+    ckpt = torch.load(write_fairseq_checkpoint(tmp_path / "u.pt", ViTShape(16, 8, 32, 2, 4)), weights_only=True)
+    del ckpt["model"]["blocks.1.norm2.bias"]
+    torch.save(ckpt, tmp_path / "u.pt")
+    with pytest.raises(UserError, match=r"missing: \['blocks.1.norm2.bias'\]"):
+        load_data2vec2(tmp_path / "u.pt")
+
+
+def test_pre_ln_and_depth_mismatch_are_refused(tmp_path):
+    path = write_fairseq_checkpoint(tmp_path / "t.pt", ViTShape(16, 8, 32, 2, 4))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["cfg"]["model"]["layer_norm_first"] = True
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="layer_norm_first"):
+        load_data2vec2(path)
+    ckpt["cfg"]["model"].update(layer_norm_first=False, depth=12)
+    torch.save(ckpt, path)
+    with pytest.raises(UserError, match="depth 12.*holds 2 shared blocks"):
+        load_data2vec2(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_embedding_stage_is_fp32_under_autocast(dtype):
+    """Positions and [CLS] are added in fp32 before any cast: under autocast the embedding
+    stage gives exactly the fp32 result."""
+    model = Data2Vec2ViT(ViTShape(16, 8, 32, 2, 4)).eval()
+    with torch.no_grad():
+        model.pos_embed.add_(torch.randn_like(model.pos_embed) * 1e-3)  # low bits a cast would lose
+        img = torch.randn(2, 3, 16, 16)
+        want = model.embed(img)
+        with torch.autocast("cpu", dtype=dtype):
+            got = model.embed(img)
+            layers = model(img, tensor="ffn")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert layers[0].dtype == dtype  # the blocks do run in the autocast dtype
+
+
+def test_pos_embed_is_fixed_by_default():
+    model = Data2Vec2ViT(ViTShape(16, 8, 32, 2, 4))
+    assert not model.pos_embed.requires_grad
+    assert Data2Vec2ViT(ViTShape(16, 8, 32, 2, 4), train_pos_embed=True).pos_embed.requires_grad

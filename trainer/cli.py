@@ -2,7 +2,7 @@
 
     trainer train CONFIG [key=value ...] [--dry-run]   e.g. resume=auto, out_dir=runs/x, optim.lr=1e-3
     trainer export RUN_DIR|CHECKPOINT --out student.pt [--which best|last]
-    trainer make-demo-teacher OUT.pt [--dim 64 --depth 4 --heads 4 --patch 8 --img-size 32]
+    trainer make-demo-teacher OUT.pt [--kind data2vec2|beitv2 --dim 64 --depth 4 --heads 4 --patch 8 --img-size 32]
 
 User mistakes (bad config key, bad path, missing checkpoint, NaN loss) print one line
 `error: ...` and exit with status 2; anything else is a bug and keeps its traceback.
@@ -81,14 +81,21 @@ def export_cmd(source: str, out: str, which: str) -> None:
 @click.option("--patch", default=8, show_default=True, help="patch size in pixels")
 @click.option("--img-size", default=32, show_default=True, help="image side in pixels")
 @click.option("--seed", default=0, show_default=True, help="seed of the random initialisation")
-def make_demo_teacher(out: str, dim: int, depth: int, heads: int, patch: int, img_size: int, seed: int) -> None:
-    """Write a small random Data2Vec2 image model in the fairseq checkpoint layout to OUT."""
+@click.option("--kind", type=click.Choice(["data2vec2", "beitv2"]), default="data2vec2", show_default=True,
+              help="data2vec2: fairseq layout; beitv2: the original BEiTv2 layout (multimodal teacher)")
+def make_demo_teacher(out: str, dim: int, depth: int, heads: int, patch: int, img_size: int, seed: int,
+                      kind: str) -> None:
+    """Write a small random image model in its original checkpoint layout to OUT."""
+    from trainer.models.beitv2 import write_demo_beitv2
     from trainer.models.vit import ViTShape, write_fairseq_checkpoint
 
     if dim % heads or dim % 4 or img_size % patch:
         raise UserError("need dim divisible by heads and by 4, and img-size divisible by patch")
     try:
-        path = write_fairseq_checkpoint(out, ViTShape(img_size, patch, dim, depth, heads), seed=seed)
+        if kind == "beitv2":
+            path = write_demo_beitv2(out, img_size, patch, dim, depth, heads, seed=seed)
+        else:
+            path = write_fairseq_checkpoint(out, ViTShape(img_size, patch, dim, depth, heads), seed=seed)
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror}") from None
     click.echo(f"wrote {path}")

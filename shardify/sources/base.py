@@ -67,6 +67,12 @@ class Source(ABC):
     def describe(self) -> dict:
         """Provenance for the manifest: id, revision, layout, local_path."""
 
+    def listing_digest(self) -> str | None:
+        """A cheap fingerprint of a local source's files (names, sizes, times); None on the hub,
+        where the resolved revision identifies the files."""
+        loc = getattr(self, "loc", None)
+        return getattr(loc, "listing_digest", None)
+
     def options(self) -> dict:
         """Source options that change the output bytes (they enter the job fingerprint)."""
         return {}

@@ -26,7 +26,7 @@ from importlib import resources
 from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.records import Item, Reject, UserError, make_key
 from shardify.sources.base import ListContext, Reader, Source
-from shardify.staging import LocalFileReader, stage_units
+from shardify.staging import LocalFileReader, stage_units, unit_error
 from shardify.storage import Location
 
 HUB_ID = "ILSVRC/imagenet-1k"
@@ -164,11 +164,31 @@ class ImageNetSource(Source):
                 synset = rel.split("/")[1]
                 items.append(Item(key=make_key(_basename_stem(rel)), origin=rel,
                                   loc=(self.loc.path(rel), 0, None), meta={"synset": synset}))
-            return items
+            return items + self._not_taken(split)
+
         if self.layout == "wds" and self.loc.local_path is not None:
             return [it for rel in files for it in self._list_local_wds(rel)]
         return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir,
                            ctx.workers, ctx.progress, ctx.show_progress)
+
+    def _not_taken(self, split: str) -> list[Item]:
+        """Files under the split's folder that the layout does not read (other extensions,
+        hidden files and folders): inputs all the same, so they are rejected with a reason
+        instead of vanishing from the count."""
+        dirs = {"validation": ("val", "validation")}.get(split, (split,))
+        out = []
+        for rel in self.loc.files:
+            if rel.split("/", 1)[0] in dirs and not rel.lower().endswith(_IMAGE_EXT):
+                ext = rel.rsplit("/", 1)[-1].rpartition(".")[2] if "." in rel.rsplit("/", 1)[-1] else ""
+                detail = (f"extension .{ext}" if ext else "no extension") + \
+                    f" is not one the imagefolder layout reads ({', '.join(_IMAGE_EXT)})"
+                out.append(Item(key=make_key(rel), origin=rel, meta={"reject": "ignored_file", "detail": detail}))
+        for rel in self.loc.hidden:
+            if rel.split("/", 1)[0] in dirs:
+                what = "hidden folder, its files are not read" if rel.endswith("/") else "hidden file"
+                out.append(Item(key=make_key(rel.rstrip("/")), origin=rel,
+                                meta={"reject": "ignored_file", "detail": what}))
+        return out
 
     def _stream_unit(self, split: str, rel: str):
         """Yield (key, origin, payload, meta) for every image of one archive/parquet/tar unit."""
@@ -201,7 +221,10 @@ class ImageNetSource(Source):
                 images = batch.column("image").to_pylist()
                 labels = batch.column("label").to_pylist() if "label" in columns else [None] * len(images)
                 for image, label in zip(images, labels):
-                    image = image or {}
+                    if isinstance(image, (bytes, bytearray)):  # a plain binary image column
+                        image = {"bytes": bytes(image)}
+                    elif not isinstance(image, dict):
+                        image = {}
                     path = image.get("path") or ""
                     key, synset = _split_image_name(_basename_stem(path)) if path else (f"{split}_{_basename_stem(rel)}_{row:07d}", None)
                     payload = image.get("bytes") or b""
@@ -211,11 +234,14 @@ class ImageNetSource(Source):
     def _list_local_wds(self, rel: str) -> list[Item]:
         """Local mirror tars are read in place: list the image members with their data offsets."""
         path = self.loc.path(rel)
-        with tarfile.open(path, mode="r:") as tar:
-            return [Item(key=make_key(key), origin=f"{rel}:{key}",
-                         loc=(path, image[0].offset_data, image[0].size) if image else (path, 0, 0),
-                         meta={"synset": None, "label": label})
-                    for key, image, label in _wds_samples(tar, read_images=False)]
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                return [Item(key=make_key(key), origin=f"{rel}:{key}",
+                             loc=(path, image[0].offset_data, image[0].size) if image else (path, 0, 0),
+                             meta={"synset": None, "label": label})
+                        for key, image, label in _wds_samples(tar, read_images=False)]
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise unit_error(rel, exc) from None
 
     # ---- reading and encoding (worker side)
     def open_reader(self, split: str) -> Reader:
@@ -224,7 +250,10 @@ class ImageNetSource(Source):
     def encode(self, item: Item, payload: bytes) -> dict[str, bytes]:
         label = _label(item)  # before decoding: a sample without a label is rejected cheaply
         jpeg, info = normalise_image(payload, self.max_pixels)
-        meta = {"source": item.origin, **info}
+        # Every sample's json has the same keys with the same types: HF datasets infers the
+        # schema from the first samples, so a key that shows up later is dropped, and one that
+        # is null there cannot take a string later. "" means "not re-encoded".
+        meta = {"source": item.origin, "reencoded_from": "", "synset": None, **info}
         fields = {"jpg": jpeg}
         if label is not None:
             meta["synset"] = imagenet_classes()[0][label]
@@ -256,6 +285,8 @@ class _ImageNetReader(Reader):
         self._files = LocalFileReader()
 
     def read(self, item: Item) -> bytes:
+        if "reject" in item.meta:
+            raise Reject(item.meta["reject"], item.meta.get("detail", ""))
         path, offset, size = item.loc
         if size is None:
             with open(path, "rb") as f:

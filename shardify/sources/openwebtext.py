@@ -337,7 +337,8 @@ class OpenWebTextSource(Source):
                     "block_size": self.block_size, "first_doc": item.meta["first_doc"]}
             return {"npy": tk.npy_bytes(block), "json": _json(meta)}
         text = prepare_document(payload, self.clean)
-        meta = {k: item.meta[k] for k in ("slice", "member", "document", "file", "row") if k in item.meta}
+        # the same keys in every sample (null when the layout has no such fact)
+        meta = {k: item.meta.get(k) for k in ("slice", "member", "document", "file", "row")}
         meta["chars"] = len(text)
         return {"txt": text.encode("utf-8"), "json": _json(meta)}
 

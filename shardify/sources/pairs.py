@@ -8,6 +8,7 @@ The datasets are peer modules with the same shape:
 - pairs_zip.py   COCO Karpathy (COCO 2014 zips + dataset_coco.json), Flickr30k (nlphuji zip + csv)
 - pairs_wds.py   CC3M / CC12M from the pixparse WebDataset mirrors (re-sharded, not re-encoded)
 - pairs_urls.py  URL-only lists (conceptual_captions, sbu, any csv/tsv/parquet/jsonl), downloaded
+                 (the download summary and --retry-failed: shardify/download_retry.py)
 """
 
 from __future__ import annotations
@@ -18,12 +19,16 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+from shardify.download import check_image_bytes
 from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.records import Item, Reject, UserError
 from shardify.sources.base import Reader
 from shardify.staging import LocalFileReader
 
 PAIR_FIELDS = ("jpg", "txt", "json")
+# Per-input facts in every pair's json (null when a dataset does not have them).
+PAIR_JSON_KEYS = ("image_id", "url", "caption_index", "sentid", "karpathy_split", "filename", "orig_key")
+_PAIR_STRING_KEYS = ("url", "karpathy_split", "filename", "orig_key")  # "" when absent
 RESIZE_QUALITY = 95
 
 
@@ -57,23 +62,22 @@ def encode_pair(item: Item, payload: bytes, opts: ImageOptions, source_name: str
     caption = item.meta.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         raise Reject("no_caption", "the caption is missing or empty")
-    from shardify.download import check_image_bytes
-
-    check_image_bytes(payload)
+    check_image_bytes(payload)  # the one check per sample: error pages and text are not images
     jpeg, info = normalise_image(payload, opts.max_pixels)
     width, height = info["width"], info["height"]
     if min(width, height) < opts.min_side:
         raise Reject("placeholder", f"{width}x{height} image (shorter side below --min-side {opts.min_side})")
-    meta = {"source": source_name, "origin": item.origin, "format": info["format"]}
-    if "reencoded_from" in info:
-        meta["reencoded_from"] = info["reencoded_from"]
+    # Every sample's json has the same keys with the same types: HF datasets infers the schema
+    # from the first samples, so a key that shows up later is dropped, and one that is null
+    # there cannot take a string later. "" means "does not apply" for strings.
+    meta = {"source": source_name, "origin": item.origin, "format": info["format"],
+            "reencoded_from": info.get("reencoded_from", ""), "orig_width": width, "orig_height": height}
     if opts.max_side and max(width, height) > opts.max_side:
-        meta["resized_from"] = [width, height]
         jpeg, width, height = _resize(jpeg, opts.max_side)
     meta.update(width=width, height=height)
-    for k in ("image_id", "url", "caption_index", "sentid", "karpathy_split", "filename", "orig_key"):
-        if item.meta.get(k) is not None:
-            meta[k] = item.meta[k]
+    for k in PAIR_JSON_KEYS:
+        value = item.meta.get(k)
+        meta[k] = "" if value is None and k in _PAIR_STRING_KEYS else value
     return {"jpg": jpeg, "txt": caption.encode("utf-8"),
             "json": json.dumps(meta, ensure_ascii=False, sort_keys=True).encode("utf-8")}
 
@@ -155,62 +159,3 @@ def source_class(name: str):
         raise UserError(f"unknown pair dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     module, cls = DATASETS[name]
     return getattr(importlib.import_module(module), cls)
-
-
-def prepare_retry(out_dir, num_nodes: int = 1, node_rank: int = 0) -> list[str]:
-    """Make this node's shards that hold download rejects unfinished, so that a rerun rewrites
-    them (only this node's: another node must never lose a shard it already rewrote).
-
-    Returns their names. The manifest goes too (it no longer describes the directory until the
-    rerun finalizes again). Shards without download failures are kept as they are.
-    """
-    from pathlib import Path
-
-    from shardify import state
-    from shardify.download import is_download_reason
-
-    out = Path(out_dir)
-    names = []
-    for stats_path in sorted((state.state_dir(out) / "shards").glob("*.json")):
-        stats = state.read_json(stats_path)
-        if stats["index"] % num_nodes != node_rank:
-            continue
-        if any(is_download_reason(r["reason"]) for r in stats.get("rejects", [])):
-            stem = stats["name"][: -len(".tar")]
-            (out / f"{stem}.tar").unlink(missing_ok=True)  # first: the shard is no longer done
-            (out / f"{stem}.idx").unlink(missing_ok=True)
-            stats_path.unlink()
-            names.append(stats["name"])
-    if names:
-        (out / "manifest.json").unlink(missing_ok=True)
-    return names
-
-
-def download_summary(out_dir) -> str | None:
-    """'downloaded 812 of 1000 (81.2%); top errors: http_404 120, timeout 40, ...' or None."""
-    from pathlib import Path
-
-    from shardify.download import is_download_reason
-
-    out = Path(out_dir)
-    manifest_path = out / "manifest.json"
-    if not manifest_path.exists():
-        return None
-    manifest = json.loads(manifest_path.read_text())
-    totals = manifest["totals"]
-    reasons: dict[str, int] = {}
-    rejects_path = out / "rejects.jsonl"
-    if rejects_path.exists():
-        for line in rejects_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)["reason"]
-                reasons[r] = reasons.get(r, 0) + 1
-    rate = totals["samples"] / totals["inputs"] if totals["inputs"] else 0.0
-    top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:8]
-    retryable = sum(n for r, n in reasons.items() if is_download_reason(r))
-    text = f"downloaded and written {totals['samples']} of {totals['inputs']} URLs ({rate:.1%})"
-    if top:
-        text += "; top errors: " + ", ".join(f"{r} {n}" for r, n in top)
-    if retryable:
-        text += f"; {retryable} download failures can be retried with --retry-failed"
-    return text

@@ -10,9 +10,10 @@ A file belongs to split S when S is a word of its path (`train-00000-of-00002.pa
 `validation.tsv`); when no file names a split, all files are one split `train`.
 
 Each row is one input, keyed `{file stem}-{row number}`, so a reject names the exact row. The
-download runs in the worker that writes the shard (shardify.download.DownloadReader): bounded
-threads, timeouts, retries, a per-host rate limit, size limits. Every URL ends written or in
-rejects.jsonl with the reason (http_404, timeout, not_image, placeholder, ...).
+download runs in the worker that writes the shard (`DownloadReader` below): bounded threads
+that run ahead of a slow URL within a byte budget (shardify/download_order.py), timeouts,
+retries, a per-host rate limit, size limits (shardify/download.py). Every URL ends written or
+in rejects.jsonl with the reason (http_404, timeout, not_image, placeholder, ...).
 """
 
 from __future__ import annotations
@@ -21,16 +22,40 @@ import csv
 import io
 import json
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardify.download import DownloadConfig, DownloadReader, check_image_bytes
-from shardify.records import Item, UserError, make_key
+from shardify.download import DownloadConfig, HostRateLimiter, fetch
+from shardify.download_order import OrderedFetcher
+from shardify.records import Item, Reject, UserError, make_key
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.sources.pairs import PAIR_FIELDS, ImageOptions, encode_pair
 
 _LIST_EXTS = (".csv", ".tsv", ".parquet", ".jsonl")
 _SPLIT_WORDS = ("train", "validation", "val", "test")
+
+
+class DownloadReader(Reader):
+    """Downloads items' URLs (Item.loc) in parallel; yields (item, bytes | Reject) in the order
+    asked. An item listed with meta["reject"] (no url) is that reject, without a request."""
+
+    def __init__(self, cfg: DownloadConfig):
+        self.cfg = cfg
+        self.limiter = HostRateLimiter(cfg.host_rate)  # shared by this worker's threads
+        self.fetcher = OrderedFetcher(cfg.concurrency, cfg.lookahead_bytes)
+
+    def read(self, item: Item, hold=None) -> bytes:
+        if "reject" in item.meta:
+            raise Reject(item.meta["reject"], item.meta.get("detail", ""))
+        return fetch(item.loc, self.cfg, self.limiter, hold=hold)
+
+    def read_many(self, items: Sequence[Item]) -> Iterator[tuple[Item, bytes | Reject]]:
+        results = self.fetcher.run(len(items), lambda i, hold: self.read(items[i], hold))
+        return zip(items, results)
+
+    def close(self) -> None:
+        self.fetcher.close()
 
 
 def _split_of(rel: str) -> str | None:
@@ -132,7 +157,6 @@ class UrlListSource(Source):
         return DownloadReader(self.download)
 
     def encode(self, item: Item, payload: bytes) -> dict[str, bytes]:
-        check_image_bytes(payload)
         return encode_pair(item, payload, self.image, self.dataset)
 
 

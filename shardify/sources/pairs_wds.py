@@ -22,7 +22,7 @@ from pathlib import Path
 from shardify.records import Item, UserError, make_key
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.sources.pairs import PAIR_FIELDS, ImageOptions, PairFileReader, encode_pair
-from shardify.staging import stage_units
+from shardify.staging import stage_units, unit_error
 
 _TAR_RE = re.compile(r"(?:^|/)(?P<name>[A-Za-z0-9_]+)-(?P<split>[A-Za-z]+)-(?P<n>\d+)\.tar$")
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -128,11 +128,14 @@ class WdsPairSource(Source):
             return items
         items: list[Item] = []
         for rel in tars:
-            with self.loc.open(rel) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-                for key, image, caption, meta in _samples(tar, rel, with_bytes=False):
-                    k, origin, item_meta = _item_fields(rel, split, key, image, caption, meta)
-                    loc = ("range", rel, image[0].offset_data, image[0].size) if image else None
-                    items.append(Item(key=k, origin=origin, loc=loc, meta=item_meta))
+            try:
+                with self.loc.open(rel) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+                    for key, image, caption, meta in _samples(tar, rel, with_bytes=False):
+                        k, origin, item_meta = _item_fields(rel, split, key, image, caption, meta)
+                        loc = ("range", rel, image[0].offset_data, image[0].size) if image else None
+                        items.append(Item(key=k, origin=origin, loc=loc, meta=item_meta))
+            except (tarfile.TarError, EOFError, OSError) as exc:
+                raise unit_error(rel, exc) from None
             ctx.progress(f"indexed {Path(rel).name}", len(items))
         return items
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from shardify.records import Item, UserError, make_key
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.sources.pairs import PAIR_FIELDS, ImageOptions, PairFileReader, encode_pair, find_file
+from shardify.staging import unit_error
 
 
 @dataclass
@@ -57,8 +58,11 @@ class _ZipPairSource(Source):
 
     def _zip_names(self, rel: str) -> dict[str, str]:
         """{basename: member} of a zip (its central directory only)."""
-        with self.loc.open(rel) as f, zipfile.ZipFile(f) as z:
-            return {n.rsplit("/", 1)[-1]: n for n in z.namelist() if not n.endswith("/")}
+        try:
+            with self.loc.open(rel) as f, zipfile.ZipFile(f) as z:
+                return {n.rsplit("/", 1)[-1]: n for n in z.namelist() if not n.endswith("/")}
+        except (zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise unit_error(rel, exc) from None
 
     @staticmethod
     def _pairs(key: str, origin: str, loc, captions: list[str], meta: dict, missing: str | None) -> list[Item]:

@@ -12,17 +12,30 @@ step takes the next B*W positions of that order, it is all a resume needs. The d
 runs in the calling process: for the GPU path it decodes the batch with nvJPEG and crops,
 resizes and flips it in batched ops; for the CPU path it moves the uint8 batch over. Both then
 apply colour jitter and normalisation and cast to cfg.output_dtype.
+
+On a CUDA device the device stage runs ahead in a helper thread, on its own stream: batch k+1
+is decoded and augmented while the trainer's step k runs (`lookahead` finished batches wait,
+default 1, while the thread stages the next).
+A batch is handed over with an event the caller's stream waits on (no host wait) and its
+tensors marked with `record_stream`, so the allocator does not reuse their memory before the
+step has read it. `consumed`, the corrupt-sample count and the warnings count batches handed to
+the caller, never batches staged ahead, so a checkpoint taken between steps resumes exactly.
+The device is always named with its index (`cuda:N`), so torchvision keeps one nvJPEG decoder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import logging
 import os
+import queue
+import threading
 
 import torch
 from torch.utils.data import DataLoader
 
-from .augment import finish, resized_crops
+from .augment import finish, resized_crops, to_device
 from .decode import decode_cuda
 from .order import Deal, epoch_counts, epoch_steps, load_source
 from .stream import BatchStream
@@ -40,7 +53,7 @@ class StreamingLoader:
     def __init__(self, cfg, rank: int, world_size: int, device: torch.device, kind: str):
         _check(cfg, rank, world_size, kind)
         self.cfg, self.rank, self.world_size, self.kind = cfg, rank, world_size, kind
-        self.device = torch.device(device)
+        self.device = canonical_device(device)
         self.sources = [load_source(m, cfg.split) for m in cfg.manifests]
         _check_local_shards(self.sources)
         # samples per epoch: the same for every epoch (weights only change the mix)
@@ -49,9 +62,17 @@ class StreamingLoader:
             raise ValueError("the manifests hold no samples for split " + repr(cfg.split))
         self.dtype = _DTYPES[cfg.output_dtype]
         self.gpu_decode = kind != "text" and _use_gpu(cfg.decode_device, self.device)
+        if kind != "text" and not self.gpu_decode and importlib.util.find_spec("simplejpeg") is None:
+            # say so now, not as a ModuleNotFoundError inside a DataLoader worker
+            raise ValueError("data.decode_device: the CPU decode path needs simplejpeg, which is not "
+                             "installed (pip install simplejpeg), or use decode_device=cuda")
         self.epoch = 0
         self.consumed = 0  # global samples of the current epoch handed out
         self.corrupt_count = 0  # corrupt samples replaced since this loader was built
+        # batches whose device stage runs ahead in a helper thread (0: inline, in the caller's
+        # thread); CPU devices gain nothing from it, tests set it to exercise the thread
+        self.lookahead = 1 if self.device.type == "cuda" else 0
+        self._stage_stream = None  # the helper thread's CUDA stream, made on first use
 
     # -- sizes and state -------------------------------------------------------------------------
 
@@ -94,63 +115,160 @@ class StreamingLoader:
         ds = BatchStream(self.sources, cfg, self.kind, self.rank, self.world_size, self.epoch, start,
                          self.gpu_decode)
         nw = max(0, int(cfg.num_workers))
+        # a private generator: DataLoader draws a base seed at every iter(), which would advance
+        # the global torch RNG (dropout, drop path) by a different count in a resumed run;
+        # workers need no seed from it (every random draw is seeded per sample)
         dl = DataLoader(ds, batch_size=None, num_workers=nw,
                         pin_memory=self.device.type == "cuda" and not self.gpu_decode,
-                        prefetch_factor=2 if nw > 0 else None, persistent_workers=False)
+                        prefetch_factor=2 if nw > 0 else None, persistent_workers=False,
+                        generator=torch.Generator().manual_seed(self.epoch))
+        it = iter(dl)  # workers start here, forked from the caller's thread
+        staged = self._ahead(it) if self.lookahead > 0 else (self._device_stage(wb) for wb in it)
         done = 0
-        for wb in dl:
-            batch = self._device_stage(wb)
-            done += 1
-            self.consumed = min(self.N, start + done * gb)
-            yield batch
+        try:
+            for batch in staged:
+                self._hand_over(batch)
+                done += 1
+                self.consumed = min(self.N, start + done * gb)
+                yield batch
+        finally:
+            staged.close()  # stops the helper thread when the caller leaves the epoch early
+            if hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
         if done != deal.steps:  # a worker died quietly: never report a finished epoch then
             raise RuntimeError(f"loader yielded {done} of {deal.steps} batches for epoch {self.epoch}")
         self.epoch, self.consumed = self.epoch + 1, 0
 
-    def _device_stage(self, wb: dict) -> dict:
-        dev, aug = self.device, self.cfg.augment
-        for key, reason in wb["corrupt"]:
+    def _hand_over(self, batch: dict) -> None:
+        """Caller's side of a staged batch: log and count its corrupt samples."""
+        corrupt = batch.pop("_corrupt")
+        for key, reason in corrupt:
             log.warning("corrupt sample %s skipped and replaced: %s", key, reason)
-        self.corrupt_count += len(wb["corrupt"])
-        out = {"key": wb["key"], "is_pad": wb["is_pad"].to(dev, non_blocking=True)}
+        self.corrupt_count += len(corrupt)
+
+    def _ahead(self, it):
+        """Batches from the worker-batch iterator `it`, their device stage run `lookahead`
+        batches ahead in a helper thread."""
+        q: queue.Queue = queue.Queue(maxsize=self.lookahead)
+        stop = threading.Event()
+        cuda = self.device.type == "cuda"
+        if cuda and self._stage_stream is None:
+            self._stage_stream = torch.cuda.Stream(self.device)
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def work() -> None:
+            try:
+                if cuda:
+                    torch.cuda.set_device(self.device)
+                ctx = torch.cuda.stream(self._stage_stream) if cuda else contextlib.nullcontext()
+                with ctx:
+                    for wb in it:
+                        batch = self._device_stage(wb)
+                        ready = None
+                        if cuda:
+                            ready = torch.cuda.Event()
+                            ready.record(self._stage_stream)
+                        if not put((batch, ready)):
+                            break
+                put(_END)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, raised there
+                put(_Failure(e))
+
+        t = threading.Thread(target=work, name="loader-device-stage", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.exc
+                batch, ready = item
+                if ready is not None:
+                    user = torch.cuda.current_stream(self.device)
+                    user.wait_event(ready)
+                    for v in batch.values():
+                        if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+                            v.record_stream(user)
+                yield batch
+        finally:
+            stop.set()
+            t.join()
+
+    def _device_stage(self, wb: dict) -> dict:
+        """A worker batch -> the batch on the device (queued work only: no host wait)."""
+        dev, aug = self.device, self.cfg.augment
+        out = {"key": wb["key"], "is_pad": to_device(wb["is_pad"], dev), "_corrupt": list(wb["corrupt"])}
         if self.kind == "text":
-            out["input_ids"] = wb["input_ids"].to(dev, non_blocking=True)
-            out["padding_mask"] = wb["padding_mask"].to(dev, non_blocking=True)
+            out["input_ids"] = to_device(wb["input_ids"], dev)
+            out["padding_mask"] = to_device(wb["padding_mask"], dev)
             return out
         if self.gpu_decode:
-            x = self._gpu_images(wb, out)
+            x, jitter = self._gpu_images(wb, out)
         else:
-            x = wb["image"].to(dev, non_blocking=True)
-        out["image"] = finish(x, wb["jitter"], aug, self.dtype)
+            x, jitter = to_device(wb["image"], dev), wb["jitter"]
+        out["image"] = finish(x, jitter, aug, self.dtype)
         if self.kind == "image":
-            out["label"] = wb["label"].to(dev, non_blocking=True)
+            out["label"] = to_device(wb["label"], dev)
         else:
-            out["input_ids"] = wb["input_ids"].to(dev, non_blocking=True)
-            out["padding_mask"] = wb["padding_mask"].to(dev, non_blocking=True)
+            out["input_ids"] = to_device(wb["input_ids"], dev)
+            out["padding_mask"] = to_device(wb["padding_mask"], dev)
             out["image_id"] = wb["image_id"]
         return out
 
-    def _gpu_images(self, wb: dict, out: dict) -> torch.Tensor:
-        buf, offs = wb["jpeg"], wb["jpeg_offsets"].tolist()
+    def _gpu_images(self, wb: dict, out: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """nvJPEG decode, replacement of what it refuses, crop/resize/flip: (images 0..255, jitter)."""
+        buf, offs = wb["jpeg"], wb["jpeg_offsets"].tolist()  # host tensors from the worker
         datas = [buf[offs[b]:offs[b + 1]] for b in range(len(offs) - 1)]
-        imgs, errs = decode_cuda(datas, self.device)
-        box, flip = wb["box"], wb["flip"]
+        sizes = wb["hw"].tolist() if "hw" in wb else None
+        imgs, errs = decode_cuda(datas, self.device, sizes)
+        box, flip, jitter = wb["box"], wb["flip"], wb["jitter"]
         bad = [b for b, e in enumerate(errs) if e]
-        if bad:  # nvJPEG refused a sample the header check passed: replace it like a worker would
+        if bad:  # the decoder refused a sample the header check passed: replace it like a worker would
             good = [b for b in range(len(imgs)) if not errs[b]]
             if not good:
                 raise RuntimeError(f"every image of a batch failed to decode ({wb['key'][0]}: {errs[0]})")
             box, flip = box.clone(), flip.clone()
-            pad = out["is_pad"].clone()
+            jitter = None if jitter is None else jitter.clone()
+            pad = wb["is_pad"].clone()
+            keys = list(wb["key"])
             for b in bad:
-                log.warning("corrupt sample %s skipped and replaced: nvjpeg: %s", wb["key"][b], errs[b])
+                out["_corrupt"].append((keys[b], errs[b]))
                 g = min(good, key=lambda k: (abs(k - b), k))
-                imgs[b], box[b], flip[b] = imgs[g], box[g], flip[g]
-                wb["key"][b] = wb["key"][g]
+                imgs[b], box[b], flip[b], keys[b] = imgs[g], box[g], flip[g], keys[g]
+                if jitter is not None:
+                    jitter[b] = jitter[g]
                 pad[b] = True
-            out["is_pad"] = pad
-            self.corrupt_count += len(bad)
-        return resized_crops(imgs, box, flip, self.cfg.augment.size, self.cfg.augment.interpolation)
+            out["key"], out["is_pad"] = keys, to_device(pad, self.device)
+        return resized_crops(imgs, box, flip, self.cfg.augment.size, self.cfg.augment.interpolation), jitter
+
+
+class _Failure:
+    """An exception raised in the device-stage thread, to be raised again in the caller's."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_END = object()
+
+
+def canonical_device(device) -> torch.device:
+    """`device` with its index: 'cuda' becomes 'cuda:N' (N the current device), so every part of
+    the program names it the same way (torchvision re-creates its nvJPEG decoder whenever the
+    device it is given differs from the last one, and 'cuda' differs from 'cuda:0')."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        d = torch.device("cuda", torch.cuda.current_device())
+    return d
 
 
 def build_loader(cfg, rank: int, world_size: int, device: torch.device, kind: str) -> StreamingLoader:

@@ -34,6 +34,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from shardify.format import validate_manifest
+
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 
@@ -120,7 +122,8 @@ def load_source(manifest: str, split: str) -> Source:
         raise FileNotFoundError(f"manifest not found: {path}") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read manifest {path}: {e}") from None
-    splits = doc.get("splits", {})
+    validate_manifest(doc, path)  # the contract's checks (a ShardifyError is a ValueError)
+    splits = doc["splits"]
     if split not in splits:
         raise ValueError(f"split {split!r} not in manifest {path} (has: {', '.join(sorted(splits)) or 'none'})")
     shards = splits[split].get("shards", [])

@@ -21,6 +21,8 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from shardify.format import ShardifyError, parse_idx  # the .idx format is the shard contract's
+
 log = logging.getLogger(__name__)
 
 
@@ -148,20 +150,9 @@ def _read_idx(url: str) -> list[tuple[str, int, int]] | None:
                 text = f.read()
     except (OSError, ValueError):
         return None
-    lines = text.splitlines()
     try:
-        head = lines[0].split()
-        if head[0] != "v1.2" or int(head[1]) != len(lines) - 1:
-            raise ValueError(lines[0])
-        out = []
-        for line in lines[1:]:
-            fields = line.split(" ")
-            if not fields or len(fields) % 4:
-                raise ValueError(line)
-            for j in range(0, len(fields), 4):
-                out.append((fields[j + 3], int(fields[j + 1]), int(fields[j + 2])))
-        return out
-    except (IndexError, ValueError) as e:
+        return [member for sample in parse_idx(text, idx_url) for member in sample]
+    except ShardifyError as e:
         log.warning("ignoring unreadable index %s (%s); scanning the tar instead", idx_url, e)
         return None
 

@@ -201,6 +201,8 @@ class BatchStream(IterableDataset):
             offs = np.concatenate([[0], np.cumsum([len(x) for x in blobs])]).astype(np.int64)
             out["jpeg"] = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8)
             out["jpeg_offsets"] = torch.from_numpy(offs)
+            # the headers' sizes: the device checks the decoded sizes against them, as the CPU path does
+            out["hw"] = torch.tensor([sizes[fill[b]] for b in range(B)], dtype=torch.int64).view(B, 2)
         else:
             S = aug.size
             batch = torch.empty((B, 3, S, S), dtype=torch.uint8)

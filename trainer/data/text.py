@@ -24,9 +24,8 @@ import os
 
 import numpy as np
 
-from shardify.records import UserError
-from shardify.text import clean_text
-from shardify.tokenize import resolve_tokenizer, special_ids
+from shardify.format import ShardifyError as UserError  # the contract's one error type
+from shardify.format import clean_text, resolve_tokenizer, special_ids
 
 
 def load_tokenizer(path: str):

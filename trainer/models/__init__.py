@@ -1,1 +1,1 @@
-"""Model definitions and checkpoint loaders (Data2Vec2 ViT)."""
+"""Model definitions and checkpoint loaders (Data2Vec2 ViT; BERT through transformers)."""

@@ -1,5 +1,7 @@
 """Image distillation (DistilData2Vec2): a frozen Data2Vec2 ViT teacher, a student made of its
-embeddings and first blocks, and an MSE between layer-averaged targets.
+embedding stage and first blocks, and an MSE between layer-averaged targets. docs/methods.md
+describes the method as the thesis ran it: FFN outputs of every block (`loss.layer_tensor:
+ffn`), [CLS] kept, a fixed position embedding, the teacher under float16 autocast.
 
 The teacher stays outside the trainable module (never wrapped by DDP, never in the optimiser,
 never in checkpoints), is kept in eval mode and runs under `torch.inference_mode()`.
@@ -8,6 +10,8 @@ never in checkpoints), is kept in eval mode and runs under `torch.inference_mode
 from __future__ import annotations
 
 import contextlib
+import logging
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -18,8 +22,10 @@ from trainer.config import Config, ConfigError
 from trainer.errors import UserError
 from trainer.fields import between, choice
 from trainer.losses import layer_average_target, mse_over_tokens
-from trainer.models.vit import Data2Vec2ViT, ViTShape, load_data2vec2
+from trainer.models.vit import LAYER_TENSORS, Data2Vec2ViT, ViTShape, load_data2vec2
 from trainer.tasks.base import Task
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,16 +35,22 @@ class TeacherConfig:
     checkpoint: str = ""  # path to the fairseq checkpoint (e.g. base_imagenet.pt); required
     num_heads: int = field(default=0, metadata=between(0))  # 0: from the checkpoint's cfg (else 12)
     norm_eps: float = field(default=0.0, metadata=between(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
-    dtype: str = field(default="bfloat16", metadata=choice("bfloat16", "float16", "float32"))  # teacher forward precision
+    # autocast dtype of the teacher's blocks (its weights and embedding stage stay fp32):
+    # float16 as the thesis ran it; falls back to float32, with a log line, where the device
+    # has no autocast in that dtype
+    dtype: str = field(default="float16", metadata=choice("float16", "bfloat16", "float32"))
 
 
 @dataclass
 class StudentConfig:
-    """The student: the teacher's embeddings plus its first `depth` blocks."""
+    """The student: the teacher's embedding stage (with any prenet blocks) plus its first
+    `depth` shared blocks."""
 
     depth: int = field(default=6, metadata=between(1))  # number of teacher blocks copied into the student
     init: str = field(default="teacher", metadata=choice("teacher", "random"))  # copy teacher weights or re-initialise
-    train_pos_embed: bool = True  # the reference (timm) trains the position embedding; False keeps it fixed
+    # false: the sin-cos position embedding stays fixed, as in fairseq and the thesis run (43.1M
+    # trainable parameters at ViT-B/16, 6 blocks); true trains it (a timm-style port's default)
+    train_pos_embed: bool = False
 
 
 @dataclass
@@ -47,9 +59,14 @@ class LossConfig:
 
     # "layer_avg": the thesis recipe (all blocks, instance norm over tokens, average, final
     # parameter-free LayerNorm; student the same over its own blocks; MSE over all tokens).
-    # "d2v2_topk": original data2vec 2.0 targets (FFN outputs of the teacher's top-K blocks,
-    # [CLS] excluded); the student regresses them from its last block through a linear head.
+    # "d2v2_topk": original data2vec 2.0 targets (the teacher's top-K layer tensors, FFN outputs
+    # by default, [CLS] excluded); the student regresses them from its last block through a
+    # linear head.
     variant: str = field(default="layer_avg", metadata=choice("layer_avg", "d2v2_topk"))
+    # the tensor taken from every block, teacher and student alike: "ffn" = the feed-forward
+    # output before the residual add and norm2 (fairseq's layer results, the thesis run);
+    # "block" = the block output (the later public port)
+    layer_tensor: str = field(default="ffn", metadata=choice(*LAYER_TENSORS))
     top_k: int = field(default=10, metadata=between(1))  # layers averaged by "d2v2_topk"
     final_layer_norm: bool = True  # parameter-free LayerNorm over features after averaging (images: yes)
 
@@ -74,24 +91,61 @@ def autocast(device: torch.device, dtype_name: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def usable_autocast_dtype(device: torch.device, dtype_name: str) -> str:
+    """`dtype_name` if autocast in it works on `device`, else "float32". Checked by running a
+    matmul, a LayerNorm and attention under it: where a PyTorch build lacks the dtype for a device,
+    autocast warns and disables itself, or the op raises."""
+    if _DTYPES[dtype_name] == torch.float32:
+        return "float32"
+    if not torch.amp.is_autocast_available(device.type):
+        return "float32"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.inference_mode(), autocast(device, dtype_name):
+                x = torch.ones(1, 2, 4, 8, device=device)
+                y = torch.nn.functional.linear(torch.nn.functional.layer_norm(x, (8,)), torch.ones(8, 8, device=device))
+                y = torch.nn.functional.scaled_dot_product_attention(y, y, y)
+        ok = y.dtype == _DTYPES[dtype_name] and bool(torch.isfinite(y).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        ok = False
+    return dtype_name if ok else "float32"
+
+
 class KDStudent(nn.Module):
     """The trainable part: the student ViT (plus a regression head for "d2v2_topk"). Its
     forward returns the prediction compared with the teacher's target."""
 
-    def __init__(self, vit: Data2Vec2ViT, variant: str, final_layer_norm: bool):
+    def __init__(self, vit: Data2Vec2ViT, variant: str, final_layer_norm: bool, layer_tensor: str = "ffn"):
         super().__init__()
         self.vit = vit
         self.variant = variant
         self.final_layer_norm = final_layer_norm
+        self.layer_tensor = layer_tensor
         # data2vec regresses its targets through a projection; our student has no decoder, so a
         # linear head plays that role in the original-recipe variant
         self.head = nn.Linear(vit.shape.dim, vit.shape.dim) if variant == "d2v2_topk" else None
+        unused = self.params_without_gradient()
+        if unused:
+            # DDP stops on trainable parameters that get no gradient; these stay trainable (as in
+            # the thesis run: their grad is None and AdamW leaves them as they are) and DDP is
+            # told to leave them out of its all-reduce
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, unused)
+
+    def params_without_gradient(self) -> list[str]:
+        """Parameters the loss never reaches. With FFN targets (layer_avg) the last block's
+        norm2 is computed but its output feeds nothing: the layer results stop at the FFN."""
+        if self.head is None and self.layer_tensor == "ffn":
+            last = len(self.vit.blocks) - 1
+            return [f"vit.blocks.{last}.norm2.weight", f"vit.blocks.{last}.norm2.bias"]
+        return []
 
     def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
-        layers = self.vit(img_BCHW)
         if self.head is None:
+            # the same recipe as the teacher's targets, over the student's own blocks
+            layers = self.vit(img_BCHW, tensor=self.layer_tensor)
             return layer_average_target(layers, final_layer_norm=self.final_layer_norm)
-        return self.head(layers[-1][:, 1:])  # patch tokens only, as the targets
+        return self.head(self.vit(img_BCHW)[-1][:, 1:])  # patch tokens only, as the targets
 
 
 def build_student(teacher: Data2Vec2ViT, scfg: StudentConfig) -> Data2Vec2ViT:
@@ -100,7 +154,8 @@ def build_student(teacher: Data2Vec2ViT, scfg: StudentConfig) -> Data2Vec2ViT:
                         f"{teacher.shape.depth} blocks")
     student = Data2Vec2ViT(replace(teacher.shape, depth=scfg.depth), train_pos_embed=scfg.train_pos_embed)
     if scfg.init == "teacher":
-        # everything but blocks >= depth: embeddings, [CLS], positions, norm_pre, first blocks
+        # everything but blocks >= depth: embeddings, [CLS], positions, norm_pre, the prenet
+        # blocks (part of the embedding stage), the first `depth` shared blocks
         sd = {k: v for k, v in teacher.state_dict().items()
               if not k.startswith("blocks.") or int(k.split(".")[1]) < scfg.depth}
         student.load_state_dict(sd, strict=True)
@@ -130,12 +185,16 @@ class ImageKDTask(Task):
         # the student copies the teacher's fp32 weights before the teacher moves to its device
         torch.manual_seed(cfg.seed)
         vit = build_student(teacher, tc.student)
-        self.student = KDStudent(vit, tc.loss.variant, tc.loss.final_layer_norm).to(device)
+        self.student = KDStudent(vit, tc.loss.variant, tc.loss.final_layer_norm, tc.loss.layer_tensor).to(device)
         teacher.requires_grad_(False)
         self.teacher = teacher.to(device).eval()
         if tc.loss.variant == "d2v2_topk" and tc.loss.top_k > teacher.shape.depth:
             raise UserError(f"config key 'loss.top_k': {tc.loss.top_k} is more than the teacher's "
                             f"{teacher.shape.depth} blocks")
+        self.teacher_dtype = usable_autocast_dtype(device, tc.teacher.dtype)
+        if self.teacher_dtype != tc.teacher.dtype:
+            log.warning("teacher.dtype %s: autocast in it does not work on %s here; the teacher runs in float32",
+                        tc.teacher.dtype, device.type)
 
     def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
         return no_weight_decay(name, param)
@@ -143,12 +202,14 @@ class ImageKDTask(Task):
     def student_arch(self) -> dict[str, Any]:
         vit = self.student.vit
         return {"vit": asdict(vit.shape), "train_pos_embed": vit.pos_embed.requires_grad,
-                "variant": self.student.variant, "final_layer_norm": self.student.final_layer_norm}
+                "variant": self.student.variant, "final_layer_norm": self.student.final_layer_norm,
+                "layer_tensor": self.student.layer_tensor}
 
     @classmethod
     def build_student(cls, arch: dict[str, Any]) -> nn.Module:
         vit = Data2Vec2ViT(ViTShape(**arch["vit"]), train_pos_embed=arch["train_pos_embed"])
-        return KDStudent(vit, arch["variant"], arch["final_layer_norm"])
+        # exports written before layer_tensor existed regressed block outputs
+        return KDStudent(vit, arch["variant"], arch["final_layer_norm"], arch.get("layer_tensor", "block"))
 
     @classmethod
     def student_encoders(cls, student: nn.Module) -> dict[str, nn.Module]:
@@ -161,12 +222,12 @@ class ImageKDTask(Task):
     def teacher_targets(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         lcfg = self.cfg.task_cfg.loss
         self.teacher.eval()  # guards against a stray .train() on a parent module
-        with torch.inference_mode(), autocast(self.device, self.cfg.task_cfg.teacher.dtype):
+        with torch.inference_mode(), autocast(self.device, self.teacher_dtype):
+            layers = self.teacher(img_BCHW, tensor=lcfg.layer_tensor)
             if lcfg.variant == "layer_avg":
-                target = layer_average_target(self.teacher(img_BCHW), final_layer_norm=lcfg.final_layer_norm)
-            else:
-                _, ffns = self.teacher(img_BCHW, with_ffn=True)
-                target = layer_average_target([f[:, 1:] for f in ffns], top_k=lcfg.top_k,
+                target = layer_average_target(layers, final_layer_norm=lcfg.final_layer_norm)
+            else:  # data2vec 2.0: the top K layers, [CLS] left out
+                target = layer_average_target([t[:, 1:] for t in layers], top_k=lcfg.top_k,
                                               final_layer_norm=lcfg.final_layer_norm)
         # inference tensors cannot be saved for backward; a clone outside the mode is a normal one
         return target.clone()
@@ -195,5 +256,5 @@ class ViTEncoder(nn.Module):
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """The reference's rule: no decay on 1-D params, biases, position embedding and [CLS]."""
+    """The thesis's rule: no decay on 1-D params, biases, position embedding and [CLS]."""
     return param.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name

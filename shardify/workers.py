@@ -1,0 +1,96 @@
+"""Run tasks in worker processes so that nothing hangs: a dead worker or Ctrl-C ends the run.
+
+multiprocessing.Pool waits forever for the result of a task whose worker was killed (the OOM
+killer, a SIGKILL), and on Ctrl-C every worker prints its own KeyboardInterrupt traceback while
+the pool's shutdown can block. Here:
+
+- tasks run in a `ProcessPoolExecutor`, which notices a worker that died and fails every
+  pending task at once: that becomes one `WorkerDied` line (the rerun resumes);
+- workers ignore SIGINT, so Ctrl-C reaches only the main process, which kills the workers and
+  raises KeyboardInterrupt (the CLI prints `interrupted: rerun ...`, exit 130).
+Files half-written by killed workers carry temporary names; the rerun deletes them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+from collections.abc import Callable, Iterable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from shardify.records import UserError
+
+
+class WorkerDied(UserError):
+    """A worker process ended without reporting (killed by a signal, out of memory)."""
+
+
+def _init(initializer, initargs) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process alone handles Ctrl-C
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def run_in_workers(func: Callable, tasks: Iterable, workers: int, initializer=None, initargs=(),
+                   on_result: Callable | None = None, poll: Callable | None = None,
+                   what: str = "work") -> list:
+    """Run `func(task)` for every task in `workers` forked processes; return results in task order.
+
+    `on_result(i, result)` is called in the main process as each task finishes (in any order);
+    `poll()` is called about every 50 ms while waiting (progress messages). A worker that dies
+    raises WorkerDied naming `what`; an exception inside a task is re-raised as is.
+    """
+    tasks = list(tasks)
+    results: list = [None] * len(tasks)
+    before = set(mp.active_children())
+    ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
+                             initializer=_init, initargs=(initializer, initargs))
+    clean = False
+    try:
+        futures = {ex.submit(func, t): i for i, t in enumerate(tasks)}
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.05, return_when=FIRST_COMPLETED)
+            if poll is not None:
+                poll()
+            for fut in done:
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    raise WorkerDied(
+                        f"a worker process died while doing {what} (killed by a signal or the "
+                        "out-of-memory killer?); rerun the same command to resume"
+                    ) from None
+                results[futures[fut]] = result
+                if on_result is not None:
+                    on_result(futures[fut], result)
+        clean = True
+        return results
+    finally:
+        if clean:
+            ex.shutdown(wait=True)
+        else:  # an error, a dead worker or Ctrl-C: stop the others now, without waiting for them
+            _kill(ex, before)
+            # The pool's manager thread notices the dead workers and ends; waiting for it here
+            # (bounded: nothing may hang on the way out) keeps its clean-up from printing
+            # errors at interpreter exit.
+            manager = getattr(ex, "_executor_manager_thread", None)
+            ex.shutdown(wait=False, cancel_futures=True)
+            if manager is not None:
+                manager.join(timeout=5)
+
+
+def _kill(ex: ProcessPoolExecutor, before: set) -> None:
+    """SIGKILL the pool's workers, including any the pool did not register yet (a Ctrl-C that
+    lands while it forks): a worker left alive would block the interpreter's exit, which joins
+    every child process."""
+    import time
+
+    procs = set((getattr(ex, "_processes", None) or {}).values()) | (set(mp.active_children()) - before)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    deadline = time.monotonic() + 5
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
