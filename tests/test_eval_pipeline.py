@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from shardify.format import simple_manifest
 from train_fixtures import make_teacher
 from trainer.cli import main
 from trainer.data import AugmentConfig
@@ -44,20 +46,15 @@ def write_class_shards(root: Path, train_per_class=6, val_per_class=2, per_shard
             chunk = items[s:s + per_shard]
             with tarfile.open(root / name, "w", format=tarfile.USTAR_FORMAT) as tf:
                 for key, c in chunk:
-                    for ext, data in (("cls", str(c).encode()), ("jpg", _jpeg(c, hash(key) % 1000)),
+                    for ext, data in (("cls", str(c).encode()), ("jpg", _jpeg(c, zlib.crc32(key.encode()) % 1000)),
                                       ("json", b"{}")):
                         ti = tarfile.TarInfo(f"{key}.{ext}")
                         ti.size = len(data)
                         tf.addfile(ti, io.BytesIO(data))
-            shards.append({"name": name, "samples": len(chunk), "inputs": len(chunk), "rejected": 0,
-                           "bytes": (root / name).stat().st_size, "sha256": "", "first_key": chunk[0][0],
-                           "last_key": chunk[-1][0]})
-        splits[split] = {"samples": len(items), "inputs": len(items), "rejected": 0, "bytes": 0, "shards": shards}
-    manifest = {"schema_version": 1, "tool": {"name": "tests", "version": "0"}, "dataset": "imagenet",
-                "source": {}, "options": {}, "fields": ["cls", "jpg", "json"],
-                "classes": ["n0", "n1", "n2", "n3"], "class_names": ["red", "green", "blue", "yellow"],
-                "splits": splits, "totals": {}}
-    (root / "manifest.json").write_text(json.dumps(manifest))
+            shards.append({"name": name, "samples": len(chunk), "first_key": chunk[0][0], "last_key": chunk[-1][0]})
+        splits[split] = shards
+    simple_manifest(root, "imagenet", ["cls", "jpg", "json"], splits, classes=["n0", "n1", "n2", "n3"],
+                    class_names=["red", "green", "blue", "yellow"])
     return root
 
 
@@ -383,3 +380,19 @@ def test_prompt_tokenisation_matches_the_loaders_captions():
     enc = TextEncoder(tok)
     ids, pad = enc.pad_batch([enc.encode_caption(c, 8) for c in caps], 8)
     assert torch.equal(seen[0][0], torch.from_numpy(ids)) and torch.equal(seen[0][1], torch.from_numpy(pad))
+
+
+def test_report_shows_glue_results_beside_the_thesis(tmp_path):
+    from trainer.report import write_report
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "log.jsonl").write_text(json.dumps({"step": 1, "total_steps": 1, "loss": 1.0}) + "\n")
+    for task, score, name in (("sst2", 0.9, "validation accuracy"), ("cola", 0.4, "validation mcc")):
+        (run / "eval" / f"glue_{task}.json").write_text(json.dumps(
+            {"task": task, "score": score, "score_name": name, "metrics": {"validation": {}},
+             "student": {"kind": "shardify-kd-student"}}))
+    md = write_report(run).read_text()
+    assert "| cola | validation mcc | 40.00 |\n| sst2 | validation accuracy | 90.00 |" in md
+    assert "| *mean of the 2 task(s) above* | | 65.00 |" in md
+    assert "| *thesis: F-DistilBERT*" in md and "| GLUE score | 76.90 |" in md

@@ -187,6 +187,35 @@ def eval_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def read_glue_results(directory: Path) -> list[dict]:
+    """The result files of `trainer eval glue` (trainer/eval/glue.py) in a directory."""
+    out = []
+    for p in sorted(directory.glob("*.json")):
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and {"task", "score", "score_name", "metrics", "student"} <= doc.keys():
+            out.append(doc)
+    return out
+
+
+def glue_table(results: list[dict]) -> list[str]:
+    """GLUE: one row per task (its score in %), their mean, and the thesis's GLUE score."""
+    from trainer.eval.published import published
+
+    lines = ["**GLUE** (validation; fine-tuned per task)", "", "| task | metric | score |", "|---|---|---:|"]
+    scores = []
+    for r in sorted(results, key=lambda r: r["task"]):
+        scores.append(100.0 * float(r["score"]))
+        lines.append(f"| {r['task']} | {r['score_name']} | {scores[-1]:.2f} |")
+    lines.append(f"| *mean of the {len(scores)} task(s) above* | | {sum(scores) / len(scores):.2f} |")
+    pub = published("glue", "glue")
+    if pub:
+        lines.append(f"| *thesis: {pub['model']}* ({pub['setting']}) | GLUE score | {pub['metrics']['score']:.2f} |")
+    return lines + [""]
+
+
 def _probe_comparison(records: list[dict]) -> list[str]:
     """A sentence per student probe that has a teacher probe on the same data beside it."""
     probes = [r for r in records if r.get("benchmark") == "linear_probe"]
@@ -217,7 +246,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     out.mkdir(parents=True, exist_ok=True)
     data = series(records)
     plots = plot_panels(data, out) if data else []
-    evals = [r for d in (run / "eval", *map(Path, eval_dirs)) if d.is_dir() for r in read_results(d)]
+    dirs = [d for d in (run / "eval", *map(Path, eval_dirs)) if d.is_dir()]
+    evals = [r for d in dirs for r in read_results(d)]
+    glue = [r for d in dirs for r in read_glue_results(d)]
 
     last = records[-1] if records else {}
     md = [f"# Run report: `{run.name}`", ""]
@@ -230,9 +261,9 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     if finals:
         md.append(f"Last logged: {', '.join(finals)}.")
     md += ["", "## Evaluation", ""]
-    if evals:
+    if evals or glue:
         md += _probe_comparison(evals)
-        md += ["", *eval_table(evals),
+        md += ["", *eval_table(evals), *(glue_table(glue) if glue else []),
                "Chance: top-k = k / classes present (zero-shot: k / classes named); R@k: a random ranking. Thesis: the published figure for "
                "the same benchmark (full datasets, full training; see docs/methods.md)."]
     else:
