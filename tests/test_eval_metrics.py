@@ -224,3 +224,14 @@ def test_linear_probe_sees_small_variation_on_a_large_offset():
     offset = torch.randn(8, generator=torch.Generator().manual_seed(9)) * 100
     out = probe_eval(offset + 0.01 * x, y, offset + 0.01 * xv, yv, 3, ProbeConfig(epochs=10, batch_size=60))
     assert out["top1"] == 100.0  # without the standardisation: chance (the LayerNorm sees the offset)
+
+
+def test_published_figures_are_matched_by_benchmark_dataset_and_split():
+    from trainer.eval.published import published
+
+    assert published("linear_probe", "imagenet")["metrics"]["top1"] == 71.1
+    assert published("retrieval", "coco-karpathy", "test")["metrics"]["i2t_R@1"] == 53.54
+    assert published("retrieval", "coco-karpathy", "train") is None  # seen pairs: no thesis figure
+    assert published("retrieval", "flickr30k", "test")["metrics"]["t2i_R@10"] == 87.46
+    assert published("zero_shot", "imagenet", "validation")["metrics"]["top1"] == 37.0
+    assert published("linear_probe", "cifar10") is None

@@ -226,6 +226,8 @@ def test_report_plots_and_summary(tmp_path):
 
     assert [p[1] for p in panels(["loss", "lr", "val_loss", "loss_kd", "val_loss_kd"])] == \
         [["loss", "val_loss"], ["loss_kd", "val_loss_kd"], ["lr"]]
+    assert [p[1] for p in panels(["acc", "val_acc", "val_extra", "samples_per_s"])] == \
+        [["samples_per_s"], ["acc", "val_acc"], ["val_extra"]]
     md_path = write_report(run)
     md = md_path.read_text()
     pngs = sorted(p.name for p in md_path.parent.glob("*.png"))

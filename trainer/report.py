@@ -60,21 +60,25 @@ def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 
 
 def panels(keys: list[str]) -> list[tuple[str, list[str]]]:
-    """(name, keys drawn together): each training loss with its `val_` twin, then the rest."""
+    """(name, keys drawn together): each quantity with its `val_` twin, losses first, then the
+    known quantities, then the rest in log order; a `val_` key without a training twin alone."""
     out, used = [], set()
+
+    def add(k: str) -> None:
+        if k in used:
+            return
+        group = [k] + ([f"val_{k}"] if not k.startswith("val_") and f"val_{k}" in keys else [])
+        out.append((k, group))
+        used.update(group)
+
     for k in keys:
         if "loss" in k and not k.startswith("val_"):
-            group = [k] + ([f"val_{k}"] if f"val_{k}" in keys else [])
-            out.append((k, group))
-            used.update(group)
-    for k in keys:
-        if k.startswith("val_") and k not in used:
-            out.append((k, [k]))
-            used.add(k)
+            add(k)
     for k in [*_KNOWN, *keys]:
-        if k in keys and k not in used:
-            out.append((k, [k]))
-            used.add(k)
+        if k in keys and not k.startswith("val_"):
+            add(k)
+    for k in keys:
+        add(k)
     return out
 
 
@@ -166,11 +170,14 @@ def eval_table(records: list[dict]) -> list[str]:
         groups.setdefault((rec.get("benchmark", ""), rec.get("dataset", ""), d.get("split", ""),
                            d.get("sha256", "")), []).append(rec)
     lines: list[str] = []
-    for (bench, dataset, split, _), recs in groups.items():
+    # held-out splits first: a figure on training data is a sanity check, not the benchmark
+    order = sorted(groups, key=lambda g: (g[0], g[1], g[2] not in ("validation", "test"), g[2]))
+    for (bench, dataset, split, sha) in order:
+        recs = groups[(bench, dataset, split, sha)]
         # students first, then the teachers they are compared with
         recs = sorted(recs, key=lambda r: (r.get("model", {}).get("kind") != "student", _model_name(r)))
         metrics = [m for m, _ in _rows(recs[0])]
-        pub = published(bench, dataset)
+        pub = published(bench, dataset, split)  # no thesis row beside a train-split figure
         lines += [f"**{bench.replace('_', ' ')}**, {dataset} {split}", "",
                   "| model | " + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics) + " |",
                   "|---|" + "---:|" * len(metrics)]
