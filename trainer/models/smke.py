@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.models.text import bert_from_config, bert_student, load_bert
 from trainer.models.vit import Data2Vec2ViT, ViTShape, load_data2vec2
 
 NORM_EPS = 1e-6
@@ -94,19 +95,6 @@ class SharedBlock(nn.Module):
         return interm, x
 
 
-def _bert_config(cfg: dict):
-    from transformers import BertConfig
-
-    return BertConfig.from_dict(dict(cfg))
-
-
-def build_bert(cfg: dict) -> nn.Module:
-    """An untrained BertModel (no pooler) of the given config dict."""
-    from transformers import BertModel
-
-    return BertModel(_bert_config(cfg), add_pooling_layer=False)
-
-
 def read_bert_config(path: str | Path) -> dict:
     """The config.json of a local Hugging Face BERT directory, as a dict."""
     p = Path(path)
@@ -120,41 +108,12 @@ def read_bert_config(path: str | Path) -> dict:
 
 
 def load_bert_tower(path: str | Path, depth: int) -> nn.Module:
-    """BERT embeddings + its first `depth` layers from a local directory (safetensors, no hub);
-    every weight of those must be in the checkpoint (the pooler and later layers are dropped)."""
-    from transformers import BertConfig, BertModel
-
-    p = Path(path)
-    if not (p / "config.json").is_file():
-        raise UserError(f"text tower: {p} is not a local Hugging Face model directory (no config.json)")
-    config = BertConfig.from_pretrained(str(p), local_files_only=True)
-    if config.model_type != "bert":
-        raise UserError(f"text tower: {p} holds a {config.model_type!r} model, not BERT")
-    if depth > config.num_hidden_layers:
-        raise UserError(f"config key 'text_tower.depth': {depth} is more than the {config.num_hidden_layers} "
-                        f"layers of {p}")
-    config.num_hidden_layers = depth
-    from transformers.utils import logging as hf_logging
-
-    # the later layers and the pooler are left out on purpose: silence the load report listing them
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = BertModel.from_pretrained(
-            str(p), config=config, add_pooling_layer=False, local_files_only=True, use_safetensors=True,
-            output_loading_info=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"text tower: cannot load {p}: {e}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    missing = [k for k in info.get("missing_keys", []) if "position_ids" not in k]
-    if missing:
-        raise UserError(f"text tower checkpoint {p} lacks weights: {sorted(missing)[:5]}")
-    return model
+    """BERT embeddings + its first `depth` layers from a local directory (the text task's loader:
+    safetensors, or a pickled file read weights-only; no hub), with the checkpoint's dropout."""
+    if not Path(path).is_dir():
+        raise UserError(f"text tower: no config.json in {path} (give a local Hugging Face BERT directory)")
+    bert = load_bert(str(path))
+    return bert_student(bert, depth, bert.config.hidden_dropout_prob, key="text_tower.depth")
 
 
 class SMKEStudent(nn.Module):
@@ -242,7 +201,7 @@ class SMKEStudent(nn.Module):
     @classmethod
     def from_arch(cls, arch: dict[str, Any]) -> "SMKEStudent":
         image = Data2Vec2ViT(ViTShape(**arch["image_tower"]), train_pos_embed=arch.get("image_train_pos_embed", False))
-        text = build_bert(arch["text_tower"])
+        text = bert_from_config(arch["text_tower"])
         keys = ("num_heads", "mlp_ratio", "layer_scale", "tte_init", "out_dim", "logit_scale_init",
                 "kd_logit_scale_init")
         return cls(image, text, **{k: arch[k] for k in keys})

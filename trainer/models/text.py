@@ -117,12 +117,14 @@ def bert_from_config(config: dict[str, Any]) -> nn.Module:
     return transformers.BertModel(transformers.BertConfig.from_dict(dict(config)), add_pooling_layer=False)
 
 
-def bert_student(teacher: nn.Module, depth: int, dropout: float, init: str = "teacher") -> nn.Module:
+def bert_student(teacher: nn.Module, depth: int, dropout: float, init: str = "teacher",
+                 key: str = "student.depth") -> nn.Module:
     """The teacher's embeddings and first `depth` layers as a new BertModel with hidden and
-    attention dropout `dropout`; `init="random"` keeps the architecture, re-initialised."""
+    attention dropout `dropout`; `init="random"` keeps the architecture, re-initialised. `key`
+    names the config key of `depth` in the error."""
     n = teacher.config.num_hidden_layers
     if depth > n:
-        raise UserError(f"config key 'student.depth': {depth} is more than the teacher's {n} layers")
+        raise UserError(f"config key '{key}': {depth} is more than the teacher's {n} layers")
     cfg = teacher.config.to_dict()
     cfg.update(num_hidden_layers=depth, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     for k in ("torch_dtype", "dtype", "_name_or_path", "architectures"):
