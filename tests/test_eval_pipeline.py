@@ -153,6 +153,7 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, err
+    assert not (tmp_path / "eval").exists()  # refused: no record, no feature cache
 
 
 def test_glue_without_its_module_says_so(monkeypatch, capsys):

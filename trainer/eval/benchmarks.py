@@ -34,11 +34,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _manifest(shards: str) -> dict:
+def _manifest(shards: str, split: str) -> dict:
+    """The manifest, checked to hold `split` before anything is read or written."""
     try:
-        return read_manifest(shards)[0]
+        doc = read_manifest(shards)[0]
     except (FileNotFoundError, ValueError) as e:
         raise UserError(str(e)) from None
+    splits = doc.get("splits") or {}
+    if split not in splits:
+        raise UserError(f"split {split!r} not in manifest {shards} (has: {', '.join(sorted(splits)) or 'none'})")
+    return doc
 
 
 def _image_features(model: EvalModel, shards: str, split: str, cache: FeatureCache, batch_size: int,
@@ -79,8 +84,8 @@ def run_probe(model: EvalModel, model_path: str, train_shards: str, val_shards: 
     dev = resolve_device(device)
     out_path = Path(out) if out else _default_out(model_path, "linear_probe")
     cache = FeatureCache(cache_dir if cache_dir is not None else out_path.parent / "features")
-    manifest = _manifest(train_shards)
-    _manifest(val_shards)
+    manifest = _manifest(train_shards, train_split)
+    _manifest(val_shards, val_split)
     train = _image_features(model, train_shards, train_split, cache, batch_size, workers, dev, f"{train_split} features")
     val = _image_features(model, val_shards, val_split, cache, batch_size, workers, dev, f"{val_split} features")
     C = _num_classes(manifest, train["labels"], val["labels"])
@@ -141,7 +146,7 @@ def run_zero_shot(model: EvalModel, model_path: str, val_shards: str, val_split:
     dev = resolve_device(device)
     out_path = Path(out) if out else _default_out(model_path, "zero_shot")
     cache = FeatureCache(cache_dir if cache_dir is not None else out_path.parent / "features")
-    manifest = _manifest(val_shards)
+    manifest = _manifest(val_shards, val_split)
     try:
         names = class_names(manifest, names_file)
     except (OSError, ValueError) as e:
@@ -150,6 +155,7 @@ def run_zero_shot(model: EvalModel, model_path: str, val_shards: str, val_split:
     model.encoder("image", "zero-shot")
     val = _image_features(model, val_shards, val_split, cache, batch_size, workers, dev, f"{val_split} features")
     labels = val["labels"]
+    _num_classes(manifest, labels)  # refuses unlabelled images
     if len(names) <= int(labels.max()):
         raise UserError(f"labels go up to {int(labels.max())}, but there are only {len(names)} class names")
     if present_only:
@@ -174,7 +180,7 @@ def run_retrieval(model: EvalModel, model_path: str, shards: str, split: str, to
     """Image-text retrieval Recall@1/5/10 in both directions on pair shards."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    manifest = _manifest(shards)
+    manifest = _manifest(shards, split)
     dataset = name or manifest.get("dataset", "") or Path(shards).name
     out_path = Path(out) if out else _default_out(model_path, f"retrieval_{dataset}")
     image = model.encoder("image", "retrieval")
