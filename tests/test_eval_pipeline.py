@@ -147,6 +147,7 @@ def test_cli_errors_are_one_line(shards, tmp_path, capsys):
          "split 'test' not in manifest"),
         (["eval", "probe", str(tmp_path / "none.pt"), "--data2vec2", "--train-shards", str(shards)], "does not exist"),
         (["report", str(tmp_path)], "no log.jsonl"),
+        (["eval", "probe", str(teacher), "--train-shards", str(shards)], "--data2vec2"),
     ]:
         with pytest.raises(SystemExit) as e:
             main(args)

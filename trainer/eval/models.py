@@ -87,7 +87,13 @@ def load_eval_model(path: str, data2vec2: bool = False, image_size: int | None =
     except ImportError:
         raise UserError("this checkout has no trainer.export (student loading): pass --data2vec2 to "
                         "evaluate a Data2Vec2 checkpoint, or update the project") from None
-    loaded = load_student(path)
+    try:
+        loaded = load_student(path)
+    except UserError as e:
+        if Path(path).is_file():  # a teacher checkpoint given as a student is the likely mistake
+            raise UserError(f"{e} (a Data2Vec2 fairseq checkpoint? `trainer eval probe` takes it with "
+                            f"--data2vec2)") from None
+        raise
     config = loaded.config or {}
     data = config.get("data") or {}
     aug = _augment_from(config, image_size)
