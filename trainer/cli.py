@@ -101,6 +101,13 @@ def make_demo_teacher(out: str, dim: int, depth: int, heads: int, patch: int, im
     click.echo(f"wrote {path}")
 
 
+from trainer.eval.cli import eval_group  # noqa: E402  (click only; models load when a command runs)
+from trainer.report import report_command  # noqa: E402
+
+cli.add_command(eval_group)
+cli.add_command(report_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)

@@ -1,0 +1,142 @@
+"""`trainer eval`: one subcommand per benchmark. Each parses its options, loads the model and
+calls one function of trainer/eval/benchmarks.py, which writes the JSON record and prints a
+one-line summary.
+
+    trainer eval probe MODEL --train-shards DIR --val-shards DIR      linear probe + k-NN
+    trainer eval retrieval MODEL --shards DIR [--split test]           image<->text Recall@k
+    trainer eval zero-shot MODEL --val-shards DIR                      80-template zero-shot
+    trainer eval glue MODEL ...                                        GLUE fine-tuning (text)
+
+MODEL is an exported student, a checkpoint or a run directory; `probe --data2vec2` takes a
+Data2Vec2 fairseq checkpoint instead (the teacher).
+"""
+
+from __future__ import annotations
+
+import click
+
+# the probe's defaults, mirrored from linear_probe.ProbeConfig (a test keeps them equal) so that
+# `trainer --help` imports no torch
+_PROBE_DEFAULTS = {"epochs": 100, "batch_size": 1024, "lr": 1e-3, "weight_decay": 1e-4}
+_MODEL_HELP = "exported student (trainer export), checkpoint or run directory"
+
+
+def _common(f):
+    """Options every benchmark shares."""
+    for opt in reversed([
+        click.option("--out", type=click.Path(dir_okay=False), default=None,
+                     help="JSON to write [default: <run dir>/eval/<benchmark>.json]"),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--batch-size", type=int, default=128, show_default=True, help="images per forward"),
+        click.option("--workers", type=int, default=2, show_default=True, help="loader worker processes"),
+    ]):
+        f = opt(f)
+    return f
+
+
+class _EvalGroup(click.Group):
+    """The benchmark commands, plus `glue`, imported only when asked for (trainer/eval/glue.py
+    brings the text fine-tuning stack); without that module `glue` says so in one line."""
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), "glue"})
+
+    def get_command(self, ctx, name):
+        if name == "glue" and name not in self.commands:
+            return _glue_command()
+        return super().get_command(ctx, name)
+
+
+def _glue_command() -> click.Command:
+    try:
+        from .glue import glue_command
+    except ImportError as e:
+        missing = f"{type(e).__name__}: {e}"
+
+        @click.command("glue", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+        def glue_missing() -> None:
+            """GLUE fine-tuning of a text student (not available in this installation)."""
+            from trainer.errors import UserError
+
+            raise UserError(f"GLUE evaluation is not available in this installation ({missing})")
+
+        return glue_missing
+    return glue_command
+
+
+@click.group("eval", cls=_EvalGroup)
+def eval_group() -> None:
+    """Evaluate a student (or its teacher) on the thesis's benchmarks; writes one JSON per run."""
+
+
+@eval_group.command("probe")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--train-shards", required=True, help="shard directory (or manifest.json) of the probe's training images")
+@click.option("--val-shards", default=None, help="shard directory of the validation images [default: --train-shards]")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--val-split", default="validation", show_default=True)
+@click.option("--pool", type=click.Choice(["cls", "mean"]), default="mean", show_default=True,
+              help="image feature: [CLS] or the mean of the patch tokens")
+@click.option("--data2vec2", is_flag=True, help="MODEL is a Data2Vec2 fairseq checkpoint (evaluate the teacher)")
+@click.option("--image-size", type=int, default=None, help="override the model's image size")
+@click.option("--label", default="", help="name shown in the summary and the report (e.g. teacher)")
+@click.option("--epochs", type=int, default=_PROBE_DEFAULTS["epochs"], show_default=True, help="probe training epochs")
+@click.option("--lr", type=float, default=_PROBE_DEFAULTS["lr"], show_default=True, help="probe peak learning rate")
+@click.option("--weight-decay", type=float, default=_PROBE_DEFAULTS["weight_decay"], show_default=True)
+@click.option("--probe-batch-size", type=int, default=_PROBE_DEFAULTS["batch_size"], show_default=True)
+@click.option("--knn-k", type=int, default=20, show_default=True, help="neighbours of the k-NN classifier")
+@click.option("--knn-temperature", type=float, default=0.07, show_default=True, help="vote weight exp(sim / T)")
+@click.option("--cache-dir", default=None, help="feature cache [default: features/ beside --out]; '' disables it")
+@_common
+def probe_cmd(model, train_shards, val_shards, train_split, val_split, pool, data2vec2, image_size, label, epochs,
+              lr, weight_decay, probe_batch_size, knn_k, knn_temperature, cache_dir, out, device, batch_size,
+              workers) -> None:
+    """Linear probe (LayerNorm + linear head on frozen features) and k-NN accuracy of MODEL's image
+    encoder. Features are extracted once and cached."""
+    from .benchmarks import run_probe
+    from .linear_probe import ProbeConfig
+    from .models import load_eval_model
+
+    m = load_eval_model(model, data2vec2=data2vec2, image_size=image_size)
+    cfg = ProbeConfig(epochs=epochs, batch_size=probe_batch_size, lr=lr, weight_decay=weight_decay)
+    run_probe(m, model, train_shards, val_shards or train_shards, train_split, val_split, pool, cfg, knn_k,
+              knn_temperature, batch_size, workers, device, cache_dir, out, label=label or ("teacher" if data2vec2 else ""))
+
+
+@eval_group.command("retrieval")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--shards", required=True, help="image-text pair shards (COCO 5k / Flickr30k 1k Karpathy test)")
+@click.option("--split", default="test", show_default=True)
+@click.option("--name", default="", help="benchmark name in the record [default: the manifest's dataset]")
+@click.option("--tokenizer", default=None, help="tokenizer.json or vocab.txt [default: the model's]")
+@click.option("--max-len", type=int, default=None, help="caption length in tokens [default: the model's]")
+@_common
+def retrieval_cmd(model, shards, split, name, tokenizer, max_len, out, device, batch_size, workers) -> None:
+    """Image-text retrieval Recall@1/5/10 in both directions (multimodal students)."""
+    from .benchmarks import run_retrieval
+    from .models import load_eval_model
+
+    run_retrieval(load_eval_model(model), model, shards, split, tokenizer, max_len, batch_size, workers, device,
+                  out, name)
+
+
+@eval_group.command("zero-shot")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--val-shards", required=True, help="ImageNet validation shards")
+@click.option("--val-split", default="validation", show_default=True)
+@click.option("--class-names", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="one name per line or synset<TAB>name [default: the manifest's class_names]")
+@click.option("--max-tokens", type=int, default=22, show_default=True, help="prompt length in tokens")
+@click.option("--tokenizer", default=None, help="tokenizer.json or vocab.txt [default: the model's]")
+@click.option("--present-classes-only", is_flag=True,
+              help="name only the classes that have validation images (small demo sets; not the benchmark)")
+@click.option("--cache-dir", default=None, help="feature cache [default: features/ beside --out]; '' disables it")
+@_common
+def zero_shot_cmd(model, val_shards, val_split, class_names, max_tokens, tokenizer, present_classes_only, cache_dir,
+                  out, device, batch_size, workers) -> None:
+    """ImageNet zero-shot top-1/top-5 with the 80 CLIP prompt templates (multimodal students)."""
+    from .benchmarks import run_zero_shot
+    from .models import load_eval_model
+
+    run_zero_shot(load_eval_model(model), model, val_shards, val_split, class_names, max_tokens, tokenizer,
+                  batch_size, workers, device, cache_dir, out, present_only=present_classes_only)

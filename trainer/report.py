@@ -1,0 +1,295 @@
+"""`trainer report RUN_DIR`: training curves as PNGs and a markdown summary of a run.
+
+Reads what a run leaves behind and never the training code: `log.jsonl` (one record per
+logging step; validation records carry `val_` keys), `config.yaml` (the resolved config) and
+the evaluation records in `RUN_DIR/eval/*.json` (trainer/eval/results.py). Writes
+`RUN_DIR/report/report.md` with one PNG per logged quantity beside it: every loss (with its
+validation counterpart on the same axes), the learning rate, throughput, the share of time spent
+waiting for data and peak memory; any other numeric key gets its own plot too. The summary sets
+each evaluation beside the thesis's published figure for the same benchmark and beside chance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+
+from trainer.errors import UserError
+
+# bookkeeping, not curves: elapsed and ETA are wall-clock, val_batches/val_s the size and cost of a validation
+_NOT_PLOTTED = {"step", "total_steps", "epoch", "elapsed_s", "eta_s", "val_batches", "val_s", "best"}
+# title, y label, scale applied to the values
+_KNOWN = {
+    "lr": ("learning rate", "lr", 1.0),
+    "samples_per_s": ("throughput", "samples / s", 1.0),
+    "data_wait": ("data-wait share", "% of step time waiting for data", 100.0),
+    "peak_mem_bytes": ("peak memory", "GiB", 1 / 2**30),
+}
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = run_dir / "log.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no log.jsonl: is it a run directory of `trainer train`?")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}:{n}: not a JSON line") from None
+        if isinstance(rec, dict) and "step" in rec:
+            records.append(rec)
+    return records
+
+
+def series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
+    """key -> (steps, values) for every finite numeric key; a resumed run's repeated steps keep
+    the latest record."""
+    by_key: dict[str, dict[int, float]] = {}
+    for rec in records:
+        for k, v in rec.items():
+            if k in _NOT_PLOTTED or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                continue
+            by_key.setdefault(k, {})[int(rec["step"])] = float(v)
+    return {k: (sorted(d), [d[s] for s in sorted(d)]) for k, d in by_key.items()}
+
+
+def panels(keys: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, keys drawn together): each quantity with its `val_` twin, losses first, then the
+    known quantities, then the rest in log order; a `val_` key without a training twin alone."""
+    out, used = [], set()
+
+    def add(k: str) -> None:
+        if k in used:
+            return
+        group = [k] + ([f"val_{k}"] if not k.startswith("val_") and f"val_{k}" in keys else [])
+        out.append((k, group))
+        used.update(group)
+
+    for k in keys:
+        if "loss" in k and not k.startswith("val_"):
+            add(k)
+    for k in [*_KNOWN, *keys]:
+        if k in keys and not k.startswith("val_"):
+            add(k)
+    for k in keys:
+        add(k)
+    return out
+
+
+def plot_panels(data: dict, out_dir: Path) -> list[tuple[str, str]]:
+    """One PNG per panel; returns (title, file name)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, keys in panels(list(data)):
+        title, ylabel, scale = _KNOWN.get(name, (name.replace("_", " "), name, 1.0))
+        fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+        values = []
+        for k in keys:
+            steps, vals = data[k]
+            vals = [v * scale for v in vals]
+            values += vals
+            val = k.startswith("val_")
+            ax.plot(steps, vals, marker="o" if val or len(steps) < 30 else None, ms=3,
+                    ls="--" if val else "-", label=("validation " if val else "train ") + k.removeprefix("val_"))
+        if "loss" in name and values and min(values) > 0 and max(values) / min(values) > 20:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 or "loss" in name:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fname = f"{name}.png"
+        fig.savefig(out_dir / fname)
+        plt.close(fig)
+        written.append((title, fname))
+    return written
+
+
+# -- the evaluation table ----------------------------------------------------------------------
+
+def _chance(rec: dict, metric: str) -> float | None:
+    m = rec.get("metrics", {})
+    if metric.startswith(("i2t_R@", "t2i_R@")):
+        return (m.get("chance") or {}).get(metric)
+    part = m.get("knn", m) if metric.startswith("knn_") else m.get("linear_probe", m)
+    # zero-shot scores every class name; a probe or k-NN can only answer classes it was trained on
+    c = m.get("classes") if rec.get("benchmark") == "zero_shot" else part.get("classes_with_samples")
+    if not c or not metric.removeprefix("knn_").startswith("top"):
+        return None
+    return min(100.0, 100.0 * int(metric.removeprefix("knn_").removeprefix("top")) / c)
+
+
+def _rows(rec: dict) -> list[tuple[str, float]]:
+    m, b = rec.get("metrics", {}), rec.get("benchmark")
+    if b == "linear_probe":
+        return [("top1", m["top1"]), ("top5", m["top5"]), ("knn_top1", m["knn"]["top1"]),
+                ("knn_top5", m["knn"]["top5"])]
+    if b == "retrieval":
+        return [(k, m[k]) for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10") if k in m]
+    return [(k, v) for k, v in m.items() if isinstance(v, (int, float)) and (k.startswith("top") or k == "score")]
+
+
+def _model_name(rec: dict) -> str:
+    label = (rec.get("options") or {}).get("label")
+    model = rec.get("model", {})
+    name = label or (f"student ({model.get('task')})" if model.get("kind") == "student" else model.get("kind", "?"))
+    if model.get("step") is not None:
+        name += f", step {model['step']}"
+    return name
+
+
+_METRIC_NAMES = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1", "knn_top5": "k-NN top-5",
+                 "i2t_R@1": "text R@1", "i2t_R@5": "text R@5", "i2t_R@10": "text R@10",
+                 "t2i_R@1": "image R@1", "t2i_R@5": "image R@5", "t2i_R@10": "image R@10", "score": "score"}
+
+
+def _data_of(rec: dict) -> dict:
+    sets = rec.get("data") or {}
+    return sets.get("validation") or sets.get("test") or next(iter(sets.values()), {})
+
+
+def eval_table(records: list[dict]) -> list[str]:
+    """One table per benchmark and data: a row per evaluated model, then chance and the thesis."""
+    from trainer.eval.published import published
+
+    groups: dict[tuple, list[dict]] = {}
+    for rec in records:
+        d = _data_of(rec)
+        groups.setdefault((rec.get("benchmark", ""), rec.get("dataset", ""), d.get("split", ""),
+                           d.get("sha256", "")), []).append(rec)
+    lines: list[str] = []
+    # held-out splits first: a figure on training data is a sanity check, not the benchmark
+    order = sorted(groups, key=lambda g: (g[0], g[1], g[2] not in ("validation", "test"), g[2]))
+    for (bench, dataset, split, sha) in order:
+        recs = groups[(bench, dataset, split, sha)]
+        # students first, then the teachers they are compared with
+        recs = sorted(recs, key=lambda r: (r.get("model", {}).get("kind") != "student", _model_name(r)))
+        metrics = [m for m, _ in _rows(recs[0])]
+        pub = published(bench, dataset, split)  # no thesis row beside a train-split figure
+        lines += [f"**{bench.replace('_', ' ')}**, {dataset} {split}", "",
+                  "| model | " + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics) + " |",
+                  "|---|" + "---:|" * len(metrics)]
+        for rec in recs:
+            vals = dict(_rows(rec))
+            lines.append(f"| {_model_name(rec)} | " + " | ".join(
+                f"{vals[m]:.2f}" if m in vals else "" for m in metrics) + " |")
+        chance = [_chance(recs[0], m) for m in metrics]
+        lines.append("| *chance* | " + " | ".join("" if c is None else f"{c:.2f}" for c in chance) + " |")
+        if pub:
+            lines.append(f"| *thesis: {pub['model']}* ({pub['setting']}) | " + " | ".join(
+                f"{pub['metrics'][m]:.2f}" if m in pub["metrics"] else "" for m in metrics) + " |")
+        lines.append("")
+    return lines
+
+
+def read_glue_results(directory: Path) -> list[dict]:
+    """The result files of `trainer eval glue` (trainer/eval/glue.py) in a directory."""
+    out = []
+    for p in sorted(directory.glob("*.json")):
+        try:
+            doc = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and {"task", "score", "score_name", "metrics", "student"} <= doc.keys():
+            out.append(doc)
+    return out
+
+
+def glue_table(results: list[dict]) -> list[str]:
+    """GLUE: one row per task (its score in %), their mean, and the thesis's GLUE score."""
+    from trainer.eval.published import published
+
+    lines = ["**GLUE** (validation; fine-tuned per task)", "", "| task | metric | score |", "|---|---|---:|"]
+    scores = []
+    for r in sorted(results, key=lambda r: r["task"]):
+        scores.append(100.0 * float(r["score"]))
+        lines.append(f"| {r['task']} | {r['score_name']} | {scores[-1]:.2f} |")
+    lines.append(f"| *mean of the {len(scores)} task(s) above* | | {sum(scores) / len(scores):.2f} |")
+    pub = published("glue", "glue")
+    if pub:
+        lines.append(f"| *thesis: {pub['model']}* ({pub['setting']}) | GLUE score | {pub['metrics']['score']:.2f} |")
+    return lines + [""]
+
+
+def _probe_comparison(records: list[dict]) -> list[str]:
+    """A sentence per student probe that has a teacher probe on the same data beside it."""
+    probes = [r for r in records if r.get("benchmark") == "linear_probe"]
+    teachers = [r for r in probes if r.get("model", {}).get("kind") != "student"]
+    out = []
+    for s in (r for r in probes if r.get("model", {}).get("kind") == "student"):
+        for t in teachers:
+            if t["data"]["validation"]["sha256"] == s["data"]["validation"]["sha256"]:
+                ratio = s["metrics"]["top1"] / t["metrics"]["top1"] if t["metrics"]["top1"] else float("nan")
+                out.append(f"- Linear probe top-1: student {s['metrics']['top1']:.2f} vs "
+                           f"{_model_name(t)} {t['metrics']['top1']:.2f} ({100 * ratio:.0f}% of it); "
+                           f"k-NN top-1: {s['metrics']['knn']['top1']:.2f} vs {t['metrics']['knn']['top1']:.2f}.")
+    return out
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
+                 eval_dirs: tuple[str, ...] = ()) -> Path:
+    """Plots and report.md for RUN_DIR; returns the markdown's path."""
+    from trainer.eval.results import read_results
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"run directory not found: {run}")
+    records = read_log(run)
+    out = Path(out_dir) if out_dir else run / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    data = series(records)
+    plots = plot_panels(data, out) if data else []
+    dirs = [d for d in (run / "eval", *map(Path, eval_dirs)) if d.is_dir()]
+    evals = [r for d in dirs for r in read_results(d)]
+    glue = [r for d in dirs for r in read_glue_results(d)]
+
+    last = records[-1] if records else {}
+    md = [f"# Run report: `{run.name}`", ""]
+    cfg_path = run / "config.yaml"
+    cfg_text = cfg_path.read_text() if cfg_path.is_file() else ""
+    task = next((ln.split(":", 1)[1].strip() for ln in cfg_text.splitlines() if ln.startswith("task:")), "?")
+    md.append(f"Task `{task}`, {last.get('step', 0)} of {last.get('total_steps', '?')} steps logged in "
+              f"`{run / 'log.jsonl'}`.")
+    finals = [f"{k} {v[1][-1]:.4g}" for k, v in data.items() if "loss" in k]
+    if finals:
+        md.append(f"Last logged: {', '.join(finals)}.")
+    md += ["", "## Evaluation", ""]
+    if evals or glue:
+        md += _probe_comparison(evals)
+        md += ["", *eval_table(evals), *(glue_table(glue) if glue else []),
+               "Chance: top-k = k / classes present (zero-shot: k / classes named); R@k: a random ranking. Thesis: the published figure for "
+               "the same benchmark (full datasets, full training; see docs/methods.md)."]
+    else:
+        md.append(f"No evaluation records in `{run / 'eval'}` (run `trainer eval ... {run}`).")
+    md += ["", "## Training curves", ""]
+    md += [f"![{title}]({fname})" for title, fname in plots] or ["(nothing logged yet)"]
+    if cfg_text:
+        md += ["", "## Config", "", "```yaml", cfg_text.rstrip(), "```"]
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+@click.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="[default: RUN_DIR/report]")
+@click.option("--eval-dir", multiple=True, type=click.Path(file_okay=False),
+              help="more directories of evaluation JSONs (RUN_DIR/eval is always read)")
+def report_command(run_dir: str, out: str | None, eval_dir: tuple[str, ...]) -> None:
+    """Plot RUN_DIR's training curves and write a markdown summary with its evaluations."""
+    path = write_report(run_dir, out, eval_dir)
+    click.echo(f"wrote {path}")
