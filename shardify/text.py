@@ -1,6 +1,6 @@
 """Text decoding and cleaning for document datasets (OpenWebText), as the reference does it.
 
-Cleaning, per document (REFERENCE.md section 1, the OpenWebText loading script):
+Cleaning, per document (as the thesis code and the OpenWebText loading script do it; docs/datasets/openwebtext.md):
 1. every line is stripped of surrounding whitespace;
 2. empty lines, lines equal to `---` and lines containing a NUL character are dropped;
 3. what is left is joined with newlines, and runs of 3+ newlines collapse to 2 (after step 2
