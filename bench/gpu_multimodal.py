@@ -33,43 +33,25 @@ from trainer.loop import Trainer  # noqa: E402
 from trainer.models.beitv2 import BEiTShape, write_beitv2_checkpoint  # noqa: E402
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+from gpu_train import SyntheticLoader  # noqa: E402
 
-class SyntheticPairs:
+
+class SyntheticPairs(SyntheticLoader):
     """One random image-text batch made on the device and served `length` times per epoch."""
 
-    def __init__(self, cfg, rank, world_size, device, kind, length=1000):
+    def make_batch(self, cfg, g: torch.Generator, device, dtype) -> dict:
         s, B, T = cfg.augment.size, cfg.batch_size, cfg.text_max_len
-        dtype = torch.bfloat16 if cfg.output_dtype == "bfloat16" else torch.float32
-        g = torch.Generator(device="cpu").manual_seed(rank)
         ids = torch.randint(1000, 30000, (B, T), generator=g)
         lengths = torch.randint(8, T + 1, (B,), generator=g)  # captions of varied length
         pad = torch.arange(T)[None] >= lengths[:, None]
         ids[:, 0] = 101
         ids[pad] = 0
-        self.batch = {
+        return {
             "image": torch.randn(B, 3, s, s, generator=g).to(device, dtype),
             "input_ids": ids.to(device), "padding_mask": pad.to(device),
             "is_pad": torch.zeros(B, dtype=torch.bool, device=device),
         }
-        self.length, self.pos, self.epoch = length, 0, 0
-
-    def __len__(self):
-        return self.length
-
-    def set_epoch(self, e):
-        self.epoch, self.pos = e, 0
-
-    def __iter__(self):
-        while self.pos < self.length:
-            self.pos += 1
-            yield self.batch
-        self.set_epoch(self.epoch + 1)
-
-    def state_dict(self):
-        return {"epoch": self.epoch, "samples": self.pos}
-
-    def load_state_dict(self, d):
-        self.epoch, self.pos = d["epoch"], d["samples"]
 
 
 def write_bert(path: Path, hidden: int, layers: int, heads: int) -> Path:

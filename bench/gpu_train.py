@@ -36,15 +36,18 @@ class SyntheticLoader:
     """One normalised random batch made on the device and served `length` times per epoch."""
 
     def __init__(self, cfg, rank, world_size, device, kind, length=1000):
-        s = cfg.augment.size
         dtype = torch.bfloat16 if cfg.output_dtype == "bfloat16" else torch.float32
         g = torch.Generator(device="cpu").manual_seed(rank)
-        self.batch = {
+        self.batch = self.make_batch(cfg, g, device, dtype)
+        self.length, self.pos, self.epoch = length, 0, 0
+
+    def make_batch(self, cfg, g: torch.Generator, device, dtype) -> dict:
+        s = cfg.augment.size
+        return {
             "image": torch.randn(cfg.batch_size, 3, s, s, generator=g).to(device, dtype),
             "label": torch.zeros(cfg.batch_size, dtype=torch.long, device=device),
             "is_pad": torch.zeros(cfg.batch_size, dtype=torch.bool, device=device),
         }
-        self.length, self.pos, self.epoch = length, 0, 0
 
     def __len__(self):
         return self.length
