@@ -15,6 +15,8 @@ import sys
 import click
 
 from trainer.errors import UserError
+from trainer.eval.cli import eval_group  # click only: models load when a command runs
+from trainer.report import report_command
 
 
 def train(config_path: str, overrides: list[str], loader_factory=None) -> None:
@@ -100,9 +102,6 @@ def make_demo_teacher(out: str, dim: int, depth: int, heads: int, patch: int, im
         raise UserError(f"cannot write {out}: {e.strerror}") from None
     click.echo(f"wrote {path}")
 
-
-from trainer.eval.cli import eval_group  # noqa: E402  (click only; models load when a command runs)
-from trainer.report import report_command  # noqa: E402
 
 cli.add_command(eval_group)
 cli.add_command(report_command)
