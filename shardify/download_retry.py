@@ -31,7 +31,7 @@ def prepare_retry(out_dir, num_nodes: int = 1, node_rank: int = 0) -> list[str]:
     """
     out = Path(out_dir)
     names = []
-    for stats_path in sorted((state.state_dir(out) / "shards").glob("*.json")):
+    for stats_path in sorted(state.stats_dir(out).glob("*.json")):
         stats = state.read_json(stats_path)
         if stats["index"] % num_nodes != node_rank:
             continue

@@ -188,3 +188,17 @@ def test_lookahead_option_is_checked(tmp_path):
     assert r.exit_code == 2, r.output
     assert r.output.startswith("error: --lookahead-mb 900000000 x --workers 4") and "memory" in r.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # a refused command writes nothing
+
+
+@pytest.mark.parametrize("name", ["list.parquet", "list.jsonl"])
+def test_a_damaged_url_list_is_one_line_naming_it(tmp_path, name):
+    src = tmp_path / "src" / name
+    fx.write_url_list(src, [{"url": f"http://127.0.0.1:1/{i}.jpg", "caption": "c"} for i in range(50)])
+    data = src.read_bytes()
+    src.write_bytes(data[: len(data) // 2])  # cut in the middle
+    r = CliRunner().invoke(main, ["pairs", "urls", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                                  "--no-progress"])
+    assert r.exit_code == 2, r.output
+    errors = [x for x in r.output.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 1 and name in errors[0] and "cannot read this url list" in errors[0], r.output
+    assert "Traceback" not in r.output and r.output.strip().splitlines()[-1] == errors[0]

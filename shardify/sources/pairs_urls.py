@@ -114,6 +114,16 @@ class UrlListSource(Source):
         return sorted(self._files)
 
     def _rows(self, rel: str):
+        """(url, caption) per row of one list file; a damaged file is one line naming it."""
+        try:
+            yield from self._read_rows(rel)
+        except UserError:
+            raise
+        except Exception as exc:  # pyarrow, csv and json each raise their own kinds on damaged files
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{rel}: cannot read this url list ({type(exc).__name__}: {first[:200]})") from None
+
+    def _read_rows(self, rel: str):
         cols = (self.url_col, self.caption_col)
         with self.loc.open(rel) as f:
             if rel.lower().endswith(".parquet"):
