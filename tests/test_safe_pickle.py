@@ -90,6 +90,21 @@ def test_whole_file_is_a_payload(tmp_path):
     assert "\n" not in str(e.value) and not marker.exists()
 
 
+def test_a_torchscript_archive_is_refused_before_torch_jit_load(tmp_path, monkeypatch):
+    """torch.load(weights_only=False) hands a TorchScript zip to torch.jit.load, which runs the
+    archive's code: the safe loader must refuse it without ever getting there."""
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+    called = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: called.append(a))
+    with pytest.raises(UserError, match="refused: it is a TorchScript archive") as e:
+        read_checkpoint(path)
+    assert "\n" not in str(e.value) and not called
+    # an ordinary zip-format checkpoint is no TorchScript archive
+    torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "plain.pt")
+    assert torch.equal(read_checkpoint(tmp_path / "plain.pt")["model"]["w"], torch.ones(1))
+
+
 @pytest.mark.parametrize("fmt", ["legacy", "plain-pickle"])
 def test_other_file_formats_are_read_safely_too(tmp_path, fmt):
     """torch.load reads the header of its legacy format with the pickle module's `load`, and a

@@ -25,6 +25,7 @@ import io
 import pickle
 import re
 import types
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -183,9 +184,28 @@ _SAFE_PICKLE_MODULE = types.SimpleNamespace(
     UnpicklingError=pickle.UnpicklingError)
 
 
+def is_torchscript_archive(path: str | Path) -> bool:
+    """A zip whose top folder holds constants.pkl: torch.load hands such a file to
+    torch.jit.load, which would run the TorchScript code stored in it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.split("/", 1)[-1] == "constants.pkl" for name in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_checkpoint(path: str | Path) -> Any:
     """torch.load `path` on CPU through the allow-list unpickler. Raises what torch.load raises
-    for a file that is not a checkpoint (the caller turns it into a one-line error)."""
+    for a file that is not a checkpoint (the caller turns it into a one-line error).
+
+    Why `weights_only=False` is safe here, and needed: it is the only mode in which torch.load
+    takes our `pickle_module`, and every unpickler torch then builds (the zip format's data.pkl,
+    the legacy format's headers and body) is a subclass of SafeUnpickler, so each global the
+    file names goes through the allow-list above. `weights_only=True` cannot stub the unknown
+    classes a real fairseq file pickles. Its one other branch, a TorchScript archive sent to
+    torch.jit.load (which runs the archive's code), is refused before torch.load is called."""
+    if is_torchscript_archive(path):
+        raise UnsafeCheckpointError("it is a TorchScript archive: loading it would run the code it holds")
     return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE_MODULE)
 
 
