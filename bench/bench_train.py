@@ -16,9 +16,7 @@ Writes its teacher and runs under bench_out/ (removed first).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,11 +28,10 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_train import SyntheticLoader  # noqa: E402
+from gpu_train import SyntheticLoader, train_and_measure  # noqa: E402
 
 
 def main() -> None:
@@ -84,14 +81,8 @@ def measure(args, teacher: Path, out: Path, loader_factory):
         f"logging.every_steps={args.steps}", "checkpoint.every_steps=0", "logging.tensorboard=off",
         *args.overrides,
     ])
-    trainer = Trainer(cfg, loader_factory=loader_factory)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    records = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()][1:]  # drop warm-up
-    steps_per_s = statistics.median(r["samples_per_s"] / trainer.global_batch for r in records)
-    return steps_per_s, statistics.median(r["data_wait"] for r in records), trainer
+    trainer, samples_per_s, wait, _ = train_and_measure(cfg, loader_factory)
+    return samples_per_s / trainer.global_batch, wait, trainer
 
 
 if __name__ == "__main__":

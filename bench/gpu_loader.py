@@ -194,7 +194,7 @@ def compare_stage(args) -> None:
         assert not any(errs), [e for e in errs if e][:3]
         gpu = resized_crops(imgs, wb["box"], wb["flip"], SIZE).cpu().numpy()
         for b, blob in enumerate(blobs):
-            data, (H, W) = blob.numpy().tobytes(), sizes[b]
+            data = blob.numpy().tobytes()
             box, flip = tuple(int(v) for v in wb["box"][b]), bool(wb["flip"][b])
             # the CPU path as the loader's workers run it
             cpu = cb["image"][b].numpy().astype(np.float32)

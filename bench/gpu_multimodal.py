@@ -16,9 +16,7 @@ intervals after a warm-up one). Synthetic data measures the model step alone.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,12 +27,11 @@ sys.path.insert(0, str(REPO))
 
 from trainer.config import load_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
 from trainer.models.beitv2 import BEiTShape, write_beitv2_checkpoint  # noqa: E402
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_train import SyntheticLoader  # noqa: E402
+from gpu_train import SyntheticLoader, train_and_measure  # noqa: E402
 
 
 class SyntheticPairs(SyntheticLoader):
@@ -114,16 +111,7 @@ def main() -> None:
     cfg = load_config(REPO / "configs" / "multimodal.yaml", over)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    trainer = Trainer(cfg, loader_factory=None if args.shards else SyntheticPairs)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    records = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()]
-    records = [r for r in records if "samples_per_s" in r][1:]  # drop the warm-up interval
-    sps = statistics.median(r["samples_per_s"] for r in records)
-    wait = statistics.median(r["data_wait"] for r in records)
-    peak = max(r["peak_mem_bytes"] for r in records) / 2**30
+    trainer, sps, wait, peak = train_and_measure(cfg, None if args.shards else SyntheticPairs)
     name = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; data: {'shards ' + args.shards if args.shards else 'synthetic'}")
     print(f"gpu-multimodal: {sps:.0f} samples/s, data-wait {100 * wait:.1f}%, peak mem {peak:.1f} GiB "

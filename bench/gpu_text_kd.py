@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import shutil
-import statistics
 import sys
 import tarfile
 from pathlib import Path
@@ -32,8 +30,10 @@ sys.path.insert(0, str(REPO))
 from shardify.format import simple_manifest  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
 from trainer.models.text import bert_from_config  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from gpu_train import train_and_measure  # noqa: E402
 
 BERT_BASE = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
              "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
@@ -106,16 +106,7 @@ def main() -> None:
     cfg = load_config(REPO / "configs" / "text_kd.yaml", over)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    trainer = Trainer(cfg)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    records = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()]
-    records = [r for r in records if "samples_per_s" in r][1:]  # the first interval warms up
-    sps = statistics.median(r["samples_per_s"] for r in records)
-    wait = statistics.median(r["data_wait"] for r in records)
-    peak = max(r["peak_mem_bytes"] for r in records) / 2**30
+    trainer, sps, wait, peak = train_and_measure(cfg)
     name = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; {args.workers} loader workers")
     print(f"gpu-text-kd: {sps:.0f} samples/s ({sps * args.block:.0f} tokens/s), data-wait {100 * wait:.1f}%, "

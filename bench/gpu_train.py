@@ -68,6 +68,21 @@ class SyntheticLoader:
         self.epoch, self.pos = d["epoch"], d["samples"]
 
 
+def train_and_measure(cfg, loader_factory=None):
+    """Train `cfg` to its last step, then the medians over the logged intervals after the first
+    (a warm-up): (trainer, samples/s, data-wait share, peak memory in GiB)."""
+    trainer = Trainer(cfg, loader_factory=loader_factory)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    records = [json.loads(x) for x in (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()]
+    records = [r for r in records if "samples_per_s" in r][1:]  # validation rows out; the warm-up out
+    return (trainer, statistics.median(r["samples_per_s"] for r in records),
+            statistics.median(r["data_wait"] for r in records),
+            max(r["peak_mem_bytes"] for r in records) / 2**30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", default="", help="real shards (manifest.json or dir); default synthetic")
@@ -100,15 +115,7 @@ def main() -> None:
     cfg = load_config(REPO / "configs" / "image_kd.yaml", over)
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    trainer = Trainer(cfg, loader_factory=None if args.shards else SyntheticLoader)
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    records = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()][1:]
-    ips = statistics.median(r["samples_per_s"] for r in records)
-    wait = statistics.median(r["data_wait"] for r in records)
-    peak = max(r["peak_mem_bytes"] for r in records) / 2**30
+    trainer, ips, wait, peak = train_and_measure(cfg, None if args.shards else SyntheticLoader)
     name = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; data: {'shards ' + args.shards if args.shards else 'synthetic'}")
     print(f"gpu-train: {ips:.0f} images/s, data-wait {100 * wait:.1f}%, peak mem {peak:.1f} GiB "

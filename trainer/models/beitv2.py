@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.vit import read_checkpoint
+from trainer.models.vit import Mlp, read_checkpoint
 
 # pretraining-only parts of the original checkpoint (not part of the encoder)
 _DROPPED_PREFIXES = ("mask_token", "lm_head.", "cls_pt_layers.")
@@ -101,6 +101,15 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+def qkv_with_qv_bias(x_BTD: torch.Tensor, weight: torch.Tensor, q_bias: torch.Tensor, v_bias: torch.Tensor,
+                     num_heads: int) -> torch.Tensor:
+    """q, k, v as [3, B, H, T, Dh] from one projection with a bias on q and v only (BEiT's
+    layout, also the S-SMKE shared block's)."""
+    B, T, _ = x_BTD.shape
+    bias = torch.cat([q_bias, torch.zeros_like(v_bias), v_bias])
+    return F.linear(x_BTD, weight, bias).reshape(B, T, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
+
+
 class Attention(nn.Module):
     """Multi-head attention; qkv without bias plus separate q and v biases (k has none)."""
 
@@ -120,8 +129,7 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, rel_pos_bias: torch.Tensor | None) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x_BTD, self.qkv.weight, bias).reshape(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = qkv_with_qv_bias(x_BTD, self.qkv.weight, self.q_bias, self.v_bias, self.num_heads)
         attn_bias = rel_pos_bias
         if self.relative_position_bias_table is not None:
             n = self.grid * self.grid + 1
@@ -132,17 +140,6 @@ class Attention(nn.Module):
             attn_bias = attn_bias.to(qkv.dtype).unsqueeze(0)  # [1, H, T, T]
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_bias)
         return self.proj(out.transpose(1, 2).reshape(B, T, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class Block(nn.Module):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
+from trainer.models.beitv2 import qkv_with_qv_bias
 from trainer.models.text import bert_from_config, bert_student, load_bert
 from trainer.models.vit import Data2Vec2ViT, ViTShape, load_data2vec2
 
@@ -65,8 +66,7 @@ class SharedAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, padding_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-        qkv = F.linear(x_BTD, self.qkv.weight, bias).reshape(B, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = qkv_with_qv_bias(x_BTD, self.qkv.weight, self.q_bias, self.v_bias, self.num_heads)
         # SDPA's boolean mask is True where attention is allowed; padded keys are left out
         attn_mask = None if padding_mask_BT is None else ~padding_mask_BT[:, None, None, :]
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
