@@ -70,6 +70,7 @@ def timed_pair(cmds: list[list[str]], out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     os.sync()
+    time.sleep(1)  # as in timed(): the kernel settles after freeing the previous output
     start = time.perf_counter()
     procs = [subprocess.Popen(c, stdout=subprocess.DEVNULL) for c in cmds]
     for p in procs:
@@ -84,6 +85,9 @@ def timed(cmd: list[str], out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     os.sync()  # the previous contender's writeback must not steal this one's CPU
+    # nor the freeing of its deleted output (measured: a run started at once after deleting
+    # 1.1 GB took up to 25% longer, in system time)
+    time.sleep(1)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - start
@@ -96,7 +100,7 @@ def main() -> None:
     ap.add_argument("--images", default="../shared/bench-images")
     ap.add_argument("--work", default="bench_out/shardify")
     ap.add_argument("--min-files", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     if not Path(args.images).is_dir():
         sys.exit(f"error: --images {args.images}: no such folder (give a folder of JPEGs: make bench-shardify IMAGES=DIR)")
@@ -107,6 +111,11 @@ def main() -> None:
     for path in (tree / "train").rglob("*.JPEG"):  # warm the page cache for everybody
         path.read_bytes()
     print(f"input: {n_files} JPEGs, {n_bytes / 1e9:.2f} GB in {tree}; cpus: {os.cpu_count()}")
+    # Bytecode as an installed package has it: with PYTHONDONTWRITEBYTECODE=1 (set on some
+    # machines, this one included) every run would compile shardify's modules from source again
+    import compileall
+
+    compileall.compile_dir(str(Path(__file__).resolve().parents[1] / "shardify"), quiet=1)
 
     py = sys.executable
     shardify = [py, "-m", "shardify", "imagenet", "--source", str(tree), "--split", "train",

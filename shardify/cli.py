@@ -17,11 +17,27 @@ import click
 
 from shardify import __version__
 from shardify.cli_common import FriendlyGroup, execute, job_options
-from shardify.cli_openwebtext import openwebtext
-from shardify.cli_pairs import pairs
 
 
-@click.group(cls=FriendlyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(FriendlyGroup):
+    """The group, with the openwebtext and pairs commands imported only when asked for (their
+    modules pull in the downloader and the tokenizer's helpers, which an ImageNet job does not
+    need: every import is start-up time that a 2-worker run cannot share)."""
+
+    lazy = {"openwebtext": "shardify.cli_openwebtext", "pairs": "shardify.cli_pairs"}
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx, name):
+        if name in self.lazy:
+            import importlib
+
+            return getattr(importlib.import_module(self.lazy[name]), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="shardify")
 def main():
     """Turn datasets on the Hugging Face hub (or local copies) into verified WebDataset shards."""
@@ -94,9 +110,6 @@ def inspect_(directory, grid, split, count):
         n = contact_sheet(directory, grid, n=count, split=split)
         click.echo(f"wrote {grid} ({n} images)")
 
-
-main.add_command(openwebtext)
-main.add_command(pairs)
 
 if __name__ == "__main__":
     main()

@@ -110,8 +110,12 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
     return {k: stats[k] for k in ("name", "samples", "rejected", "bytes")}
 
 
+_PLANNED: dict = {}  # (split, index) -> items: set before the workers fork, inherited by them
+
+
 def _task(args):
-    return write_shard(*args)
+    split, index = args
+    return write_shard(split, index, _PLANNED[(split, index)])
 
 
 # ---------------------------------------------------------------- driver
@@ -132,6 +136,15 @@ class _Progress:
         self.bytes += nbytes
         if self.bar is not None:
             self.bar.update(samples)
+            elapsed = max(time.monotonic() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+
+    def finish(self, nbytes: int) -> None:
+        """Every sample is done: show the exact totals (the workers' last messages may still be
+        on their way; they are not waited for)."""
+        self.bytes = nbytes
+        if self.bar is not None:
+            self.bar.update(self.bar.total - self.bar.n)
             elapsed = max(time.monotonic() - self.start, 1e-9)
             self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
 
@@ -220,10 +233,15 @@ def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: 
                 except queue.Empty:
                     return
 
-        run_in_workers(_task, [(split, i, items) for i, items in tasks], opts.workers,
-                       initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread, listing),
-                       poll=drain, what=f"writing {split} shards")
-        time.sleep(0.05)  # let the workers' last progress messages arrive
+        # the workers fork with the plan in memory: a task names its shard, its items are not
+        # pickled to them
+        _PLANNED.update({(split, i): items for i, items in tasks})
+        results = run_in_workers(_task, [(split, i) for i, _ in tasks], opts.workers,
+                                 initializer=_init_worker, initargs=(source, str(out_dir), q.put, hash_thread,
+                                                                     listing),
+                                 poll=drain, what=f"writing {split} shards")
         drain()
+        bar.finish(sum(r["bytes"] for r in results))
     finally:
+        _PLANNED.clear()
         bar.close()

@@ -80,8 +80,9 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[li
             seen.add(item.key)
             unique.append(item)
     del seen
+    key_hashes = [state.key_hash(it.key) for it in unique]  # once per key: two uses below
     try:
-        hashes = _check_keys_unique_across_splits(out_dir, split, unique)
+        hashes = _check_keys_unique_across_splits(out_dir, split, unique, sorted(key_hashes))
     except UserError:
         if not staged_before:  # a refused command leaves nothing behind
             import shutil
@@ -92,8 +93,8 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[li
     n_shards = num_shards(len(unique), opts.samples_per_shard)
     bounds = shard_bounds(len(unique), n_shards)
     per_shard = [[unique[j] for j in order[a:b]] for a, b in bounds]
-    digests = [str(state.key_digest(it.key for it in shard)) for shard in per_shard]
-    _save_key_hashes(state.keys_path(out_dir, split), hashes)
+    digests = [str(sum(key_hashes[j] for j in order[a:b]) % (1 << 64)) for a, b in bounds]  # = key_digest
+    state.write_uint64_npy(state.keys_path(out_dir, split), hashes)
     state.write_json_atomic(state.plan_path(out_dir, split), {
         "split": split,
         "inputs": len(items),
@@ -105,39 +106,30 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[li
     return per_shard, listing_rejects, digests
 
 
-def _check_keys_unique_across_splits(out_dir: Path, split: str, unique: list[Item]):
-    """Keys are unique per dataset directory: refuse a split that reuses another split's key."""
-    import numpy as np
-
-    hashes = state.key_hashes(it.key for it in unique)
+def _check_keys_unique_across_splits(out_dir: Path, split: str, unique: list[Item], hashes: list[int]) -> list[int]:
+    """Keys are unique per dataset directory: refuse a split that reuses another split's key.
+    `hashes` are the split's sorted key hashes (returned)."""
     for path in state.plan_paths(out_dir):
         other = state.read_json(path).get("split")
         keys_file = state.keys_path(out_dir, other) if other else None
         if other == split or keys_file is None or not keys_file.exists():
             continue
+        import numpy as np  # only when there is another split to compare with
+
         theirs = np.load(keys_file, allow_pickle=False)  # sorted
-        at = np.searchsorted(theirs, hashes).clip(max=max(len(theirs) - 1, 0))
-        common = hashes[theirs[at] == hashes] if len(theirs) else hashes[:0]
+        ours = np.array(hashes, dtype=np.uint64)
+        at = np.searchsorted(theirs, ours).clip(max=max(len(theirs) - 1, 0))
+        common = ours[theirs[at] == ours] if len(theirs) else ours[:0]
         if len(common):
             shared = set(int(x) for x in common)
             for it in unique:
-                h = int(state.key_hashes([it.key])[0])
-                if h in shared:
+                if state.key_hash(it.key) in shared:
                     raise UserError(
                         f"the {split} input {it.origin} has the key {it.key!r}, which the split "
                         f"{other!r} in {out_dir} already uses; keys must be unique in a dataset "
                         f"directory: write {split} to another --out (or rename the file)"
                     )
     return hashes
-
-
-def _save_key_hashes(path: Path, hashes) -> None:
-    import numpy as np
-
-    tmp = state.tmp_path(path)
-    with open(tmp, "wb") as f:
-        np.save(f, hashes, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> None:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 from pathlib import Path
 
 from shardify.format import ShardifyError
@@ -105,22 +106,37 @@ def read_json(path: Path):
                             "something else changed it: write to a new --out") from None
 
 
-def key_hashes(keys):
-    """Sorted 64-bit hashes of keys (numpy uint64), to test two splits for a shared key."""
-    import numpy as np
+def key_hash(key: str) -> int:
+    """A key's 64-bit hash: the unit of `key_hashes` and `key_digest`."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
-    h = np.fromiter((int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
-                     for k in keys), dtype=np.uint64)
-    h.sort()
-    return h
+
+def key_hashes(keys) -> list[int]:
+    """Sorted 64-bit hashes of keys, to test two splits for a shared key (plain ints: numpy's
+    import would cost a single-split job more than hashing its keys)."""
+    return sorted(map(key_hash, keys))
+
+
+def write_uint64_npy(path: Path, values: list[int]) -> None:
+    """`values` as a 1-D little-endian uint64 .npy file (format 1.0, the bytes np.save writes),
+    under a temporary name, then renamed into place."""
+    from array import array
+
+    data = array("Q", values)
+    if sys.byteorder != "little":
+        data.byteswap()
+    header = "{'descr': '<u8', 'fortran_order': False, 'shape': (%d,), }" % len(values)
+    header += " " * (-(len(header) + 11) % 64) + "\n"  # magic, version and length take 10 bytes
+    tmp = tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1"))
+        f.write(data.tobytes())
+    os.replace(tmp, path)
 
 
 def key_digest(keys) -> int:
     """Order-independent digest of a multiset of keys: sum of 64-bit hashes, mod 2**64."""
-    total = 0
-    for k in keys:
-        total += int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little")
-    return total % (1 << 64)
+    return sum(map(key_hash, keys)) % (1 << 64)
 
 
 def remove_temporaries(out_dir: Path, prefixes: list[str] | None = None) -> int:

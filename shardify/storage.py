@@ -1,7 +1,8 @@
 """Where a source's files live: a local directory or a Hugging Face hub dataset repo.
 
-Both are seen through fsspec, so a source reads `loc.open("data/val_images.tar.gz")` the same
-way whether the file is on disk or streamed from the hub at a pinned commit. Hub access is
+A source reads `loc.open("data/val_images.tar.gz")` the same way whether the file is on disk
+or streamed from the hub at a pinned commit (through fsspec's HfFileSystem; local files are
+opened directly, which spares every local job fsspec's import time). Hub access is
 resolved once, up front, with short timeouts, so a missing token, a refused gate or an
 unreachable hub is a one-line error within seconds instead of a hang or a traceback.
 """
@@ -17,11 +18,18 @@ from shardify.records import UserError
 HUB_TIMEOUT_S = 10.0
 
 
+class LocalFiles:
+    """The one file-system call a Location makes, on local files: picklable, stateless."""
+
+    def open(self, path: str, mode: str = "rb"):
+        return open(path, mode)
+
+
 @dataclass
 class Location:
     """A tree of files: the local copy or the hub repo at one commit."""
 
-    fs: object  # an fsspec file system (picklable)
+    fs: object  # LocalFiles, or an fsspec file system for the hub (picklable)
     root: str  # path of the tree's root inside `fs`
     files: list[str] = field(default_factory=list)  # relative paths, sorted
     repo_id: str | None = None
@@ -51,8 +59,6 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
     inputs of any layout; they are listed in `hidden` (folders not entered) so that a layout
     can account for them. `listing_digest` fingerprints names, sizes and modification times.
     """
-    import fsspec
-
     root = os.path.abspath(path)
     if not os.path.isdir(root):
         raise UserError(f"--source {path}: no such directory")
@@ -64,26 +70,45 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
         raise UserError(f"cannot list {where} ({exc.strerror or exc}): its files would be missing "
                         "from the shards; fix its permissions or move it out of --source") from None
 
-    for dirpath, dirnames, filenames in os.walk(root, onerror=fail):
-        rel_dir = os.path.relpath(dirpath, root)
+    parts: list[str] = []  # the digest's input, hashed at once (same digest as file by file)
 
-        def rel(name: str) -> str:
-            return name if rel_dir == "." else f"{rel_dir}/{name}".replace(os.sep, "/")
-
-        hidden += [rel(d) + "/" for d in dirnames if d.startswith(".")]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                hidden.append(rel(name))
-                continue
-            files.append(rel(name))
+    def visit(dirpath: str, prefix: str) -> None:
+        """One folder, as os.walk visits it top-down: its files in name order, then its
+        sub-folders in name order (symbolic links to folders are not entered)."""
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            fail(exc)
+        subdirs = []
+        for entry in entries:
             try:
-                st = os.stat(os.path.join(dirpath, name))
+                is_dir = entry.is_dir()
+            except OSError:
+                is_dir = False
+            name, rel = entry.name, prefix + entry.name
+            if is_dir:
+                if name.startswith("."):
+                    hidden.append(rel + "/")
+                elif not entry.is_symlink():
+                    subdirs.append(entry)
+                continue
+            if name.startswith("."):
+                hidden.append(rel)
+                continue
+            try:
+                st = entry.stat()
             except OSError as exc:
                 fail(exc)
-            digest.update(f"{rel(name)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            files.append(rel)
+            parts.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
+        for entry in subdirs:
+            visit(entry.path, f"{prefix}{entry.name}/")
+
+    visit(root, "")
+    digest.update("".join(parts).encode())
     files.sort()
-    loc = Location(fsspec.filesystem("file"), root, files, repo_id=repo_id, local_path=root)
+    loc = Location(LocalFiles(), root, files, repo_id=repo_id, local_path=root)
     loc.hidden = sorted(hidden)
     loc.listing_digest = digest.hexdigest()
     return loc
@@ -92,13 +117,11 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
 def local_file_location(path: str) -> Location:
     """A Location holding one local file (e.g. a URL list): its folder as the root, that file
     only, and a listing digest of that file alone (the folder is not walked)."""
-    import fsspec
-
     path = os.path.abspath(path)
     root, name = os.path.dirname(path), os.path.basename(path)
     st = os.stat(path)
     digest = hashlib.blake2b(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(), digest_size=16)
-    loc = Location(fsspec.filesystem("file"), root, [name], local_path=path)
+    loc = Location(LocalFiles(), root, [name], local_path=path)
     loc.listing_digest = digest.hexdigest()
     return loc
 

@@ -277,6 +277,25 @@ def test_the_same_key_in_two_splits_is_refused(tmp_path):
     assert sorted(p.name for p in (out / ".shardify").rglob("*")) == state_before
 
 
+def test_key_hash_files_are_the_npy_bytes_numpy_writes(tmp_path):
+    """shardify writes its key hashes without importing numpy; numpy reads them back."""
+    import io
+    import random
+
+    import numpy as np
+
+    from shardify import state
+
+    rng = random.Random(0)
+    for n in (0, 1, 7, 5000):
+        values = sorted(rng.getrandbits(64) for _ in range(n))
+        state.write_uint64_npy(tmp_path / "k.npy", values)
+        ref = io.BytesIO()
+        np.save(ref, np.array(values, dtype=np.uint64), allow_pickle=False)
+        assert (tmp_path / "k.npy").read_bytes() == ref.getvalue()
+        assert np.load(tmp_path / "k.npy", allow_pickle=False).tolist() == values
+
+
 def test_a_truncated_or_modified_shard_is_written_again_on_rerun(tmp_path, small):
     out, ref = tmp_path / "out", tmp_path / "ref"
     shard(small, ref)

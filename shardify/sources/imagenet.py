@@ -89,14 +89,19 @@ def _wds_samples(tar: tarfile.TarFile, read_images: bool):
         yield current, image, label
 
 
+_ARCHIVE = re.compile(r"data/(train_images_\d+|val_images|test_images)\.tar\.gz")
+_WDS_TAR = re.compile(r"-(train|validation|val)-\d+\.tar$")
+_SYNSET_DIR = re.compile(r"(train|val|validation)/n\d{8}/")
+
+
 def detect_layout(files: list[str]) -> str:
-    if any(re.fullmatch(r"data/(train_images_\d+|val_images|test_images)\.tar\.gz", f) for f in files):
+    if any(_ARCHIVE.fullmatch(f) for f in files if f.startswith("data/")):
         return "archives"
     if any(f.endswith(".parquet") for f in files):
         return "parquet"
-    if any(re.search(r"-(train|validation|val)-\d+\.tar$", f) for f in files):
+    if any(_WDS_TAR.search(f) for f in files if f.endswith(".tar")):
         return "wds"
-    if any(re.match(r"(train|val|validation)/n\d{8}/", f) for f in files):
+    if any(_SYNSET_DIR.match(f) for f in files):
         return "imagefolder"
     raise UserError(
         "cannot recognise an ImageNet layout here: expected data/*_images*.tar.gz archives, "
@@ -114,6 +119,7 @@ class ImageNetSource(Source):
         self.loc = location
         self.layout = layout or detect_layout(location.files)
         self.max_pixels = max_pixels
+        self._files_of: dict[str, list[str]] = {}  # split -> its files: one pass over the listing each
         if self.layout == "imagefolder" and location.local_path is None:
             raise UserError("the imagefolder layout is only supported for a local --source DIR")
 
@@ -132,6 +138,11 @@ class ImageNetSource(Source):
         return [s for s in SPLITS if self._split_files(s)]
 
     def _split_files(self, split: str) -> list[str]:
+        if split not in self._files_of:
+            self._files_of[split] = self._find_split_files(split)
+        return self._files_of[split]
+
+    def _find_split_files(self, split: str) -> list[str]:
         files = self.loc.files
         if self.layout == "archives":
             pattern = {"train": r"data/train_images_\d+\.tar\.gz", "validation": r"data/val_images\.tar\.gz",
