@@ -2,7 +2,8 @@
 
 Replicates a folder of real JPEGs into an ImageFolder tree of at least --min-files files (about
 1 GB for ImageNet-like photos), warms the page cache, then times, in the same run and
-interleaved so that machine noise hits every contender alike (medians of --repeats):
+interleaved so that machine noise hits every contender alike (medians of --repeats; each ratio
+is the median of its per-repeat ratios, its two contenders timed back to back):
 
 - `shardify imagenet --source TREE --workers 1` and `--workers 2` (the CLI, as a user runs it;
   with 1 worker on a 2-core machine sha256 runs in a helper thread on the spare core, so the
@@ -100,7 +101,7 @@ def main() -> None:
     ap.add_argument("--images", default="../shared/bench-images")
     ap.add_argument("--work", default="bench_out/shardify")
     ap.add_argument("--min-files", type=int, default=10_000)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     if not Path(args.images).is_dir():
         sys.exit(f"error: --images {args.images}: no such folder (give a folder of JPEGs: make bench-shardify IMAGES=DIR)")
@@ -131,28 +132,40 @@ def main() -> None:
     halves = [synsets[: len(synsets) // 2], synsets[len(synsets) // 2 :]]
     tar_pair = [["tar", "cf", str(work / "o-tar2" / f"half{i}.tar"), "-C", str(tree / "train"), *h]
                 for i, h in enumerate(halves)]
-    times: dict[str, list[float]] = {name: [] for name in [*contenders, "tar-2-at-once"]}
+    contenders["tar-2-at-once"] = (None, work / "o-tar2")
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    # the contenders of each ratio run next to each other, their order reversed every other
+    # repeat, and the ratios are medians of per-repeat ratios: this machine's speed drifts by
+    # up to a third within a minute (a one-core run took 1.50-2.05 s in one run of this script)
+    groups = [("shardify-1-own-core", "shardify-2"), ("tar-2-at-once", "tar", "shardify-1", "shardwriter")]
     for rep in range(args.repeats):
-        for name, (cmd, out) in contenders.items():
-            full = cmd + [str(out)] if name != "tar" else cmd
-            times[name].append(timed(full, out))
-        times["tar-2-at-once"].append(timed_pair(tar_pair, work / "o-tar2"))
+        for group in groups:
+            for name in (group if rep % 2 == 0 else group[::-1]):
+                cmd, out = contenders[name]
+                if name == "tar-2-at-once":
+                    times[name].append(timed_pair(tar_pair, out))
+                else:
+                    times[name].append(timed(cmd + [str(out)] if name != "tar" else cmd, out))
         print(f"repeat {rep + 1}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
     med = {name: statistics.median(t) for name, t in times.items()}
     for name, t in med.items():
         print(f"{name:<20} median {t:.2f}s  {n_files / t:,.0f} files/s  {n_bytes / t / 1e6:,.0f} MB/s")
-    c2 = med["tar"] / med["tar-2-at-once"]
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+    c2 = ratio("tar", "tar-2-at-once")
     print(f"parallel ceiling of this machine: two tars over halves at once are {c2:.2f}x faster than one tar over all")
-    own = med["shardify-1-own-core"]
     print(f"with the spare core (--hash-thread auto): 1 worker {med['shardify-1']:.2f}s, "
           f"2 workers {med['shardify-2']:.2f}s ({med['shardify-1'] / med['shardify-2']:.2f}x)")
-    r1 = med["shardify-1"] / med["tar"]
+    r1 = ratio("shardify-1", "tar")
     # the 1-worker run on one core (--hash-thread off) is the base: with the spare core hashing
     # for it, one worker already uses both cores and "2 workers" would gain nothing to compare
-    s2 = own / med["shardify-2"]
-    w1 = med["shardify-1"] / med["shardwriter"]
+    s2 = ratio("shardify-1-own-core", "shardify-2")
+    w1 = ratio("shardify-1", "shardwriter")
     print(f"shardify/tar time ratio: {r1:.2f} (1 worker); 2-worker speedup: {s2:.2f} of ceiling {c2:.2f}; "
           f"shardify/ShardWriter: {w1:.2f}")
+
 
 if __name__ == "__main__":
     main()
