@@ -81,8 +81,9 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[li
             unique.append(item)
     del seen
     key_hashes = [state.key_hash(it.key) for it in unique]  # once per key: two uses below
+    sorted_hashes = sorted(key_hashes)
     try:
-        hashes = _check_keys_unique_across_splits(out_dir, split, unique, sorted(key_hashes))
+        _check_keys_unique_across_splits(out_dir, split, unique, sorted_hashes)
     except UserError:
         if not staged_before:  # a refused command leaves nothing behind
             import shutil
@@ -94,7 +95,7 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[li
     bounds = shard_bounds(len(unique), n_shards)
     per_shard = [[unique[j] for j in order[a:b]] for a, b in bounds]
     digests = [str(sum(key_hashes[j] for j in order[a:b]) % (1 << 64)) for a, b in bounds]  # = key_digest
-    state.write_uint64_npy(state.keys_path(out_dir, split), hashes)
+    state.write_uint64_npy(state.keys_path(out_dir, split), sorted_hashes)
     state.write_json_atomic(state.plan_path(out_dir, split), {
         "split": split,
         "inputs": len(items),
@@ -106,9 +107,9 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[li
     return per_shard, listing_rejects, digests
 
 
-def _check_keys_unique_across_splits(out_dir: Path, split: str, unique: list[Item], hashes: list[int]) -> list[int]:
+def _check_keys_unique_across_splits(out_dir: Path, split: str, unique: list[Item], hashes: list[int]) -> None:
     """Keys are unique per dataset directory: refuse a split that reuses another split's key.
-    `hashes` are the split's sorted key hashes (returned)."""
+    `hashes`: the split's key hashes, sorted."""
     for path in state.plan_paths(out_dir):
         other = state.read_json(path).get("split")
         keys_file = state.keys_path(out_dir, other) if other else None
@@ -129,7 +130,6 @@ def _check_keys_unique_across_splits(out_dir: Path, split: str, unique: list[Ite
                         f"{other!r} in {out_dir} already uses; keys must be unique in a dataset "
                         f"directory: write {split} to another --out (or rename the file)"
                     )
-    return hashes
 
 
 def remove_stale_shards(out_dir: Path, split: str, n_shards: int) -> None:

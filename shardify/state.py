@@ -107,14 +107,9 @@ def read_json(path: Path):
 
 
 def key_hash(key: str) -> int:
-    """A key's 64-bit hash: the unit of `key_hashes` and `key_digest`."""
+    """A key's 64-bit hash: the unit of `key_digest` and of the cross-split key check (plain
+    ints: numpy's import would cost a single-split job more than hashing its keys)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
-def key_hashes(keys) -> list[int]:
-    """Sorted 64-bit hashes of keys, to test two splits for a shared key (plain ints: numpy's
-    import would cost a single-split job more than hashing its keys)."""
-    return sorted(map(key_hash, keys))
 
 
 def write_uint64_npy(path: Path, values: list[int]) -> None:
@@ -126,7 +121,8 @@ def write_uint64_npy(path: Path, values: list[int]) -> None:
     if sys.byteorder != "little":
         data.byteswap()
     header = "{'descr': '<u8', 'fortran_order': False, 'shape': (%d,), }" % len(values)
-    header += " " * (-(len(header) + 11) % 64) + "\n"  # magic, version and length take 10 bytes
+    # padded so that the data starts at a multiple of 64: magic, version and length take 10 bytes
+    header += " " * (-(len(header) + 11) % 64) + "\n"
     tmp = tmp_path(path)
     with open(tmp, "wb") as f:
         f.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1"))
