@@ -133,18 +133,17 @@ class _Progress:
                             mininterval=0.5, dynamic_ncols=True, smoothing=0.1)
 
     def update(self, samples: int, nbytes: int) -> None:
-        self.bytes += nbytes
-        if self.bar is not None:
-            self.bar.update(samples)
-            elapsed = max(time.monotonic() - self.start, 1e-9)
-            self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
+        self._show(self.bytes + nbytes, samples)
 
     def finish(self, nbytes: int) -> None:
         """Every sample is done: show the exact totals (the workers' last messages may still be
         on their way; they are not waited for)."""
+        self._show(nbytes, self.bar.total - self.bar.n if self.bar is not None else 0)
+
+    def _show(self, nbytes: int, more_samples: int) -> None:
         self.bytes = nbytes
         if self.bar is not None:
-            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.update(more_samples)
             elapsed = max(time.monotonic() - self.start, 1e-9)
             self.bar.set_postfix_str(f"{self.bytes / elapsed / 1e6:.1f} MB/s", refresh=False)
 
