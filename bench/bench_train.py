@@ -31,7 +31,7 @@ from trainer.errors import UserError  # noqa: E402
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_train import SyntheticLoader, train_and_measure  # noqa: E402
+from gpu_train import SyntheticLoader, timing_overrides, train_and_measure  # noqa: E402
 
 
 def main() -> None:
@@ -77,11 +77,9 @@ def measure(args, teacher: Path, out: Path, loader_factory):
     """Median steps/s and data-wait share over the timed intervals of one run."""
     cfg = load_config(args.config, [
         f"data.manifests=[{args.shards}]", f"teacher.checkpoint={teacher}", f"out_dir={out}",
-        f"schedule.max_steps={args.steps * (1 + args.repeats)}",
-        f"logging.every_steps={args.steps}", "checkpoint.every_steps=0", "logging.tensorboard=off",
-        *args.overrides,
+        *timing_overrides(args.steps, args.repeats), *args.overrides,
     ])
-    trainer, samples_per_s, wait, _ = train_and_measure(cfg, loader_factory)
+    trainer, _, samples_per_s, wait, _ = train_and_measure(cfg, loader_factory)
     return samples_per_s / trainer.global_batch, wait, trainer
 
 

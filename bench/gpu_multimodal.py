@@ -31,7 +31,7 @@ from trainer.models.beitv2 import BEiTShape, write_beitv2_checkpoint  # noqa: E4
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_train import SyntheticLoader, train_and_measure  # noqa: E402
+from gpu_train import SyntheticLoader, gpu_overrides, train_and_measure  # noqa: E402
 
 
 class SyntheticPairs(SyntheticLoader):
@@ -95,10 +95,8 @@ def main() -> None:
         f"image_tower.checkpoint={d2v}", f"image_tower.num_heads={heads}", f"image_tower.depth={depth}",
         f"text_tower.path={bert}", f"text_tower.depth={depth}", f"teacher.checkpoint={beit}",
         f"model.num_heads={heads}", f"loss.memory_bank_size={args.bank}", f"out_dir={out / 'run'}",
-        f"device={args.device}", "precision=bf16", "teacher.dtype=bfloat16",
-        f"data.batch_size={args.batch}", f"data.augment.size={img}", "data.output_dtype=bfloat16",
-        f"schedule.max_steps={args.steps * (1 + args.repeats)}", f"logging.every_steps={args.steps}",
-        "checkpoint.every_steps=0", "logging.tensorboard=off", f"compile={str(args.compile).lower()}",
+        *gpu_overrides(args), f"data.batch_size={args.batch}", f"data.augment.size={img}",
+        "data.output_dtype=bfloat16",
     ]
     if args.shards:
         if not args.tokenizer:
@@ -109,10 +107,7 @@ def main() -> None:
         _write_tiny_tokenizer(tok)
         over.append(f"data.tokenizer={tok}")
     cfg = load_config(REPO / "configs" / "multimodal.yaml", over)
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    trainer, sps, wait, peak = train_and_measure(cfg, None if args.shards else SyntheticPairs)
-    name = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
+    _, name, sps, wait, peak = train_and_measure(cfg, None if args.shards else SyntheticPairs)
     print(f"device: {name}; torch {torch.__version__}; data: {'shards ' + args.shards if args.shards else 'synthetic'}")
     print(f"gpu-multimodal: {sps:.0f} samples/s, data-wait {100 * wait:.1f}%, peak mem {peak:.1f} GiB "
           f"(batch {args.batch}, bf16, {'tiny' if args.tiny else 'ViT-B/16 + BERT-base'} towers of {depth} blocks, "

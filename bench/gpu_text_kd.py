@@ -33,7 +33,7 @@ from trainer.errors import UserError  # noqa: E402
 from trainer.models.text import bert_from_config  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_train import train_and_measure  # noqa: E402
+from gpu_train import gpu_overrides, train_and_measure  # noqa: E402
 
 BERT_BASE = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
              "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
@@ -92,22 +92,16 @@ def main() -> None:
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
-    steps = args.steps * (1 + args.repeats)
     teacher = write_teacher(out / "teacher", TINY if args.tiny else BERT_BASE)
-    shards = write_blocks(out / "shards", args.batch * steps, args.block)
+    shards = write_blocks(out / "shards", args.batch * args.steps * (1 + args.repeats), args.block)
     over = [
-        f"teacher.path={teacher}", f"out_dir={out / 'run'}", f"device={args.device}",
-        "precision=bf16", "teacher.dtype=bfloat16", f"student.depth={2 if args.tiny else 6}",
+        f"teacher.path={teacher}", f"out_dir={out / 'run'}", *gpu_overrides(args),
+        f"student.depth={2 if args.tiny else 6}",
         f"data.manifests=[{shards}]", "data.val_split=", f"data.batch_size={args.batch}",
         f"data.block_size={args.block}", f"data.num_workers={args.workers}",
-        f"schedule.max_steps={steps}", f"logging.every_steps={args.steps}",
-        "checkpoint.every_steps=0", "logging.tensorboard=off", f"compile={str(args.compile).lower()}",
     ]
     cfg = load_config(REPO / "configs" / "text_kd.yaml", over)
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    trainer, sps, wait, peak = train_and_measure(cfg)
-    name = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
+    _, name, sps, wait, peak = train_and_measure(cfg)
     print(f"device: {name}; torch {torch.__version__}; {args.workers} loader workers")
     print(f"gpu-text-kd: {sps:.0f} samples/s ({sps * args.block:.0f} tokens/s), data-wait {100 * wait:.1f}%, "
           f"peak mem {peak:.1f} GiB (batch {args.batch} x {args.block} tokens, bf16, "

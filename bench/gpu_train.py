@@ -68,9 +68,25 @@ class SyntheticLoader:
         self.epoch, self.pos = d["epoch"], d["samples"]
 
 
+def timing_overrides(steps: int, repeats: int) -> list[str]:
+    """Config keys of every training benchmark: one log row per timed interval of `steps`,
+    `repeats` intervals after a warm-up one, no checkpoints, no TensorBoard."""
+    return [f"schedule.max_steps={steps * (1 + repeats)}", f"logging.every_steps={steps}",
+            "checkpoint.every_steps=0", "logging.tensorboard=off"]
+
+
+def gpu_overrides(args) -> list[str]:
+    """timing_overrides plus what the GPU benchmarks share: bf16 on --device, --compile."""
+    return [*timing_overrides(args.steps, args.repeats), f"device={args.device}", "precision=bf16",
+            "teacher.dtype=bfloat16", f"compile={str(args.compile).lower()}"]
+
+
 def train_and_measure(cfg, loader_factory=None):
-    """Train `cfg` to its last step, then the medians over the logged intervals after the first
-    (a warm-up): (trainer, samples/s, data-wait share, peak memory in GiB)."""
+    """Train `cfg` to its last step (TF32 matmuls on CUDA), then the medians over the logged
+    intervals after the first (a warm-up): (trainer, device name, samples/s, data-wait share,
+    peak memory in GiB)."""
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
     trainer = Trainer(cfg, loader_factory=loader_factory)
     try:
         trainer.train()
@@ -78,7 +94,8 @@ def train_and_measure(cfg, loader_factory=None):
         trainer.close()
     records = [json.loads(x) for x in (Path(cfg.out_dir) / "log.jsonl").read_text().splitlines()]
     records = [r for r in records if "samples_per_s" in r][1:]  # validation rows out; the warm-up out
-    return (trainer, statistics.median(r["samples_per_s"] for r in records),
+    name = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
+    return (trainer, name, statistics.median(r["samples_per_s"] for r in records),
             statistics.median(r["data_wait"] for r in records),
             max(r["peak_mem_bytes"] for r in records) / 2**30)
 
@@ -102,21 +119,15 @@ def main() -> None:
     teacher = write_fairseq_checkpoint(out / "teacher.pt", shape)
     over = [
         f"teacher.checkpoint={teacher}", f"teacher.num_heads={shape.num_heads}", f"out_dir={out / 'run'}",
-        f"device={args.device}",
-        "precision=bf16", "teacher.dtype=bfloat16", f"student.depth={2 if args.tiny else 6}",
+        *gpu_overrides(args), f"student.depth={2 if args.tiny else 6}",
         f"data.batch_size={args.batch}", f"data.augment.size={shape.img_size}", "data.output_dtype=bfloat16",
-        f"schedule.max_steps={args.steps * (1 + args.repeats)}", f"logging.every_steps={args.steps}",
-        "checkpoint.every_steps=0", "logging.tensorboard=off", f"compile={str(args.compile).lower()}",
     ]
     if args.shards:
         over += [f"data.manifests=[{args.shards}]", "data.decode_device=auto"]
         if args.workers:
             over.append(f"data.num_workers={args.workers}")
     cfg = load_config(REPO / "configs" / "image_kd.yaml", over)
-    if args.device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-    trainer, ips, wait, peak = train_and_measure(cfg, None if args.shards else SyntheticLoader)
-    name = torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu"
+    _, name, ips, wait, peak = train_and_measure(cfg, None if args.shards else SyntheticLoader)
     print(f"device: {name}; torch {torch.__version__}; data: {'shards ' + args.shards if args.shards else 'synthetic'}")
     print(f"gpu-train: {ips:.0f} images/s, data-wait {100 * wait:.1f}%, peak mem {peak:.1f} GiB "
           f"(batch {args.batch}, bf16, {'tiny' if args.tiny else 'ViT-B/16'} teacher + "

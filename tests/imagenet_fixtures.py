@@ -16,7 +16,10 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from click.testing import CliRunner
 from PIL import Image
+
+from shardify.cli import main
 
 SYNSETS = ["n01440764", "n01443537", "n01484850"]  # labels 0, 1, 2 in the canonical order
 UNKNOWN = "n99999999"  # a synset that is not an ImageNet-1k class: its image has no label
@@ -158,3 +161,16 @@ LAYOUT_WRITERS = {
     "parquet": write_parquet,
     "wds": write_wds,
 }
+
+
+def run_cli(*args, expect=0):
+    """The shardify CLI in-process; asserts its exit code."""
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def shard(source, out, *extra, expect=0):
+    """`shardify imagenet` with small shards, a lenient reject rate and no progress bar."""
+    return run_cli("imagenet", "--source", source, "--out", out, "--samples-per-shard", 5,
+                   "--max-reject-rate", 0.5, "--no-progress", *extra, expect=expect)

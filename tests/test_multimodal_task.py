@@ -16,7 +16,7 @@ import torch
 
 from tests.loader_fixtures import image_shards, tokenizer_path
 from tests.multimodal_fixtures import fixed_batch, make_bert_dir, task_files
-from tests.train_fixtures import REPO
+from tests.train_fixtures import REPO, train_in_process
 from trainer.config import ConfigError, load_config
 from trainer.export import export_student, load_student
 from trainer.loop import Trainer
@@ -165,17 +165,7 @@ def test_what_enters_the_bank(world, tmp_path):
 
 
 def _run(world, out: Path, **extra) -> Trainer:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer = Trainer(load_config(CONFIG, overrides(world, out, **extra)))
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-    finally:
-        torch.set_num_threads(threads)
-    return trainer
+    return train_in_process(CONFIG, overrides(world, out, **extra))
 
 
 def _ckpt(out: Path, step: int) -> dict:

@@ -143,6 +143,16 @@ def test_hand_written_gadget_chains_fail_without_running(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("new_format", [True, False])
+def test_a_truncated_checkpoint_is_one_line(tmp_path, new_format):
+    path = tmp_path / "t.pt"
+    torch.save({"model": {"w": torch.randn(1000)}}, path, _use_new_zipfile_serialization=new_format)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(UserError, match="could not be read") as e:
+        read_checkpoint(path)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("protocol", [0, 1, 2, 5])
 def test_objects_of_other_classes_become_inert_records(protocol):
     """Older fairseq files store an argparse Namespace (`args`): every protocol (0 and 1 go
@@ -160,7 +170,8 @@ def test_stubs_cannot_be_pickled_back():
         pickle.dumps(stub)
 
 
-def test_tensors_and_containers_round_trip(tmp_path):
+def test_tensors_and_containers_round_trip(tmp_path, monkeypatch):
+    """Both torch.save formats are read by our own reader: torch.load is never called."""
     sd = collections.OrderedDict(
         f32=torch.randn(3, 4), param=torch.nn.Parameter(torch.randn(2)), i64=torch.arange(5),
         bf16=torch.randn(4).bfloat16(), view=torch.arange(10.0)[2:7:2], flag=torch.tensor(True))
@@ -169,7 +180,9 @@ def test_tensors_and_containers_round_trip(tmp_path):
     for new_format in (True, False):
         path = tmp_path / f"c{new_format}.pt"
         torch.save(obj, path, _use_new_zipfile_serialization=new_format)
-        got = load_checkpoint(path)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load was called"))
+            got = load_checkpoint(path)
         assert type(got["model"]) is collections.OrderedDict and list(got["model"]) == list(sd)
         for k, v in sd.items():
             assert type(got["model"][k]) is type(v) and got["model"][k].dtype == v.dtype

@@ -14,20 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 import imagenet_fixtures as fx
+from imagenet_fixtures import run_cli, shard
 from shardify.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args, expect=0):
-    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
-
-
-def shard(source, out, *extra, expect=0):
-    return run_cli("imagenet", "--source", source, "--out", out, "--samples-per-shard", 5,
-                   "--max-reject-rate", 0.5, "--no-progress", *extra, expect=expect)
 
 
 def tree_bytes(out: Path) -> dict:

@@ -417,23 +417,13 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path_factory, tm
     import subprocess
     import sys
 
-    from trainer.config import load_config
-    from trainer.loop import Trainer
+    from tests.train_fixtures import train_in_process
 
     shards = shard_owt(tmp_path_factory.mktemp("owt_ddp"), docs=6)
     common = {"data.batch_size": 8, "schedule.max_steps": 4, "validation.every_steps": 2,
               "checkpoint.every_steps": 4, "optim.lr": 1e-3}
     one = demo_text_args(tmp_path / "one", shards, **common)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        t = Trainer(load_config(one[0], one[1:]))
-        try:
-            t.train()
-        finally:
-            t.close()
-    finally:
-        torch.set_num_threads(threads)
+    train_in_process(one[0], one[1:])
     two = demo_text_args(tmp_path / "two", shards, **{**common, "data.batch_size": 4})
     repo = Path(__file__).resolve().parents[1]
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))

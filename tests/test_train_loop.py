@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from tests.train_fixtures import DEMO_CONFIG, REPO, make_teacher, tiny_overrides
+from tests.train_fixtures import DEMO_CONFIG, REPO, make_teacher, tiny_overrides, train_in_process
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.errors import UserError
@@ -22,18 +22,7 @@ from trainer.loop import Trainer
 
 
 def run(tmp_path, teacher, **extra) -> Trainer:
-    # one thread, as the subprocesses below: spinning OpenMP threads crawl on a shared 2-core box
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        trainer = Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, **extra)))
-        try:
-            trainer.train()
-        finally:
-            trainer.close()
-    finally:
-        torch.set_num_threads(threads)
-    return trainer
+    return train_in_process(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, **extra))
 
 
 def final_params(run_dir, step=8) -> dict:

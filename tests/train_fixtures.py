@@ -139,6 +139,28 @@ def tiny_overrides(tmp: Path, teacher: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in over.items()]
 
 
+def train_in_process(config, overrides: list[str]):
+    """Train `config` with `overrides` to its last step in this process, on one thread as the
+    subprocess runs do (spinning OpenMP threads crawl on a shared 2-core machine); returns the
+    closed Trainer."""
+    import torch
+
+    from trainer.config import load_config
+    from trainer.loop import Trainer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(load_config(config, overrides))
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
+    finally:
+        torch.set_num_threads(threads)
+    return trainer
+
+
 if __name__ == "__main__":  # python -m tests.train_fixtures CONFIG key=value ... (also under torchrun)
     import sys
 

@@ -5,11 +5,13 @@ A PyTorch checkpoint is a pickle, and a pickle may name any importable callable 
 of classes we neither have nor want to import (omegaconf's DictConfig, argparse.Namespace,
 numpy scalars, fairseq meters), so `torch.load(weights_only=True)` refuses them.
 
-`load_checkpoint` reads both kinds with an allow-list unpickler: the globals tensors are rebuilt
-from (torch's rebuild functions, dtypes, storage types, `torch.Size`, `OrderedDict`) and a few
-harmless builtins resolve to the real thing; every other global resolves to an inert stub class
-that records its name and whatever the pickle hands it, and runs nothing. Nothing is imported
-on behalf of the file. There is no fallback to the full unpickler.
+`load_checkpoint` reads both kinds, in either file format of `torch.save` (zip, and the legacy
+pre-1.6 stream), with its own reader and an allow-list unpickler, never through torch.load: the
+globals tensors are rebuilt from (torch's rebuild functions, dtypes, `torch.Size`,
+`OrderedDict`) and a few harmless builtins resolve to the real thing; storage types resolve to
+a plain dtype tag; every other global resolves to an inert stub class that records its name and
+whatever the pickle hands it, and runs nothing. Nothing is imported on behalf of the file.
+There is no fallback to the full unpickler.
 
 `to_plain` turns what a checkpoint's cfg became (stubs of omegaconf containers and value nodes,
 argparse namespaces) into plain dicts, lists and values, so callers read `cfg["model"]["depth"]`
@@ -24,7 +26,6 @@ import collections
 import io
 import pickle
 import re
-import types
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -145,17 +146,37 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
             allowed[("torch", str(obj).split(".", 1)[1])] = obj
     for layout in (torch.strided, torch.sparse_coo):
         allowed[("torch", str(layout).split(".", 1)[1])] = layout
-    for cls in (torch.storage.UntypedStorage, torch.storage.TypedStorage):
-        allowed[(cls.__module__, cls.__name__)] = cls
+    # storage types only ever tag a persistent id (below): a dtype, nothing that can be called
+    for name, dtype in _LEGACY_STORAGE_DTYPES.items():
+        allowed[("torch", f"{name}Storage")] = _StorageKind(dtype)
+    for module in ("torch", "torch.storage"):
+        allowed[(module, "UntypedStorage")] = _StorageKind(torch.uint8)
     return allowed
+
+
+class _StorageKind:
+    """What a pickle's `torch.FloatStorage` (etc.) resolves to here: the dtype of the storage
+    records it tags. It cannot be called, so a pickle cannot use it to allocate anything."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def __repr__(self):
+        return f"<storage of {self.dtype}>"
+
+
+# the storage classes torch.save names (torch.<Name>Storage), for the dtypes a model holds
+_LEGACY_STORAGE_DTYPES = {
+    "Float": torch.float32, "Double": torch.float64, "Half": torch.float16, "BFloat16": torch.bfloat16,
+    "Long": torch.int64, "Int": torch.int32, "Short": torch.int16, "Char": torch.int8, "Byte": torch.uint8,
+    "Bool": torch.bool, "ComplexFloat": torch.complex64, "ComplexDouble": torch.complex128}
 
 
 _ALLOWED: dict[tuple[str, str], Any] | None = None
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """Resolves only allow-listed globals; anything else becomes an inert `Stub` subclass.
-    torch.load subclasses this (its wrapper maps legacy `*Storage` names to dtypes first)."""
+    """Resolves only allow-listed globals; anything else becomes an inert `Stub` subclass."""
 
     def find_class(self, module, name):
         global _ALLOWED
@@ -173,20 +194,111 @@ class SafeUnpickler(pickle.Unpickler):
         return obj if obj is not None else stub_class(module, name)
 
 
-def _safe_load(file, **kwargs):
-    return SafeUnpickler(file, **kwargs).load()
+def _safe_load(file) -> Any:
+    return SafeUnpickler(file).load()
 
 
-# what torch.load's `pickle_module` needs: an Unpickler to subclass, and `load` (torch reads the
-# header pickles of its legacy format with `load`, so that one must be safe too)
-_SAFE_PICKLE_MODULE = types.SimpleNamespace(
-    __name__="trainer.safe_pickle", Unpickler=SafeUnpickler, load=_safe_load,
-    UnpicklingError=pickle.UnpicklingError)
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _typed(data: torch.Tensor, dtype: torch.dtype) -> torch.storage.TypedStorage:
+    """The bytes in `data` (uint8) as the typed storage torch's rebuild functions take."""
+    return torch.storage.TypedStorage(wrap_storage=data.untyped_storage(), dtype=dtype, _internal=True)
+
+
+def _storage_id(pid, length: int) -> tuple:
+    """A persistent id `("storage", kind, key, location, numel[, view])`, checked."""
+    if not (isinstance(pid, tuple) and len(pid) == length and pid[0] in ("storage", b"storage")):
+        raise UnsafeCheckpointError(f"checkpoint pickle holds an unexpected persistent id {str(pid)[:80]}")
+    kind, key, numel = pid[1], pid[2], pid[4]
+    if not isinstance(kind, _StorageKind) or not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
+        raise UnsafeCheckpointError(f"checkpoint pickle holds a malformed storage id {str(pid)[:80]}")
+    return pid
+
+
+class _ZipUnpickler(SafeUnpickler):
+    """data.pkl of torch's zip format: storages come from the archive's `data/<key>` records."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def persistent_load(self, pid):
+        _, kind, key, _location, numel = _storage_id(pid, 5)  # every storage is loaded on the CPU
+        if key not in self.storages:
+            nbytes = numel * _element_size(kind.dtype)
+            name = f"{self.prefix}data/{key}"
+            size = self.archive.getinfo(name).file_size  # KeyError: the record is missing
+            if size != nbytes:
+                raise pickle.UnpicklingError(f"record {name} holds {size} bytes, its tensor needs {nbytes}")
+            data = torch.empty(nbytes, dtype=torch.uint8)
+            with self.archive.open(name) as f:
+                f.readinto(data.numpy())
+            self.storages[key] = _typed(data, kind.dtype)
+        return self.storages[key]
+
+
+class _LegacyUnpickler(SafeUnpickler):
+    """The object pickle of torch's pre-1.6 format: storages are created empty here and filled
+    from the raw records that follow the pickle."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.roots: dict[str, tuple[torch.Tensor, Any, int]] = {}  # key -> (bytes, storage, numel)
+
+    def persistent_load(self, pid):
+        _, kind, key, _location, numel, view = _storage_id(pid, 6)
+        if view is not None:
+            raise pickle.UnpicklingError("storage views (written by torch before 1.0) are not supported")
+        if key not in self.roots:
+            data = torch.empty(numel * _element_size(kind.dtype), dtype=torch.uint8)
+            self.roots[key] = (data, _typed(data, kind.dtype), numel)
+        return self.roots[key][1]
+
+
+_LEGACY_MAGIC, _LEGACY_PROTOCOL = 0x1950A86A20F9469CFC6C, 1001
+
+
+def _load_zip(path: Path) -> Any:
+    with zipfile.ZipFile(path) as archive:
+        pkl = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise pickle.UnpicklingError("a zip file without exactly one <folder>/data.pkl: not a torch.save checkpoint")
+        prefix = pkl[0][: -len("data.pkl")]
+        if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
+            raise pickle.UnpicklingError("a big-endian checkpoint: not supported")
+        with archive.open(pkl[0]) as f:
+            return _ZipUnpickler(f, archive, prefix).load()
+
+
+def _load_legacy(path: Path) -> Any:
+    """torch.save(..., _use_new_zipfile_serialization=False): magic number, protocol, system
+    info, the object pickle, its storage keys, then each storage as an int64 count and raw bytes."""
+    with open(path, "rb") as f:
+        if _safe_load(f) != _LEGACY_MAGIC:
+            raise pickle.UnpicklingError("not a torch.save checkpoint (no magic number)")
+        if _safe_load(f) != _LEGACY_PROTOCOL:
+            raise pickle.UnpicklingError("an unknown torch.save protocol version")
+        info = _safe_load(f)
+        if not isinstance(info, dict) or not info.get("little_endian", False):
+            raise pickle.UnpicklingError("a big-endian checkpoint: not supported")
+        unpickler = _LegacyUnpickler(f)
+        result = unpickler.load()
+        keys = _safe_load(f)
+        if not isinstance(keys, list) or sorted(keys) != sorted(unpickler.roots):
+            raise pickle.UnpicklingError("its storage list does not match the storages its pickle uses")
+        for key in keys:
+            data, _, numel = unpickler.roots[key]
+            count = int.from_bytes(f.read(8), "little")
+            if count != numel or f.readinto(data.numpy()) != data.numel():
+                raise pickle.UnpicklingError(f"storage {key} is truncated or the wrong size")
+    return result
 
 
 def is_torchscript_archive(path: str | Path) -> bool:
-    """A zip whose top folder holds constants.pkl: torch.load hands such a file to
-    torch.jit.load, which would run the TorchScript code stored in it."""
+    """A zip whose top folder holds constants.pkl: a TorchScript program (torch.jit.save), not
+    a checkpoint; torch.load would hand it to torch.jit.load, which runs the code it stores."""
     try:
         with zipfile.ZipFile(path) as z:
             return any(name.split("/", 1)[-1] == "constants.pkl" for name in z.namelist())
@@ -195,18 +307,17 @@ def is_torchscript_archive(path: str | Path) -> bool:
 
 
 def load_checkpoint(path: str | Path) -> Any:
-    """torch.load `path` on CPU through the allow-list unpickler. Raises what torch.load raises
-    for a file that is not a checkpoint (the caller turns it into a one-line error).
-
-    Why `weights_only=False` is safe here, and needed: it is the only mode in which torch.load
-    takes our `pickle_module`, and every unpickler torch then builds (the zip format's data.pkl,
-    the legacy format's headers and body) is a subclass of SafeUnpickler, so each global the
-    file names goes through the allow-list above. `weights_only=True` cannot stub the unknown
-    classes a real fairseq file pickles. Its one other branch, a TorchScript archive sent to
-    torch.jit.load (which runs the archive's code), is refused before torch.load is called."""
+    """Read a `torch.save` file on CPU, either format, through the allow-list unpickler; nothing
+    in it is executed and nothing is imported for it. torch.load is not used: its one mode that
+    accepts a custom unpickler (`weights_only=False`) also has branches that run code from the
+    file (a TorchScript archive goes to torch.jit.load). Raises for a file that is not such a
+    checkpoint (the caller turns it into a one-line error)."""
+    path = Path(path)
     if is_torchscript_archive(path):
         raise UnsafeCheckpointError("it is a TorchScript archive: loading it would run the code it holds")
-    return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE_MODULE)
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    return _load_zip(path) if is_zip else _load_legacy(path)
 
 
 def loads(data: bytes) -> Any:
