@@ -31,7 +31,7 @@ from trainer.models.beitv2 import BEiTShape, write_beitv2_checkpoint  # noqa: E4
 from trainer.models.vit import ViTShape, write_fairseq_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_train import SyntheticLoader, gpu_overrides, train_and_measure  # noqa: E402
+from gpu_train import SyntheticLoader, add_gpu_arguments, gpu_overrides, train_and_measure  # noqa: E402
 
 
 class SyntheticPairs(SyntheticLoader):
@@ -65,11 +65,8 @@ def main() -> None:
     ap.add_argument("--shards", default="", help="real image-text shards (manifest.json or dir); default synthetic")
     ap.add_argument("--tokenizer", default="", help="tokenizer.json for --shards")
     ap.add_argument("--batch", type=int, default=256, help="per GPU (the thesis: 256)")
-    ap.add_argument("--steps", type=int, default=10, help="steps per timed interval")
-    ap.add_argument("--repeats", type=int, default=3, help="timed intervals after one warm-up interval")
+    add_gpu_arguments(ap, steps=10)
     ap.add_argument("--bank", type=int, default=65536, help="memory bank size")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small models and images: a smoke run of this script")
     ap.add_argument("--out", default="bench_out/gpu_multimodal")
     args = ap.parse_args()

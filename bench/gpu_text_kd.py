@@ -33,7 +33,7 @@ from trainer.errors import UserError  # noqa: E402
 from trainer.models.text import bert_from_config  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_train import gpu_overrides, train_and_measure  # noqa: E402
+from gpu_train import add_gpu_arguments, gpu_overrides, train_and_measure  # noqa: E402
 
 BERT_BASE = {"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
              "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
@@ -81,11 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--block", type=int, default=256, help="tokens per block incl. [CLS]/[SEP]")
-    ap.add_argument("--steps", type=int, default=10, help="steps per timed interval")
-    ap.add_argument("--repeats", type=int, default=3, help="timed intervals after one warm-up interval")
+    add_gpu_arguments(ap, steps=10)
     ap.add_argument("--workers", type=int, default=6, help="loader worker processes")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small model, short blocks: a smoke run of this script")
     ap.add_argument("--out", default="bench_out/gpu_text_kd")
     args = ap.parse_args()

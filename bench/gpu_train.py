@@ -75,6 +75,14 @@ def timing_overrides(steps: int, repeats: int) -> list[str]:
             "checkpoint.every_steps=0", "logging.tensorboard=off"]
 
 
+def add_gpu_arguments(ap, steps: int) -> None:
+    """The options gpu_overrides reads: --steps (default `steps`), --repeats, --compile, --device."""
+    ap.add_argument("--steps", type=int, default=steps, help="steps per timed interval")
+    ap.add_argument("--repeats", type=int, default=3, help="timed intervals after one warm-up interval")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--device", default="cuda")
+
+
 def gpu_overrides(args) -> list[str]:
     """timing_overrides plus what the GPU benchmarks share: bf16 on --device, --compile."""
     return [*timing_overrides(args.steps, args.repeats), f"device={args.device}", "precision=bf16",
@@ -104,10 +112,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", default="", help="real shards (manifest.json or dir); default synthetic")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=20, help="steps per timed interval")
-    ap.add_argument("--repeats", type=int, default=3, help="timed intervals after one warm-up interval")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--device", default="cuda")
+    add_gpu_arguments(ap, steps=20)
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers for --shards (0: the config's)")
     ap.add_argument("--tiny", action="store_true", help="small model and images: a smoke run of this script")
     ap.add_argument("--out", default="bench_out/gpu_train")
