@@ -15,6 +15,7 @@ import click
 
 from shardify.job import JobOptions, run_job
 from shardify.records import UserError
+from shardify.workers import exit_if_stuck
 
 
 def _slurm_default(kind: str) -> int:
@@ -114,11 +115,16 @@ class FriendlyGroup(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
+            _exit(2)
         except OSError as exc:  # unwritable output, full disk, unreadable input: the user's to fix
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
-            sys.exit(2)
+            _exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume", err=True)
-            sys.exit(130)
+            _exit(130)
+
+
+def _exit(code: int) -> None:
+    exit_if_stuck(code)  # a worker pool stopped by force may have left a thread exit would wait for
+    sys.exit(code)

@@ -2,6 +2,7 @@
 
 Each test reproduces one way a user lost data, waited forever or got a traceback."""
 
+import contextlib
 import json
 import os
 import signal
@@ -99,12 +100,31 @@ def test_ctrl_c_with_several_workers_ends_promptly(tmp_path):
             try:
                 _, err = proc.communicate(timeout=10)
             finally:
-                os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # SIGABRT may have ended it
+                    os.killpg(proc.pid, signal.SIGKILL)
             raise AssertionError(f"trial {trial}: Ctrl-C did not end the run:\n{err[-5000:]}")
         assert proc.returncode == 130, err
         assert "Traceback" not in err and "interrupted: rerun" in err
         rerun = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=env)
         assert rerun.returncode == 0, rerun.stderr
+
+
+def test_an_error_exit_does_not_wait_for_a_pool_thread_a_forced_stop_left_running(tmp_path):
+    """After Ctrl-C or a dead worker, a pool's manager thread can stay blocked on a killed
+    worker's pipe; the interpreter's exit would join it forever. A stand-in thread that never
+    ends plays that part: the one-line error must still end the process."""
+    script = (
+        "import threading, sys\n"
+        "from shardify import workers\n"
+        "from shardify.cli import main\n"
+        "t = threading.Thread(target=threading.Event().wait, name='stuck-manager')\n"
+        "t.start()\n"
+        "workers._stuck.append(t)\n"
+        f"main(['imagenet', '--source', {str(tmp_path / 'missing')!r}, '--out', {str(tmp_path / 'out')!r}])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and r.stderr.startswith("error: --source") and len(r.stderr.splitlines()) == 1, r.stderr
 
 
 # ------------------------------------------------------------------ data loss, silent output
