@@ -127,6 +127,47 @@ def test_an_error_exit_does_not_wait_for_a_pool_thread_a_forced_stop_left_runnin
     assert r.returncode == 2 and r.stderr.startswith("error: --source") and len(r.stderr.splitlines()) == 1, r.stderr
 
 
+def _cli_process(tmp_path: Path, src: Path, prelude: str) -> subprocess.CompletedProcess:
+    """`shardify imagenet` as its own process (click reads sys.argv), after `prelude`, with an
+    atexit hook that leaves a marker file: whether the interpreter's exit sequence ran."""
+    args = ["shardify", "imagenet", "--source", str(src), "--out", str(tmp_path / "out"), "--split", "train",
+            "--samples-per-shard", "5", "--workers", "2", "--no-progress"]
+    script = (
+        "import atexit, pathlib, sys, threading, time\n"
+        f"atexit.register(pathlib.Path({str(tmp_path / 'atexit-ran')!r}).touch)\n"
+        f"{prelude}\n"
+        f"sys.argv = {args!r}\n"
+        "from shardify.cli import main\n"
+        "main()\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_finished_run_skips_the_interpreter_teardown_and_keeps_its_output(tmp_path, small):
+    r = _cli_process(tmp_path, small, "")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()  # a pipe: everything still buffered at exit must have been flushed
+    assert lines[0].startswith("train: inputs = written + rejected: ") and lines[-1].endswith("manifest.json"), lines
+    assert not (tmp_path / "atexit-ran").exists()  # left with os._exit
+    assert run_cli("verify", tmp_path / "out").exit_code == 0
+
+
+def test_the_normal_exit_runs_while_another_thread_is_still_working(tmp_path, small):
+    """A thread still at work (none of shardify's, but a caller's or a library's) must not be
+    cut off: the process then ends the normal way, which waits for it."""
+    done = tmp_path / "thread-finished"
+    r = _cli_process(tmp_path, small, f"threading.Thread(target=lambda: (time.sleep(2), pathlib.Path({str(done)!r}).touch())).start()")
+    assert r.returncode == 0, r.stderr
+    assert done.exists() and (tmp_path / "atexit-ran").exists()
+
+
+def test_an_error_exit_through_the_process_entry_is_one_line_with_its_status(tmp_path):
+    r = _cli_process(tmp_path, tmp_path / "missing", "")
+    assert r.returncode == 2 and r.stderr.startswith("error: --source") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not (tmp_path / "atexit-ran").exists()
+
+
 # ------------------------------------------------------------------ data loss, silent output
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):

@@ -21,7 +21,7 @@ import functools
 import json
 import re
 import tarfile
-from importlib import resources
+from pathlib import Path
 
 from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.records import Item, Reject, UserError, make_key
@@ -39,7 +39,8 @@ _WDS_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 @functools.cache
 def imagenet_classes() -> tuple[list[str], list[str]]:
     """(synsets, names) in canonical order: label i is synsets[i]."""
-    text = resources.files("shardify").joinpath("data/imagenet_classes.tsv").read_text("utf-8")
+    # beside the package's modules (package data; importlib.resources would add its own imports)
+    text = (Path(__file__).parents[1] / "data" / "imagenet_classes.tsv").read_text("utf-8")
     rows = [line.split("\t") for line in text.splitlines() if line and not line.startswith("#")]
     return [r[0] for r in rows], [r[1] for r in rows]
 
@@ -55,6 +56,11 @@ def _split_image_name(stem: str) -> tuple[str, str | None]:
     if m and m.start() > 0:
         return stem[: m.start()], m.group(1)
     return stem, None
+
+
+def _folders(split: str) -> tuple[str, ...]:
+    """imagefolder: the top folders a split's images are in."""
+    return ("val", "validation") if split == "validation" else (split,)
 
 
 def _basename_stem(path: str) -> str:
@@ -119,7 +125,8 @@ class ImageNetSource(Source):
         self.loc = location
         self.layout = layout or detect_layout(location.files)
         self.max_pixels = max_pixels
-        self._files_of: dict[str, list[str]] = {}  # split -> its files: one pass over the listing each
+        self._files_of: dict[str, list[str]] = {}  # split -> its files
+        self._groups: dict | None = None  # imagefolder: see _by_folder
         if self.layout == "imagefolder" and location.local_path is None:
             raise UserError("the imagefolder layout is only supported for a local --source DIR")
 
@@ -156,8 +163,18 @@ class ImageNetSource(Source):
             names = {"validation": ("validation", "val")}.get(split, (split,))
             return [f for f in files if re.search(rf"-({'|'.join(names)})-\d+\.tar$", f)]
         # imagefolder
-        dirs = {"validation": ("val", "validation")}.get(split, (split,))
-        return [f for f in files if f.split("/", 1)[0] in dirs and f.lower().endswith(_IMAGE_EXT)]
+        return [f for top in _folders(split) for f in self._by_folder().get(top, ((), ()))[0]]
+
+    def _by_folder(self) -> dict[str, tuple[list[str], list[str]]]:
+        """imagefolder: top folder -> (its image files, its other files), in one pass over the
+        listing (sorted, so 'val/' comes before 'validation/' as in the listing)."""
+        if self._groups is None:
+            groups: dict[str, tuple[list[str], list[str]]] = {}
+            for f in self.loc.files:
+                images, others = groups.setdefault(f.split("/", 1)[0], ([], []))
+                (images if f.lower().endswith(_IMAGE_EXT) else others).append(f)
+            self._groups = groups
+        return self._groups
 
     # ---- listing
     def list_items(self, split: str, ctx: ListContext) -> list[Item]:
@@ -186,14 +203,13 @@ class ImageNetSource(Source):
         """Files under the split's folder that the layout does not read (other extensions,
         hidden files and folders): inputs all the same, so they are rejected with a reason
         instead of vanishing from the count."""
-        dirs = {"validation": ("val", "validation")}.get(split, (split,))
+        dirs = _folders(split)
         out = []
-        for rel in self.loc.files:
-            if rel.split("/", 1)[0] in dirs and not rel.lower().endswith(_IMAGE_EXT):
-                ext = rel.rsplit("/", 1)[-1].rpartition(".")[2] if "." in rel.rsplit("/", 1)[-1] else ""
-                detail = (f"extension .{ext}" if ext else "no extension") + \
-                    f" is not one the imagefolder layout reads ({', '.join(_IMAGE_EXT)})"
-                out.append(Item(key=make_key(rel), origin=rel, meta={"reject": "ignored_file", "detail": detail}))
+        for rel in (f for top in dirs for f in self._by_folder().get(top, ((), ()))[1]):
+            ext = rel.rsplit("/", 1)[-1].rpartition(".")[2] if "." in rel.rsplit("/", 1)[-1] else ""
+            detail = (f"extension .{ext}" if ext else "no extension") + \
+                f" is not one the imagefolder layout reads ({', '.join(_IMAGE_EXT)})"
+            out.append(Item(key=make_key(rel), origin=rel, meta={"reject": "ignored_file", "detail": detail}))
         for rel in self.loc.hidden:
             if rel.split("/", 1)[0] in dirs:
                 what = "hidden folder, its files are not read" if rel.endswith("/") else "hidden file"
