@@ -162,6 +162,16 @@ def test_the_normal_exit_runs_while_another_thread_is_still_working(tmp_path, sm
     assert done.exists() and (tmp_path / "atexit-ran").exists()
 
 
+def test_the_progress_bar_of_a_2_worker_run_counts_every_input(tmp_path, small):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "shardify", "imagenet", "--source", str(small), "--out",
+                        str(tmp_path / "out"), "--split", "train", "--samples-per-shard", "3", "--workers", "2"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    n = int(r.stdout.split("inputs = written + rejected: ")[1].split()[0])
+    assert f"{n}/{n} " in r.stderr.replace("\r", "\n"), r.stderr  # tqdm's last state: all done
+
+
 def test_an_error_exit_through_the_process_entry_is_one_line_with_its_status(tmp_path):
     r = _cli_process(tmp_path, tmp_path / "missing", "")
     assert r.returncode == 2 and r.stderr.startswith("error: --source") and len(r.stderr.splitlines()) == 1, r.stderr
