@@ -230,3 +230,21 @@ def test_damage_below_the_crop_is_not_read(monkeypatch):
     monkeypatch.setattr(dec, "REGION_DECODE", False)
     with pytest.raises(ValueError):
         cpu_decode_crop(bytes(bad), H, W, box, False, 16)
+
+
+@needs_tj
+def test_the_restart_marker_experiment_cuts_files_that_decode_to_the_same_pixels(tmp_path):
+    """bench/restart_markers.py (docs/benchmarks.md): its scan cut must give the pixels of the
+    whole file (it asserts that on every photo), also where later markers are renumbered."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    for k, (h, w) in enumerate([(300, 410), (517, 333), (260, 260)]):
+        (tmp_path / f"p{k}.jpg").write_bytes(photo(h, w, seed=k))
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "bench" / "restart_markers.py"), "--images", str(tmp_path),
+                        "--repeats", "1", "--every", "1", "3"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [line.split(":")[0] for line in r.stdout.splitlines() if line.startswith("restart markers")] == [
+        "restart markers every 1 rows", "restart markers every 3 rows"]
