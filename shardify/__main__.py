@@ -1,5 +1,5 @@
 """`python -m shardify` runs the CLI."""
 
-from shardify.cli import main
+from shardify.cli import run
 
-main()
+run()

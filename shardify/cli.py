@@ -8,7 +8,8 @@
     shardify inspect DIR [--grid out.png]       summary (and a contact sheet) of a shard directory
 
 Heavy libraries (Pillow, pyarrow, huggingface_hub) are imported only by the code that needs
-them, so `shardify --help` and jobs on plain JPEGs start fast.
+them, so `shardify --help` and jobs on plain JPEGs start fast. The program's entry is `run`
+(it also ends fast, see `cli_common.leave`); `main` is the click group for Python callers.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import click
 
 from shardify import __version__
-from shardify.cli_common import FriendlyGroup, execute, job_options
+from shardify.cli_common import FriendlyGroup, execute, job_options, leave
 
 
 class _Commands(FriendlyGroup):
@@ -41,6 +42,17 @@ class _Commands(FriendlyGroup):
 @click.version_option(__version__, prog_name="shardify")
 def main():
     """Turn datasets on the Hugging Face hub (or local copies) into verified WebDataset shards."""
+
+
+def run() -> None:
+    """The `shardify` program (its console script and `python -m shardify`): `main` on the
+    command line, then the process ends through `leave`. Python callers use `main` (click's
+    usual exit, which a notebook survives)."""
+    try:
+        main()
+    except SystemExit as exc:  # click's standalone mode always ends with one
+        leave(exc.code)
+    leave(0)
 
 
 @main.command()

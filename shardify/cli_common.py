@@ -108,20 +108,7 @@ def check_reject_rate(manifest: dict, max_reject_rate: float) -> None:
 
 
 class FriendlyGroup(click.Group):
-    """A click group that prints UserError and OS errors as one line (exit 2), not a traceback.
-
-    Started as a process (`shardify ...`, `python -m shardify ...`: click reads sys.argv), it
-    ends through `leave`; called from Python with arguments (tests, CliRunner) it exits as
-    click does."""
-
-    def main(self, args=None, *more, **kwargs):
-        if args is not None:
-            return super().main(args, *more, **kwargs)
-        try:
-            super().main(args, *more, **kwargs)
-        except SystemExit as exc:  # click's standalone mode always ends with one
-            leave(exc.code)
-        leave(0)
+    """A click group that prints UserError and OS errors as one line (exit 2), not a traceback."""
 
     def invoke(self, ctx):
         try:

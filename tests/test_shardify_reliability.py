@@ -127,9 +127,9 @@ def test_an_error_exit_does_not_wait_for_a_pool_thread_a_forced_stop_left_runnin
     assert r.returncode == 2 and r.stderr.startswith("error: --source") and len(r.stderr.splitlines()) == 1, r.stderr
 
 
-def _cli_process(tmp_path: Path, src: Path, prelude: str) -> subprocess.CompletedProcess:
-    """`shardify imagenet` as its own process (click reads sys.argv), after `prelude`, with an
-    atexit hook that leaves a marker file: whether the interpreter's exit sequence ran."""
+def _cli_process(tmp_path: Path, src: Path, prelude: str, entry: str = "run") -> subprocess.CompletedProcess:
+    """`shardify imagenet` as the program runs it (`run()` on sys.argv), after `prelude`, with
+    an atexit hook that leaves a marker file: whether the interpreter's exit sequence ran."""
     args = ["shardify", "imagenet", "--source", str(src), "--out", str(tmp_path / "out"), "--split", "train",
             "--samples-per-shard", "5", "--workers", "2", "--no-progress"]
     script = (
@@ -137,8 +137,8 @@ def _cli_process(tmp_path: Path, src: Path, prelude: str) -> subprocess.Complete
         f"atexit.register(pathlib.Path({str(tmp_path / 'atexit-ran')!r}).touch)\n"
         f"{prelude}\n"
         f"sys.argv = {args!r}\n"
-        "from shardify.cli import main\n"
-        "main()\n"
+        f"from shardify.cli import {entry}\n"
+        f"{entry}()\n"
     )
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -151,6 +151,12 @@ def test_a_finished_run_skips_the_interpreter_teardown_and_keeps_its_output(tmp_
     assert lines[0].startswith("train: inputs = written + rejected: ") and lines[-1].endswith("manifest.json"), lines
     assert not (tmp_path / "atexit-ran").exists()  # left with os._exit
     assert run_cli("verify", tmp_path / "out").exit_code == 0
+
+
+def test_main_called_from_python_exits_the_usual_way(tmp_path, small):
+    """Only the program (`run`) skips the teardown: `main()` in a notebook raises SystemExit."""
+    r = _cli_process(tmp_path, small, "", entry="main")
+    assert r.returncode == 0 and (tmp_path / "atexit-ran").exists(), r.stderr
 
 
 def test_the_normal_exit_runs_while_another_thread_is_still_working(tmp_path, small):
