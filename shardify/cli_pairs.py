@@ -97,7 +97,7 @@ def run_pairs(source, out, splits, job, max_reject_rate, retry_failed=False, ech
 @click.option("--backoff", default=_D.backoff, show_default=True, type=click.FloatRange(min=0),
               help="First wait before a retry, in seconds; doubles each time.")
 @click.option("--concurrency", default=_D.concurrency, show_default=True, type=click.IntRange(min=1),
-              help="Parallel downloads per worker process.")
+              help="Requests in flight per worker process (plus the one the writer waits for).")
 @click.option("--host-rate", default=_D.host_rate, show_default=True, type=click.FloatRange(min=0),
               help="Requests per second per host per worker (0: unlimited).")
 @click.option("--max-bytes", default=_D.max_bytes, show_default=True, type=click.IntRange(min=1),

@@ -88,12 +88,21 @@ def check_lookahead(lookahead_bytes: int, workers: int, total_memory: int | None
 
 
 class NoHold:
-    """The hold of a fetch outside a look-ahead window: nothing to account, never waits."""
+    """The hold of a fetch outside a look-ahead window: nothing to account, no request slots;
+    a request waits only for its host's rate."""
 
     def take(self, nbytes: int) -> float:
         return 0.0
 
     def drop(self) -> None:
+        pass
+
+    def begin(self, host: str, limiter: HostRateLimiter) -> tuple[bool, float]:
+        start = time.monotonic()
+        limiter.wait(host)
+        return False, time.monotonic() - start
+
+    def end(self, slot: bool) -> None:
         pass
 
 
@@ -104,22 +113,28 @@ class _Transient(Exception):
 
 
 class HostRateLimiter:
-    """At most `rate` request starts per second per host: each request reserves the next slot."""
+    """At most `rate` request starts per second per host."""
 
     def __init__(self, rate: float):
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self._next: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def wait(self, host: str) -> None:
+    def turn(self, host: str) -> float:
+        """Reserve the host's next turn, however far ahead; the seconds until it comes."""
         if not self.interval:
-            return
+            return 0.0
         with self._lock:
             now = time.monotonic()
             slot = max(now, self._next.get(host, now))
             self._next[host] = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
+        return slot - now
+
+    def wait(self, host: str) -> None:
+        """Reserve the host's next turn and sleep until it."""
+        delay = self.turn(host)
+        if delay > 0:
+            time.sleep(delay)
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -185,16 +200,19 @@ def _fetch_once(url: str, cfg: DownloadConfig, limiter: HostRateLimiter, hold) -
             raise Reject("bad_scheme", f"only http and https are fetched, not {parts.scheme or 'none'!r}")
         if not parts.hostname:
             raise Reject("bad_url", "no host in the URL")
-        limiter.wait(parts.hostname)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Transient("timeout", "no answer within the timeout")
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.hostname, port, timeout=remaining,
-                                               context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(parts.hostname, port, timeout=remaining)
+        # Waiting for the host's turn or for a free request slot is not the server's fault either
+        slot, waited = hold.begin(parts.hostname, limiter)
+        deadline += waited
+        conn = None
         try:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Transient("timeout", "no answer within the timeout")
+            if parts.scheme == "https":
+                conn = http.client.HTTPSConnection(parts.hostname, port, timeout=remaining,
+                                                   context=ssl.create_default_context())
+            else:
+                conn = http.client.HTTPConnection(parts.hostname, port, timeout=remaining)
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", path, headers={"User-Agent": cfg.user_agent, "Accept": "image/*,*/*;q=0.5",
                                                "Accept-Encoding": "identity", "Connection": "close"})
@@ -225,7 +243,9 @@ def _fetch_once(url: str, cfg: DownloadConfig, limiter: HostRateLimiter, hold) -
         except OSError as exc:  # unreachable network, refused at the socket level, ...
             raise _Transient("connection", f"{type(exc).__name__}: {exc}") from None
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
+            hold.end(slot)
     raise Reject("too_many_redirects", f"more than {cfg.max_redirects} redirects")
 
 

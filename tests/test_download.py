@@ -116,6 +116,9 @@ class GateServer:
         self.gate = threading.Event()
         self.cond = threading.Condition()
         self.served = 0
+        self.hosts: list[str] = []  # the Host header of every request, in arrival order
+        self.in_flight = self.most_in_flight = 0
+        self.delay = 0.0  # seconds each answer waits before it is sent
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -125,7 +128,19 @@ class GateServer:
                 pass
 
             def do_GET(self):
+                with server.cond:
+                    server.hosts.append(self.headers.get("Host", "").split(":")[0])
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with server.cond:
+                        server.in_flight -= 1
+
+            def _answer(self):
                 kind, name = self.path.strip("/").split("/")
+                time.sleep(server.delay)
                 if kind == "gate":
                     server.gate.wait(60)
                 n, size = (int(x) for x in name.split("-"))
@@ -265,6 +280,42 @@ def test_a_writer_that_stops_early_releases_the_threads(gate_server):
     del it  # the writer failed: threads waiting for room must end, close() must not hang
     reader.close()
     assert reader.fetcher.window.closed
+
+
+def test_urls_of_a_host_waiting_for_its_turn_do_not_hold_up_other_hosts(gate_server):
+    """Eight URLs on one host, then eight on another, 5 requests a second per host and 2
+    request slots: the second host's URLs go while the first host's wait for their turns (a
+    thread per URL that slept for its turn inside a slot made them wait behind all eight)."""
+    port = gate_server.url.rsplit(":", 1)[1]
+    items = [Item(key=f"k{n}", origin="t", loc=f"http://{'127.0.0.1' if n < 8 else 'localhost'}:{port}/img/{n}-500")
+             for n in range(16)]
+    reader = DownloadReader(DownloadConfig(timeout=30, retries=0, concurrency=2, host_rate=5))
+    out = list(reader.read_many(items))
+    reader.close()
+    _check(out, items, [(n, 500) for n in range(16)])
+    # the first host's turns come at 0, 0.2, 0.4 ... s: the other host's first URL goes at once
+    # (it went after the first host's seventh when threads slept for turns in their slots)
+    assert gate_server.hosts.index("localhost") <= 2, gate_server.hosts
+
+
+def test_at_most_concurrency_requests_plus_the_head_s_are_in_flight(gate_server):
+    gate_server.delay = 0.05
+    items = [Item(key=f"k{n}", origin="t", loc=f"{gate_server.url}/img/{n}-1000") for n in range(30)]
+    reader = DownloadReader(DownloadConfig(timeout=30, retries=0, concurrency=3, host_rate=0))
+    out = list(reader.read_many(items))
+    reader.close()
+    _check(out, items, [(n, 1000) for n in range(30)])
+    assert 2 <= gate_server.most_in_flight <= 3 + 1
+
+
+def test_waiting_for_the_host_s_turn_is_not_on_the_timeout_clock(gate_server):
+    """Ten URLs on one host at 4 requests a second: the last waits over 2 s for its turn, far
+    beyond the 0.5 s timeout, and is still fetched (the clock starts when it may send)."""
+    items = [Item(key=f"k{n}", origin="t", loc=f"{gate_server.url}/img/{n}-500") for n in range(10)]
+    reader = DownloadReader(DownloadConfig(timeout=0.5, retries=0, concurrency=8, host_rate=4))
+    out = list(reader.read_many(items))
+    reader.close()
+    _check(out, items, [(n, 500) for n in range(10)])
 
 
 def test_bad_scheme_is_final(server):
