@@ -15,7 +15,7 @@ import click
 
 from shardify.job import JobOptions, run_job
 from shardify.records import UserError
-from shardify.workers import exit_if_stuck
+from shardify.workers import exit_if_stuck, exit_now
 
 
 def _slurm_default(kind: str) -> int:
@@ -144,11 +144,7 @@ def leave(code) -> None:
     others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
     if not isinstance(code, int) or others or (mp is not None and mp.active_children()):
         raise SystemExit(code)
-    if "logging" in sys.modules:
-        sys.modules["logging"].shutdown()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: let the normal exit report it
+        exit_now(code)
+    except (OSError, ValueError):  # flushing to a closed pipe: let the normal exit report it
         raise SystemExit(code) from None
-    os._exit(code)

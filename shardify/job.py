@@ -87,7 +87,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
             writer.write_sample(item.key, fields)
             pending_samples += 1
             pending_bytes += writer.offset - before
-            if report is not None and pending_samples % 32 == 0 and time.monotonic() >= next_report:
+            if report is not None and time.monotonic() >= next_report:
                 report((pending_samples, pending_bytes))
                 pending_samples = pending_bytes = 0
                 next_report = time.monotonic() + _PROGRESS_INTERVAL

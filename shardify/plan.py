@@ -94,7 +94,7 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[li
     n_shards = num_shards(len(unique), opts.samples_per_shard)
     bounds = shard_bounds(len(unique), n_shards)
     per_shard = [[unique[j] for j in order[a:b]] for a, b in bounds]
-    digests = [str(sum(key_hashes[j] for j in order[a:b]) % (1 << 64)) for a, b in bounds]  # = key_digest
+    digests = [str(state.digest_of_hashes(key_hashes[j] for j in order[a:b])) for a, b in bounds]
     state.write_uint64_npy(state.keys_path(out_dir, split), sorted_hashes)
     state.write_json_atomic(state.plan_path(out_dir, split), {
         "split": split,

@@ -132,7 +132,12 @@ def write_uint64_npy(path: Path, values: list[int]) -> None:
 
 def key_digest(keys) -> int:
     """Order-independent digest of a multiset of keys: sum of 64-bit hashes, mod 2**64."""
-    return sum(map(key_hash, keys)) % (1 << 64)
+    return digest_of_hashes(map(key_hash, keys))
+
+
+def digest_of_hashes(hashes) -> int:
+    """`key_digest` from the keys' `key_hash` values (for a caller that has them already)."""
+    return sum(hashes) % (1 << 64)
 
 
 def remove_temporaries(out_dir: Path, prefixes: list[str] | None = None) -> int:

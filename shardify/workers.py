@@ -94,9 +94,17 @@ def exit_if_stuck(code: int) -> None:
     timeout and would hang. Output is flushed; every file shardify
     writes is committed by a rename, so nothing is left half-done that a rerun does not clean."""
     if any(t.is_alive() for t in _stuck):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_now(code)
+
+
+def exit_now(code: int) -> None:
+    """End the process with `code` at once, after flushing output and logging: no interpreter
+    teardown, no joining of threads or children."""
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _kill(ex: ProcessPoolExecutor, before: set) -> None:

@@ -162,8 +162,12 @@ class ImageNetSource(Source):
         if self.layout == "wds":
             names = {"validation": ("validation", "val")}.get(split, (split,))
             return [f for f in files if re.search(rf"-({'|'.join(names)})-\d+\.tar$", f)]
-        # imagefolder
-        return [f for top in _folders(split) for f in self._by_folder().get(top, ((), ()))[0]]
+        return self._in_folders(split, images=True)  # imagefolder
+
+    def _in_folders(self, split: str, images: bool) -> list[str]:
+        """imagefolder: the image files (or the other files) under the split's top folders."""
+        groups = self._by_folder()
+        return [f for top in _folders(split) for f in groups.get(top, ((), ()))[0 if images else 1]]
 
     def _by_folder(self) -> dict[str, tuple[list[str], list[str]]]:
         """imagefolder: top folder -> (its image files, its other files), in one pass over the
@@ -205,7 +209,7 @@ class ImageNetSource(Source):
         instead of vanishing from the count."""
         dirs = _folders(split)
         out = []
-        for rel in (f for top in dirs for f in self._by_folder().get(top, ((), ()))[1]):
+        for rel in self._in_folders(split, images=False):
             ext = rel.rsplit("/", 1)[-1].rpartition(".")[2] if "." in rel.rsplit("/", 1)[-1] else ""
             detail = (f"extension .{ext}" if ext else "no extension") + \
                 f" is not one the imagefolder layout reads ({', '.join(_IMAGE_EXT)})"
