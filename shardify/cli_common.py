@@ -15,7 +15,7 @@ import click
 
 from shardify.job import JobOptions, run_job
 from shardify.records import UserError
-from shardify.workers import exit_if_stuck, exit_now
+from shardify.workers import Terminated, exit_if_stuck, exit_now, sigterm_interrupts
 
 
 def _slurm_default(kind: str) -> int:
@@ -108,11 +108,13 @@ def check_reject_rate(manifest: dict, max_reject_rate: float) -> None:
 
 
 class FriendlyGroup(click.Group):
-    """A click group that prints UserError and OS errors as one line (exit 2), not a traceback."""
+    """A click group that prints UserError and OS errors as one line (exit 2), not a traceback;
+    Ctrl-C and SIGTERM stop a command the same way (its workers killed, exit 130)."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with sigterm_interrupts():
+                return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             _exit(2)
@@ -120,8 +122,9 @@ class FriendlyGroup(click.Group):
             where = f": {exc.filename}" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             _exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: rerun the same command to resume", err=True)
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            click.echo(f"{what}: rerun the same command to resume", err=True)
             _exit(130)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 
 from shardify.records import UserError
@@ -37,6 +38,9 @@ class Location:
     local_path: str | None = None
     hidden: list[str] = field(default_factory=list)  # local: hidden files and folders (not inputs)
     listing_digest: str | None = None  # local: names, sizes and mtimes of the files
+    # local: (path, why) of entries that are neither regular files nor folders to enter (named
+    # pipes, sockets, devices, links that loop): not inputs of any layout, never opened
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def open(self, rel: str, stream: bool = False):
         """Open a file for reading; `stream` for one front-to-back pass (one GET on the hub)."""
@@ -57,12 +61,16 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
     A folder that cannot be listed is an error, not a silent gap: its inputs would be missing
     from every count. Hidden files and folders (`.DS_Store`, `.ipynb_checkpoints/`) are not
     inputs of any layout; they are listed in `hidden` (folders not entered) so that a layout
-    can account for them. `listing_digest` fingerprints names, sizes and modification times.
+    can account for them. Symbolic links to folders are followed (how ImageNet copies are often
+    assembled: `train/n01440764 -> /data/n01440764`), except one that leads back to a folder
+    above it (a loop); entries that are not regular files (named pipes, sockets, devices: a
+    read could block forever) are never opened. Both go to `skipped` with the reason.
+    `listing_digest` fingerprints names, sizes and modification times.
     """
     root = os.path.abspath(path)
     if not os.path.isdir(root):
         raise UserError(f"--source {path}: no such directory")
-    files, hidden = [], []
+    files, hidden, skipped = [], [], []
     digest = hashlib.blake2b(digest_size=16)
 
     def fail(exc: OSError) -> None:
@@ -72,9 +80,9 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
 
     parts: list[str] = []  # the digest's input, hashed at once (same digest as file by file)
 
-    def visit(dirpath: str, prefix: str) -> None:
+    def visit(dirpath: str, prefix: str, above: frozenset) -> None:
         """One folder, as os.walk visits it top-down: its files in name order, then its
-        sub-folders in name order (symbolic links to folders are not entered)."""
+        sub-folders in name order. `above`: (device, inode) of the folders on the way here."""
         try:
             with os.scandir(dirpath) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -90,7 +98,9 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
             if is_dir:
                 if name.startswith("."):
                     hidden.append(rel + "/")
-                elif not entry.is_symlink():
+                elif _folder_id(entry, fail) in above:
+                    skipped.append((rel + "/", "a link to a folder above it (a loop): not entered"))
+                else:
                     subdirs.append(entry)
                 continue
             if name.startswith("."):
@@ -100,18 +110,40 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
                 st = entry.stat()
             except OSError as exc:
                 fail(exc)
+            if not stat.S_ISREG(st.st_mode):
+                skipped.append((rel, f"{_file_kind(st.st_mode)}, not a regular file: not opened"))
+                continue
             files.append(rel)
             parts.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
         for entry in subdirs:
-            visit(entry.path, f"{prefix}{entry.name}/")
+            visit(entry.path, f"{prefix}{entry.name}/", above | {_folder_id(entry, fail)})
 
-    visit(root, "")
-    digest.update("".join(parts).encode())
+    visit(root, "", frozenset({_folder_id(root, fail)}))
+    # names that are not valid UTF-8 arrive as surrogate escapes: hash their exact bytes
+    digest.update("".join(parts).encode("utf-8", "surrogateescape"))
     files.sort()
     loc = Location(LocalFiles(), root, files, repo_id=repo_id, local_path=root)
     loc.hidden = sorted(hidden)
+    loc.skipped = sorted(skipped)
     loc.listing_digest = digest.hexdigest()
     return loc
+
+
+def _folder_id(entry, fail) -> tuple[int, int]:
+    """(device, inode) of a folder (an os.DirEntry or a path), through links."""
+    try:
+        st = entry.stat() if isinstance(entry, os.DirEntry) else os.stat(entry)
+    except OSError as exc:
+        fail(exc)
+    return st.st_dev, st.st_ino
+
+
+def _file_kind(mode: int) -> str:
+    for test, what in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return what
+    return "a special file"
 
 
 def local_file_location(path: str) -> Location:

@@ -7,16 +7,24 @@ the pool's shutdown can block. Here:
 - tasks run in a `ProcessPoolExecutor`, which notices a worker that died and fails every
   pending task at once: that becomes one `WorkerDied` line (the rerun resumes);
 - workers ignore SIGINT, so Ctrl-C reaches only the main process, which kills the workers and
-  raises KeyboardInterrupt (the CLI prints `interrupted: rerun ...`, exit 130).
+  raises KeyboardInterrupt (the CLI prints `interrupted: rerun ...`, exit 130); SIGTERM to the
+  main process (`kill PID`, what schedulers send) takes the same way out (`sigterm_interrupts`);
+- workers die with the main process, however it ends (even SIGKILL): on Linux the kernel kills
+  them (PR_SET_PDEATHSIG), elsewhere each checks once a second that its parent is alive. An
+  orphaned worker would go on writing shards into a directory that a rerun is cleaning;
+- a task list never gets more workers than tasks (`--workers 400` for 2 shards forks 2).
 Files half-written by killed workers carry temporary names; the rerun deletes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -28,10 +36,56 @@ class WorkerDied(UserError):
     """A worker process ended without reporting (killed by a signal, out of memory)."""
 
 
-def _init(initializer, initargs) -> None:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the main process: stop as on Ctrl-C (a KeyboardInterrupt, so every
+    clean-up that Ctrl-C runs runs)."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """While inside, SIGTERM raises `Terminated` in the main thread; a second SIGTERM (during
+    the clean-up) ends the process at once. Outside (or off the main thread) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _init(initializer, initargs, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process alone handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler: a plain end
+    _die_with_parent(parent)
     if initializer is not None:
         initializer(*initargs)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the process that forked it ends, whatever ends it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pdeathsig = libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0  # 1: PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: no prctl
+        pdeathsig = False
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os._exit(1)
+    if not pdeathsig:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="shardify-parent-watch", daemon=True).start()
 
 
 def run_in_workers(func: Callable, tasks: Iterable, workers: int, initializer=None, initargs=(),
@@ -46,8 +100,9 @@ def run_in_workers(func: Callable, tasks: Iterable, workers: int, initializer=No
     tasks = list(tasks)
     results: list = [None] * len(tasks)
     before = set(mp.active_children())
+    workers = max(1, min(workers, len(tasks)))  # the pool forks all of them up front
     ex = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"),
-                             initializer=_init, initargs=(initializer, initargs))
+                             initializer=_init, initargs=(initializer, initargs, os.getpid()))
     clean = False
     try:
         futures = {ex.submit(func, t): i for i, t in enumerate(tasks)}
@@ -111,8 +166,6 @@ def _kill(ex: ProcessPoolExecutor, before: set) -> None:
     """SIGKILL the pool's workers, including any the pool did not register yet (a Ctrl-C that
     lands while it forks): a worker left alive would block the interpreter's exit, which joins
     every child process."""
-    import time
-
     procs = set((getattr(ex, "_processes", None) or {}).values()) | (set(mp.active_children()) - before)
     for p in procs:
         if p.is_alive():

@@ -174,3 +174,27 @@ def shard(source, out, *extra, expect=0):
     """`shardify imagenet` with small shards, a lenient reject rate and no progress bar."""
     return run_cli("imagenet", "--source", source, "--out", out, "--samples-per-shard", 5,
                    "--max-reject-rate", 0.5, "--no-progress", *extra, expect=expect)
+
+
+# A `shardify` process whose workers block forever on one image (`<synset>_77777.JPEG`), so that
+# a test can signal or kill the run while it is certainly writing. (A named pipe used to play
+# this part; shardify now rejects those without opening them.)
+BLOCKING_SHARDIFY = (
+    "import threading\n"
+    "from shardify.sources import imagenet\n"
+    "read = imagenet._ImageNetReader.read\n"
+    "def blocking_read(self, item):\n"
+    "    if item.origin.endswith('_77777.JPEG'):\n"
+    "        threading.Event().wait()\n"
+    "    return read(self, item)\n"
+    "imagenet._ImageNetReader.read = blocking_read\n"
+    "from shardify.cli import run\n"
+    "run()\n"
+)
+
+
+def blocking_source(root: Path) -> Path:
+    """An ImageFolder copy with the one image BLOCKING_SHARDIFY's workers never finish reading."""
+    src = write_imagefolder(root, per_class=4, specials=False)
+    (src / "train" / SYNSETS[0] / f"{SYNSETS[0]}_77777.JPEG").write_bytes(jpeg_bytes(77777))
+    return src

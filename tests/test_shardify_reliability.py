@@ -36,16 +36,14 @@ def _children(pid: int) -> list[int]:
 
 
 def _blocking_source(root: Path) -> Path:
-    """An ImageFolder copy where one "image" is a FIFO nobody writes to: the worker that reads
-    it blocks, so the test can kill it (or press Ctrl-C) while the job is certainly running."""
-    src = fx.write_imagefolder(root, per_class=4, specials=False)
-    os.mkfifo(src / "train" / fx.SYNSETS[0] / f"{fx.SYNSETS[0]}_77777.JPEG")
-    return src
+    """An ImageFolder copy whose worker reading one image blocks (see fx.BLOCKING_SHARDIFY), so
+    the test can kill it (or press Ctrl-C) while the job is certainly running."""
+    return fx.blocking_source(root)
 
 
 def _start(src: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "shardify", "imagenet", "--source", str(src), "--out", str(out),
+    cmd = [sys.executable, "-c", fx.BLOCKING_SHARDIFY, "imagenet", "--source", str(src), "--out", str(out),
            "--samples-per-shard", "2", "--workers", "2", "--no-progress", "--split", "train"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)

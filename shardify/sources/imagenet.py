@@ -63,6 +63,15 @@ def _folders(split: str) -> tuple[str, ...]:
     return ("val", "validation") if split == "validation" else (split,)
 
 
+def _printable(rel: str) -> str:
+    """A listed path as text: bytes of a name that is not valid UTF-8 (which Python lists as
+    surrogate escapes, and which no JSON file or key can hold) written as `\\xff`, so the
+    name's key and origin stay unique and say which file it was."""
+    if rel.isascii():
+        return rel
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _basename_stem(path: str) -> str:
     name = path.rsplit("/", 1)[-1]
     return name.rsplit(".", 1)[0] if "." in name else name
@@ -193,9 +202,9 @@ class ImageNetSource(Source):
         if self.layout == "imagefolder":
             items = []
             for rel in files:
-                synset = rel.split("/")[1]
-                items.append(Item(key=make_key(_basename_stem(rel)), origin=rel,
-                                  loc=(self.loc.path(rel), 0, None), meta={"synset": synset}))
+                name = _printable(rel)
+                items.append(Item(key=make_key(_basename_stem(name)), origin=name,
+                                  loc=(self.loc.path(rel), 0, None), meta={"synset": name.split("/")[1]}))
             return items + self._not_taken(split)
 
         if self.layout == "wds" and self.loc.local_path is not None:
@@ -205,18 +214,20 @@ class ImageNetSource(Source):
 
     def _not_taken(self, split: str) -> list[Item]:
         """Files under the split's folder that the layout does not read (other extensions,
-        hidden files and folders): inputs all the same, so they are rejected with a reason
-        instead of vanishing from the count."""
+        hidden files and folders, named pipes and other special files, links that loop): inputs
+        all the same, so they are rejected with a reason instead of vanishing from the count."""
         dirs = _folders(split)
         out = []
-        for rel in self._in_folders(split, images=False):
+        for rel in map(_printable, self._in_folders(split, images=False)):
             ext = rel.rsplit("/", 1)[-1].rpartition(".")[2] if "." in rel.rsplit("/", 1)[-1] else ""
             detail = (f"extension .{ext}" if ext else "no extension") + \
                 f" is not one the imagefolder layout reads ({', '.join(_IMAGE_EXT)})"
             out.append(Item(key=make_key(rel), origin=rel, meta={"reject": "ignored_file", "detail": detail}))
-        for rel in self.loc.hidden:
+        hidden = [(rel, "hidden folder, its files are not read" if rel.endswith("/") else "hidden file")
+                  for rel in self.loc.hidden]
+        for rel, what in hidden + list(self.loc.skipped):
             if rel.split("/", 1)[0] in dirs:
-                what = "hidden folder, its files are not read" if rel.endswith("/") else "hidden file"
+                rel = _printable(rel)
                 out.append(Item(key=make_key(rel.rstrip("/")), origin=rel,
                                 meta={"reject": "ignored_file", "detail": what}))
         return out

@@ -1,0 +1,181 @@
+"""Holes that no earlier test looked for: each one lost work, hung, crashed or let a user's
+mistake through. Each test here failed before its fix (see the issue's item 8)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import imagenet_fixtures as fx
+from imagenet_fixtures import run_cli, shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def manifest_of(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def rejects_of(out: Path) -> list[dict]:
+    path = out / "rejects.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def written_keys(out: Path) -> set[str]:
+    import tarfile
+
+    keys = set()
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            keys |= {m.name.partition(".")[0] for m in tar}
+    return keys
+
+
+# ---------------------------------------------------------------- listing: links, pipes, names
+def test_a_symlinked_class_folder_is_read(tmp_path):
+    """How cluster users assemble ImageNet: train/<synset> -> /elsewhere/<synset>. Its images
+    were neither written nor rejected (inputs = written + rejected held without them)."""
+    src = fx.write_imagefolder(tmp_path / "src", per_class=4, specials=False)
+    elsewhere = tmp_path / "elsewhere" / fx.SYNSETS[0]
+    elsewhere.parent.mkdir()
+    (src / "train" / fx.SYNSETS[0]).rename(elsewhere)
+    (src / "train" / fx.SYNSETS[0]).symlink_to(elsewhere, target_is_directory=True)
+    out = tmp_path / "out"
+    shard(src, out, "--split", "train")
+    info = manifest_of(out)["splits"]["train"]
+    assert (info["inputs"], info["samples"], info["rejected"]) == (12, 12, 0)
+    assert {f"{fx.SYNSETS[0]}_{i:05d}" for i in range(4)} <= written_keys(out)
+    run_cli("verify", out, "--full", "--no-progress")
+
+
+def test_a_link_that_loops_is_rejected_with_a_reason_and_the_run_ends(tmp_path):
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    (src / "train" / fx.SYNSETS[1] / "again").symlink_to(src / "train", target_is_directory=True)
+    out = tmp_path / "out"
+    shard(src, out, "--split", "train")
+    info = manifest_of(out)["splits"]["train"]
+    assert (info["inputs"], info["samples"], info["rejected"]) == (7, 6, 1)
+    [rej] = rejects_of(out)
+    assert rej["reason"] == "ignored_file" and "loop" in rej["detail"]
+    assert rej["source"] == f"train/{fx.SYNSETS[1]}/again/"
+
+
+def test_a_named_pipe_among_the_images_is_rejected_without_being_opened(tmp_path):
+    """A FIFO nobody writes to used to block its worker, and so the run, forever."""
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    os.mkfifo(src / "train" / fx.SYNSETS[0] / f"{fx.SYNSETS[0]}_77777.JPEG")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "shardify", "imagenet", "--source", str(src), "--out", str(out),
+           "--split", "train", "--no-progress", "--max-reject-rate", "0.5"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the run hangs on a named pipe") from None
+    assert done.returncode == 0, done.stderr
+    assert "inputs = written + rejected: 7 = 6 + 1" in done.stdout
+    [rej] = rejects_of(out)
+    assert rej["reason"] == "ignored_file" and "named pipe" in rej["detail"]
+    assert rej["key"] == f"train_{fx.SYNSETS[0]}_{fx.SYNSETS[0]}_77777_JPEG"
+
+
+def test_a_file_name_that_is_not_utf8_is_written_under_a_safe_key(tmp_path):
+    """It crashed the listing digest with a UnicodeEncodeError traceback."""
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    folder = os.fsencode(src / "train" / fx.SYNSETS[2])
+    with open(folder + b"/" + fx.SYNSETS[2].encode() + b"_caf\xe9.JPEG", "wb") as f:  # Latin-1 name
+        f.write(fx.jpeg_bytes(5))
+    out = tmp_path / "out"
+    result = shard(src, out, "--split", "train")
+    assert "inputs = written + rejected: 7 = 7 + 0" in result.output
+    key = f"{fx.SYNSETS[2]}_caf_xe9"
+    assert key in written_keys(out)
+    import webdataset as wds
+
+    samples = {s["__key__"]: s for s in wds.WebDataset([str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False)}
+    meta = json.loads(samples[key]["json"])
+    assert meta["source"] == f"train/{fx.SYNSETS[2]}/{fx.SYNSETS[2]}_caf\\xe9.JPEG"
+    assert int(samples[key]["cls"]) == 2
+    run_cli("verify", out, "--full", "--no-progress")
+
+
+# ---------------------------------------------------------------- signals and orphans
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its parent to reap it is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _start_blocking(src: Path, out: Path) -> tuple[subprocess.Popen, list[int]]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", fx.BLOCKING_SHARDIFY, "imagenet", "--source", str(src), "--out", str(out),
+           "--samples-per-shard", "2", "--workers", "2", "--no-progress", "--split", "train"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        kids = _children(proc.pid)
+        if len(kids) >= 2:
+            time.sleep(1.0)  # let them pick up tasks (one blocks)
+            return proc, kids
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the workers never started")
+
+
+def _gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if not any(_alive(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def reap():
+    """Kill whatever a failed test leaves running."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_sigterm_ends_the_run_like_ctrl_c_and_its_workers_with_it(tmp_path, reap):
+    """`kill PID` (what users and schedulers send) left the workers writing shards as orphans."""
+    proc, kids = _start_blocking(fx.blocking_source(tmp_path / "src"), tmp_path / "out")
+    reap += [proc.pid, *kids]
+    os.kill(proc.pid, signal.SIGTERM)  # the main process only, not its group
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("SIGTERM did not end the run") from None
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "terminated (SIGTERM): rerun the same command to resume" in err
+    assert _gone_within(kids, 10), "workers outlived the main process"
+
+
+def test_workers_die_with_a_main_process_killed_outright(tmp_path, reap):
+    proc, kids = _start_blocking(fx.blocking_source(tmp_path / "src"), tmp_path / "out")
+    reap += [proc.pid, *kids]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=20)
+    assert _gone_within(kids, 10), "workers outlived the main process"
