@@ -22,6 +22,7 @@ from pathlib import Path
 from shardify import plan as planning
 from shardify import state
 from shardify.outdir import prepare_output
+from shardify.outlock import out_lock
 from shardify.records import Item, Reject, UserError, reject_record
 from shardify.sources.base import Source
 from shardify.tarwriter import ShardTarWriter
@@ -190,12 +191,17 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
     """Write this node's shards of `splits`; finalize when this is the only node.
 
     Returns the manifest when finalized, else None (run `shardify finalize` after all nodes).
+    One run per node of `out_dir` at a time (outlock.py): another is refused with one line.
     """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    check_options(source, Path(out_dir), splits, opts)
+    with out_lock(Path(out_dir), opts.node_rank, opts.num_nodes, log):
+        return _run_job(source, Path(out_dir), splits, opts, log)
+
+
+def _run_job(source: Source, out_dir: Path, splits: list[str], opts: JobOptions, log) -> dict | None:
     from shardify.manifest import finalize
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    out_dir = Path(out_dir)
-    check_options(source, out_dir, splits, opts)
     prepare_output(out_dir, source, opts, log)
     listing = source.listing_digest()  # the local files the shards are written from
 

@@ -64,7 +64,12 @@ def _clear_output(out_dir: Path) -> None:
     for name in OUTPUT_FILES + tuple(reader_index_names(s) for s in splits if s):
         state.unlink_file(out_dir / name)
     state.remove_temporaries(out_dir)
-    shutil.rmtree(state.state_dir(out_dir), ignore_errors=True)
+    locks = state.lock_path(out_dir, 0).parent  # held by this run (and its peers): kept
+    for path in state.state_dir(out_dir).iterdir():
+        if not path.is_dir() or path.is_symlink():
+            path.unlink(missing_ok=True)
+        elif path != locks:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _listed_files(manifest: dict) -> set[str]:

@@ -10,6 +10,7 @@
 - `keys-<split>.npy`: sorted 64-bit hashes of the split's keys, so that a key used by two
   splits of one directory is refused (keys are unique per dataset directory).
 - `stage/<split>/`: payloads of sources that cannot be read at random, staged once.
+- `locks/node-<R>.lock`: held by the run writing node R's shards (shardify/outlock.py).
 This module is the only one that knows these paths.
 All are written to a temporary name and renamed, so a crash never leaves half a file.
 """
@@ -70,6 +71,10 @@ def node_paths(out_dir: Path, split: str) -> list[Path]:
 def stage_dir(out_dir: Path, split: str | None = None) -> Path:
     root = state_dir(out_dir) / "stage"
     return root if split is None else root / split
+
+
+def lock_path(out_dir: Path, node_rank: int) -> Path:
+    return state_dir(out_dir) / "locks" / f"node-{node_rank}.lock"
 
 
 def written_shards(out_dir: Path) -> list[str]:

@@ -179,3 +179,90 @@ def test_workers_die_with_a_main_process_killed_outright(tmp_path, reap):
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=20)
     assert _gone_within(kids, 10), "workers outlived the main process"
+
+
+# ---------------------------------------------------------------- one run per --out (and node)
+def _tmp_files(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if ".tmp-" in p.name)
+
+
+def test_a_second_run_into_the_same_out_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, reap):
+    """The second run deleted the first's temporary files, and the first died with ENOENT."""
+    src = fx.blocking_source(tmp_path / "src")
+    out = tmp_path / "out"
+    proc, kids = _start_blocking(src, out)
+    reap += [proc.pid, *kids]
+    temporaries = _tmp_files(out)
+    assert temporaries  # the blocked worker's shard
+    result = shard(src, out, "--split", "train", expect=2)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "is being written by another shardify run" in lines[0], result.output
+    assert f"pid {proc.pid} on " in lines[0] and "node rank 0 of 1" in lines[0]
+    assert _tmp_files(out) == temporaries and proc.poll() is None  # the first run is untouched
+    os.kill(proc.pid, signal.SIGKILL)  # its lock file stays behind, with nobody holding it
+    proc.communicate(timeout=20)
+    assert _gone_within(kids, 10)
+    assert list((out / ".shardify" / "locks").iterdir())
+    result = shard(src, out, "--split", "train", "--samples-per-shard", 2)  # the first run's options
+    assert "inputs = written + rejected: 13 = 13 + 0" in result.output
+    run_cli("verify", out, "--no-progress")
+
+
+_HOLD = (
+    "import sys\n"
+    "from pathlib import Path\n"
+    "from shardify.outlock import out_lock\n"
+    "with out_lock(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])):\n"
+    "    print('held', flush=True)\n"
+    "    sys.stdin.read()\n"
+)
+
+
+@pytest.fixture
+def hold_lock(reap):
+    """hold_lock(out, rank, nodes): another process holds that node's lock until the test ends."""
+    procs = []
+
+    def hold(out: Path, rank: int, nodes: int) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(out), str(rank), str(nodes)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        reap.append(proc.pid)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "held"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.stdin.close()
+        proc.wait(timeout=20)
+
+
+def test_nodes_of_one_job_write_side_by_side_but_not_with_another_node_count(tmp_path, hold_lock):
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    out = tmp_path / "out"
+    holder = hold_lock(out, 0, 2)  # node 0 of 2 is writing
+    shard(src, out, "--split", "train", "--num-nodes", 2, "--node-rank", 1)  # its peer: fine
+    refused = shard(src, out, "--split", "train", "--num-nodes", 2, "--node-rank", 0, expect=2)
+    assert f"pid {holder.pid} on " in refused.output and "node rank 0 of 2" in refused.output
+    for other in (["--num-nodes", 1], ["--num-nodes", 3, "--node-rank", 2]):  # cleans the others' files
+        refused = shard(src, out, "--split", "train", *other, expect=2)
+        assert "is being written by another shardify run" in refused.output
+    holder.stdin.close()
+    holder.wait(timeout=20)
+    shard(src, out, "--split", "train", "--num-nodes", 2, "--node-rank", 0)
+    result = run_cli("finalize", out)
+    assert "inputs = written + rejected: 6 = 6 + 0" in result.output
+    assert not (out / ".shardify" / "locks").exists()  # released and removed
+
+
+def test_a_refused_run_into_a_new_directory_leaves_nothing_behind(tmp_path, hold_lock):
+    out = tmp_path / "new" / "out"
+    hold_lock(tmp_path / "held", 0, 1)
+    src = fx.write_imagefolder(tmp_path / "src", per_class=1, specials=False)
+    shard(src, out, "--split", "nope", expect=2)  # refused before the lock: nothing made
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "manifest.json").write_text("{}")
+    shard(src, tmp_path / "done", expect=2)  # refused after the lock (no work state): none left
+    assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["manifest.json"]
