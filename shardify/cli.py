@@ -17,7 +17,7 @@ from __future__ import annotations
 import click
 
 from shardify import __version__
-from shardify.cli_common import FriendlyGroup, execute, job_options, leave
+from shardify.cli_common import REJECT_RATE, FriendlyGroup, execute, job_options, leave
 
 
 class _Commands(FriendlyGroup):
@@ -77,7 +77,7 @@ def imagenet(out, job, max_reject_rate, source_dir, revision, splits, layout, ma
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--max-reject-rate", default=0.01, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--max-reject-rate", default=0.01, show_default=True, type=REJECT_RATE)
 def finalize(directory, max_reject_rate):
     """Merge the shards written by all nodes into manifest.json, checking nothing is missing or doubled."""
     from shardify.cli_common import check_reject_rate, report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 import os
 import sys
 
@@ -30,6 +31,20 @@ def _slurm_default(kind: str) -> int:
     return 1 if kind == "count" else 0
 
 
+class FiniteFloatRange(click.FloatRange):
+    """click's FloatRange, refusing nan (which compares false with every bound, so it passed
+    them, and `--max-reject-rate nan` then turned the reject check off)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+REJECT_RATE = FiniteFloatRange(0, 1)  # --max-reject-rate: a share of the inputs
+
+
 def job_options(func):
     """Add the shared job options; the command receives `out`, `job` (JobOptions), `max_reject_rate`,
     `source_dir` and `revision`."""
@@ -49,7 +64,7 @@ def job_options(func):
         click.option("--node-rank", default=None, type=click.IntRange(min=0),
                      help="This invocation's index (default: from a SLURM array, else 0)."),
         click.option("--overwrite", is_flag=True, help="Start over when DIR holds shards written with other options."),
-        click.option("--max-reject-rate", default=0.01, show_default=True, type=click.FloatRange(0, 1),
+        click.option("--max-reject-rate", default=0.01, show_default=True, type=REJECT_RATE,
                      help="Exit with status 1 when more than this share of inputs is rejected."),
         click.option("--no-progress", is_flag=True, help="No progress bar."),
         click.option("--hash-thread", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,

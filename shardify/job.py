@@ -195,8 +195,18 @@ def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=No
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     check_options(source, Path(out_dir), splits, opts)
+    cores = _usable_cores()
+    if opts.workers > cores:  # more only adds memory and switching (each split forks at most one per shard)
+        log(f"warning: --workers {opts.workers} is more than the {cores} CPU cores this process may use")
     with out_lock(Path(out_dir), opts.node_rank, opts.num_nodes, log):
         return _run_job(source, Path(out_dir), splits, opts, log)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what a batch scheduler granted, not the machine's count
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _run_job(source: Source, out_dir: Path, splits: list[str], opts: JobOptions, log) -> dict | None:

@@ -26,14 +26,14 @@ import time
 from pathlib import Path
 
 from shardify import state
-from shardify.records import UserError
+from shardify.format import ShardifyError
 
 _HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # what flock answers when another holds it
 
 
 @contextlib.contextmanager
 def out_lock(out_dir: Path, node_rank: int, num_nodes: int, log=None):
-    """Hold node `node_rank`'s lock on `out_dir` inside the block; UserError if another run does.
+    """Hold node `node_rank`'s lock on `out_dir` inside the block; ShardifyError if another run does.
 
     Directories this creates for the lock are removed again on the way out when empty, so a
     run refused before it wrote anything leaves the disk as it was."""
@@ -83,7 +83,7 @@ def _acquire(path: Path, me: dict, log) -> int:
         if same:
             return fd
         os.close(fd)  # the holder unlinked this file on its way out: lock the new one
-    raise UserError(f"cannot take the lock {path}: it keeps changing; is another run starting and ending?")
+    raise ShardifyError(f"cannot take the lock {path}: it keeps changing; is another run starting and ending?")
 
 
 def _flock(fd: int, path: Path, me: dict, log) -> None:
@@ -92,11 +92,11 @@ def _flock(fd: int, path: Path, me: dict, log) -> None:
         return
     except OSError as exc:
         if exc.errno in _HELD:
-            raise UserError(_busy(path)) from None
+            raise ShardifyError(_busy(path)) from None
         no_flock = exc
     holder = _holder(path)  # no flock on this file system: judge by the holder it names
     if holder and holder.get("host") == me["host"] and _pid_alive(holder.get("pid")):
-        raise UserError(_busy(path)) from None
+        raise ShardifyError(_busy(path)) from None
     if log is not None:
         log(f"warning: {path.parent.parent.parent} is on a file system without locks "
             f"({no_flock.strerror}): make sure no other run writes into it")
@@ -110,7 +110,7 @@ def _refuse_other_node_counts(lock_dir: Path, mine: Path, num_nodes: int, out_di
             continue
         holder = _holder(other) or {}
         if num_nodes == 1 or holder.get("num_nodes") != num_nodes:
-            raise UserError(_busy(other))
+            raise ShardifyError(_busy(other))
 
 
 def _is_held(path: Path) -> bool:

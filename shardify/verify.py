@@ -7,7 +7,9 @@ names and equal shares; every count against the others (per shard, split and in 
 inputs = written + rejected); rejects.jsonl per shard and split; the .idx files, sizes.json,
 _info.json and the wids indexes; no shard file in the directory that the manifest omits; and it
 decodes a deterministic sample of images (all of them with --full), checking each `jpg` is a
-JPEG the GPU decoder accepts, plus `cls`, `json`, `txt` and `npy` members.
+JPEG the GPU decoder accepts, plus `cls`, `json`, `txt` and `npy` members. The manifest's
+`classes` list must name what every sample says: a sample with a `cls` and a `synset` in its
+json needs `classes[cls] == synset` (a reordered list would make labels name the wrong classes).
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ def verify(out_dir, full: bool = False, sample_per_shard: int = 4, progress: boo
 
         bar = tqdm(total=sum(sh["bytes"] for _, sh in shards), unit="B", unit_scale=True,
                    desc="verify", file=sys.stderr)
+    classes = _ClassCheck(manifest.get("classes"))
     for split, sh in shards:
-        problems += _verify_shard(root, sh, seen_keys, full, sample_per_shard, n_classes, fields, bar)
+        problems += _verify_shard(root, sh, seen_keys, full, sample_per_shard, n_classes, fields, bar, classes)
     if bar is not None:
         bar.close()
+    problems += classes.problems()
     problems += _verify_counts(manifest)
     problems += _verify_files(manifest, root)
     return problems
@@ -157,7 +161,7 @@ def _verify_rejects(manifest: dict, root: Path) -> list[str]:
 
 
 def _verify_shard(root: Path, sh: dict, seen_keys: set, full: bool, sample_per_shard: int,
-                  n_classes: int | None, fields: set, bar) -> list[str]:
+                  n_classes: int | None, fields: set, bar, classes: _ClassCheck) -> list[str]:
     name = sh["name"]
     path = root / name
     if not path.exists():
@@ -196,10 +200,13 @@ def _verify_shard(root: Path, sh: dict, seen_keys: set, full: bool, sample_per_s
                     seen_keys.add(key)
                     keys.append(key)
                 want_decode = full or _sampled(len(keys) - 1, sh["samples"], sample_per_shard)
+                data = tar.extractfile(m).read() if want_decode or classes.wants(ext) else None
                 if want_decode:
-                    problem = _check_member(ext, tar.extractfile(m).read(), n_classes)
+                    problem = _check_member(ext, data, n_classes)
                     if problem:
                         problems.append(f"{name}: {m.name}: {problem}")
+                if classes.wants(ext):
+                    classes.add(key, ext, data)
     except tarfile.TarError as exc:
         return problems + [f"{name}: not a readable tar ({exc})"]
     if len(keys) != sh["samples"]:
@@ -208,6 +215,53 @@ def _verify_shard(root: Path, sh: dict, seen_keys: set, full: bool, sample_per_s
         problems.append(f"{name}: first/last key differ from the manifest")
     problems += _verify_idx(root, name, members, len(keys))
     return problems
+
+
+class _ClassCheck:
+    """Does the manifest's `classes` list name what the samples say? Fed every sample's `cls`
+    and `json` members; a sample with both a label and a synset must have
+    classes[label] == synset. Reports one line for the whole directory."""
+
+    def __init__(self, classes):
+        self.classes = classes if isinstance(classes, list) else None
+        self.key = self.label = self.synset = None
+        self.wrong = 0
+        self.first: tuple | None = None
+
+    def wants(self, ext: str) -> bool:
+        return self.classes is not None and ext in ("cls", "json")
+
+    def add(self, key: str, ext: str, data: bytes) -> None:
+        if key != self.key:
+            self._settle()
+            self.key, self.label, self.synset = key, None, None
+        try:
+            if ext == "cls":
+                self.label = int(data.decode("ascii").strip())
+            else:
+                synset = json.loads(data.decode("utf-8")).get("synset")
+                self.synset = synset if isinstance(synset, str) and synset else None
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            pass  # a member that does not decode is reported where it is decoded
+
+    def _settle(self) -> None:
+        """Judge the sample whose members were just fed."""
+        if self.label is None or self.synset is None:
+            return
+        named = self.classes[self.label] if 0 <= self.label < len(self.classes) else None
+        if named != self.synset:
+            self.wrong += 1
+            self.first = self.first or (self.key, self.label, self.synset, named)
+        self.label = self.synset = None
+
+    def problems(self) -> list[str]:
+        self._settle()
+        if self.first is None:
+            return []
+        key, label, synset, named = self.first
+        return [f"the manifest's classes do not match the samples: {self.wrong} sample(s) carry a synset that "
+                f"is not classes[cls] (e.g. {key}: cls {label}, synset {synset}, classes[{label}] = {named}); "
+                "was the classes list reordered or edited?"]
 
 
 def _sampled(i: int, n: int, k: int) -> bool:

@@ -9,9 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 import imagenet_fixtures as fx
+import pytest
 from imagenet_fixtures import run_cli, shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -266,3 +265,56 @@ def test_a_refused_run_into_a_new_directory_leaves_nothing_behind(tmp_path, hold
     (tmp_path / "done" / "manifest.json").write_text("{}")
     shard(src, tmp_path / "done", expect=2)  # refused after the lock (no work state): none left
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["manifest.json"]
+
+
+# ---------------------------------------------------------------- option values
+@pytest.mark.parametrize("value", ["nan", "-nan", "NaN"])
+def test_a_reject_rate_that_is_not_a_number_is_refused(tmp_path, value):
+    """nan compares false with everything: the check let 20% rejects pass with exit 0."""
+    src = fx.write_imagefolder(tmp_path / "src", per_class=1)  # 3 good + 7 bad inputs
+    out = tmp_path / "out"
+    result = run_cli("imagenet", "--source", src, "--out", out, "--max-reject-rate", value, expect=2)
+    assert f"Invalid value for '--max-reject-rate': '{value}' is not a finite number" in result.output
+    assert not out.exists()
+    assert "is not a finite number" in run_cli("finalize", tmp_path, "--max-reject-rate", value, expect=2).output
+
+
+def test_workers_are_capped_at_the_shards_and_too_many_are_warned_about(tmp_path, monkeypatch):
+    """`--workers 400` on 2 shards forked 400 processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from shardify import workers
+
+    pools = []
+
+    class Recording(ProcessPoolExecutor):
+        def __init__(self, max_workers, **kwargs):
+            pools.append(max_workers)
+            super().__init__(max_workers=min(max_workers, 4), **kwargs)  # never hundreds, even failing
+
+    monkeypatch.setattr(workers, "ProcessPoolExecutor", Recording)
+    src = fx.write_imagefolder(tmp_path / "src", per_class=3, specials=False)  # 9 inputs: 2 shards of 5
+    result = shard(src, tmp_path / "out", "--split", "train", "--workers", 400)
+    assert pools == [2]
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: --workers 400 is more than the {len(os.sched_getaffinity(0))} CPU cores "
+                        "this process may use"]
+    assert "inputs = written + rejected: 9 = 9 + 0" in result.output
+
+
+# ---------------------------------------------------------------- verify
+def test_verify_refuses_a_manifest_whose_classes_were_reordered(tmp_path):
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    out = tmp_path / "out"
+    shard(src, out)
+    assert run_cli("verify", out, "--no-progress").output.strip().endswith(": OK")
+    path = out / "manifest.json"
+    doc = json.loads(path.read_text())
+    classes = doc["classes"]
+    classes[0], classes[1] = classes[1], classes[0]  # labels 0 and 1 now name each other's synset
+    path.write_text(json.dumps(doc, indent=1))
+    result = run_cli("verify", out, "--no-progress", "--sample-per-shard", 0, expect=1)
+    problems = [line for line in result.output.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1, result.output
+    assert "the manifest's classes do not match the samples: 8 sample(s)" in problems[0]  # 2 classes x 2 x train+val
+    assert "reordered" in problems[0]
