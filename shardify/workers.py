@@ -7,8 +7,9 @@ the pool's shutdown can block. Here:
 - tasks run in a `ProcessPoolExecutor`, which notices a worker that died and fails every
   pending task at once: that becomes one `WorkerDied` line (the rerun resumes);
 - workers ignore SIGINT, so Ctrl-C reaches only the main process, which kills the workers and
-  raises KeyboardInterrupt (the CLI prints `interrupted: rerun ...`, exit 130); SIGTERM to the
-  main process (`kill PID`, what schedulers send) takes the same way out (`sigterm_interrupts`);
+  raises KeyboardInterrupt (the CLI prints `interrupted: rerun ...`, exit 130); SIGTERM (`kill
+  PID`, what schedulers send, to the main process or the whole group) takes the same way out
+  (`sigterm_interrupts`), and workers ignore it too;
 - workers die with the main process, however it ends (even SIGKILL): on Linux the kernel kills
   them (PR_SET_PDEATHSIG), elsewhere each checks once a second that its parent is alive. An
   orphaned worker would go on writing shards into a directory that a rerun is cleaning;
@@ -61,8 +62,10 @@ def sigterm_interrupts():
 
 
 def _init(initializer, initargs, parent: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process alone handles Ctrl-C
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the main process's handler: a plain end
+    # The main process alone handles Ctrl-C and SIGTERM (a terminal or `scancel` signals the
+    # whole group): it kills the workers itself, and they die with it if it is killed outright.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent)
     if initializer is not None:
         initializer(*initargs)

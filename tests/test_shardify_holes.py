@@ -158,11 +158,16 @@ def reap():
             pass
 
 
-def test_sigterm_ends_the_run_like_ctrl_c_and_its_workers_with_it(tmp_path, reap):
-    """`kill PID` (what users and schedulers send) left the workers writing shards as orphans."""
+@pytest.mark.parametrize("group", [False, True], ids=["main-process", "process-group"])
+def test_sigterm_ends_the_run_like_ctrl_c_and_its_workers_with_it(tmp_path, reap, group):
+    """`kill PID` (what users and schedulers send) left the workers writing shards as orphans;
+    `scancel` signals every process of the step."""
     proc, kids = _start_blocking(fx.blocking_source(tmp_path / "src"), tmp_path / "out")
     reap += [proc.pid, *kids]
-    os.kill(proc.pid, signal.SIGTERM)  # the main process only, not its group
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)  # the main process only
     try:
         _, err = proc.communicate(timeout=20)
     except subprocess.TimeoutExpired:
@@ -193,7 +198,7 @@ def test_a_second_run_into_the_same_out_is_refused_and_a_dead_runs_lock_is_taken
     reap += [proc.pid, *kids]
     temporaries = _tmp_files(out)
     assert temporaries  # the blocked worker's shard
-    result = shard(src, out, "--split", "train", expect=2)
+    result = shard(src, out, "--split", "train", "--samples-per-shard", 2, expect=2)  # same options
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "is being written by another shardify run" in lines[0], result.output
     assert f"pid {proc.pid} on " in lines[0] and "node rank 0 of 1" in lines[0]
