@@ -49,7 +49,7 @@ def out_lock(out_dir: Path, node_rank: int, num_nodes: int, log=None):
     fd = None
     try:
         fd = _acquire(path, me, log)
-        _refuse_other_node_counts(path.parent, path, num_nodes, out_dir)
+        _refuse_other_node_counts(path.parent, path, num_nodes)
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(me) + "\n").encode())
         yield
@@ -102,7 +102,7 @@ def _flock(fd: int, path: Path, me: dict, log) -> None:
             f"({no_flock.strerror}): make sure no other run writes into it")
 
 
-def _refuse_other_node_counts(lock_dir: Path, mine: Path, num_nodes: int, out_dir: Path) -> None:
+def _refuse_other_node_counts(lock_dir: Path, mine: Path, num_nodes: int) -> None:
     """Runs of one multi-node job write side by side; a run with another --num-nodes would
     delete the others' temporaries (a single-node run deletes every node's)."""
     for other in sorted(lock_dir.glob("node-*.lock")):

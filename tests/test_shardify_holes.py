@@ -272,6 +272,37 @@ def test_a_refused_run_into_a_new_directory_leaves_nothing_behind(tmp_path, hold
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["manifest.json"]
 
 
+def test_without_flock_the_recorded_holder_decides(tmp_path, monkeypatch):
+    """Some Lustre and NFS mounts answer flock with an error: a live holder on this host still
+    refuses the run, a dead one is taken over with a warning."""
+    import errno
+    import socket
+
+    from shardify import outlock, state
+    from shardify.format import ShardifyError
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(outlock.fcntl, "flock", no_flock)
+    path = state.lock_path(tmp_path, 0)
+    path.parent.mkdir(parents=True)
+    holder = {"host": socket.gethostname(), "pid": os.getpid(), "node_rank": 0, "num_nodes": 1}
+    path.write_text(json.dumps(holder))  # this very test process: alive
+    with pytest.raises(ShardifyError, match=f"pid {os.getpid()} on "):
+        with outlock.out_lock(tmp_path, 0, 1):
+            pass
+    assert json.loads(path.read_text()) == holder  # the holder's file is left alone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    path.write_text(json.dumps({**holder, "pid": dead.pid}))
+    logs = []
+    with outlock.out_lock(tmp_path, 0, 1, logs.append):
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+    assert len(logs) == 1 and "file system without locks" in logs[0]
+    assert not path.exists()
+
+
 # ---------------------------------------------------------------- option values
 @pytest.mark.parametrize("value", ["nan", "-nan", "NaN"])
 def test_a_reject_rate_that_is_not_a_number_is_refused(tmp_path, value):
