@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardify.format import simple_manifest  # noqa: E402
+from shardify.manifest import simple_manifest  # noqa: E402
 from shardify.images import normalise_image  # noqa: E402
 from shardify.records import Reject  # noqa: E402
 from trainer.data import AugmentConfig, DataConfig, build_loader  # noqa: E402

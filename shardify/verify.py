@@ -21,9 +21,9 @@ import sys
 import tarfile
 from pathlib import Path
 
-from shardify import readers
-from shardify.format import (SHARD_FILE_RE, JpegError, ShardifyError, gpu_unreadable_reason, is_valid_key, parse_idx,
-                             parse_jpeg_header, shard_name)
+from shardify import reader_indexes
+from shardify.format import SHARD_FILE_RE, ShardifyError, is_valid_key, parse_idx, shard_name
+from shardify.jpeg import JpegError, gpu_unreadable_reason, parse_jpeg_header
 from shardify.manifest import load_manifest
 
 _CHUNK = 1 << 20
@@ -106,9 +106,9 @@ def _verify_files(manifest: dict, root: Path) -> list[str]:
     """The files next to the manifest: reader indexes, rejects.jsonl, and no unlisted shards."""
     problems = []
     want_sizes = {sh["name"]: sh["samples"] for info in manifest["splits"].values() for sh in info["shards"]}
-    expected = {"sizes.json": dict(sorted(want_sizes.items())), "_info.json": readers.timm_info(manifest)}
+    expected = {"sizes.json": dict(sorted(want_sizes.items())), "_info.json": reader_indexes.timm_info(manifest)}
     for split in manifest["splits"]:
-        expected[readers.wids_index_name(split)] = readers.wids_index(manifest, split)
+        expected[reader_indexes.wids_index_name(split)] = reader_indexes.wids_index(manifest, split)
     for name, want in expected.items():
         path = root / name
         if not path.exists():

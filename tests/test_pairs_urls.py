@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 import text_pair_fixtures as fx
 from shardify.cli import main
-from shardify.download import DownloadConfig
+from shardify.download.fetcher import DownloadConfig
 from shardify.job import JobOptions
-from shardify.download_retry import download_summary
+from shardify.download.retry import download_summary
 from shardify.storage import Location, local_location
 from shardify.verify import verify
 from test_owt import read_wds, rejects
@@ -120,7 +120,7 @@ def test_list_formats_and_hub_style_location(server, tmp_path, suffix):
 
 def test_prepare_retry_touches_only_this_nodes_failed_shards(tmp_path):
     from shardify import state
-    from shardify.download_retry import prepare_retry
+    from shardify.download.retry import prepare_retry
 
     for index, reason in enumerate(["http_404", "timeout", "placeholder", "http_500", "bad_scheme"]):
         name = f"train-{index:06d}"

@@ -14,7 +14,7 @@ import sys
 import click
 
 from shardify.job import JobOptions, run_job
-from shardify.records import UserError
+from shardify.format import ShardifyError
 from shardify.workers import exit_if_stuck, exit_now
 
 
@@ -108,12 +108,12 @@ def check_reject_rate(manifest: dict, max_reject_rate: float) -> None:
 
 
 class FriendlyGroup(click.Group):
-    """A click group that prints UserError and OS errors as one line (exit 2), not a traceback."""
+    """A click group that prints ShardifyError and OS errors as one line (exit 2), not a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except UserError as exc:
+        except ShardifyError as exc:
             click.echo(f"error: {exc}", err=True)
             _exit(2)
         except OSError as exc:  # unwritable output, full disk, unreadable input: the user's to fix

@@ -24,7 +24,8 @@ import tarfile
 from pathlib import Path
 
 from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
-from shardify.records import Item, Reject, UserError, make_key
+from shardify.format import ShardifyError, make_key
+from shardify.records import Item, Reject
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.staging import LocalFileReader, stage_units, unit_error
 from shardify.storage import Location
@@ -109,7 +110,7 @@ def detect_layout(files: list[str]) -> str:
         return "wds"
     if any(_SYNSET_DIR.match(f) for f in files):
         return "imagefolder"
-    raise UserError(
+    raise ShardifyError(
         "cannot recognise an ImageNet layout here: expected data/*_images*.tar.gz archives, "
         "parquet files, a WebDataset mirror (*-train-NNNN.tar) or train/<synset>/*.JPEG folders"
     )
@@ -128,7 +129,7 @@ class ImageNetSource(Source):
         self._files_of: dict[str, list[str]] = {}  # split -> its files
         self._groups: dict | None = None  # imagefolder: see _by_folder
         if self.layout == "imagefolder" and location.local_path is None:
-            raise UserError("the imagefolder layout is only supported for a local --source DIR")
+            raise ShardifyError("the imagefolder layout is only supported for a local --source DIR")
 
     # ---- description
     def describe(self) -> dict:
@@ -245,7 +246,7 @@ class ImageNetSource(Source):
             pf = pq.ParquetFile(raw)
             names = pf.schema_arrow.names
             if "image" not in names:
-                raise UserError(f"{rel}: parquet file has no 'image' column (columns: {names})")
+                raise ShardifyError(f"{rel}: parquet file has no 'image' column (columns: {names})")
             columns = ["image"] + (["label"] if "label" in names else [])
             row = 0
             for batch in pf.iter_batches(batch_size=256, columns=columns):

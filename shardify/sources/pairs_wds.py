@@ -19,7 +19,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardify.records import Item, UserError, make_key
+from shardify.format import ShardifyError, make_key
+from shardify.records import Item
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.sources.pairs import PAIR_FIELDS, ImageOptions, PairFileReader, encode_pair
 from shardify.staging import stage_units, unit_error
@@ -104,8 +105,8 @@ class WdsPairSource(Source):
                 self._tars.setdefault(m.group("split"), []).append(rel)
         if not self._tars:
             where = self.loc.local_path or self.loc.repo_id
-            raise UserError(f"{where} has no {self.name_prefix or 'NAME'}-SPLIT-NNNN.tar files "
-                            f"(the WebDataset mirror layout; see docs/datasets/{self.dataset}.md)")
+            raise ShardifyError(f"{where} has no {self.name_prefix or 'NAME'}-SPLIT-NNNN.tar files "
+                                f"(the WebDataset mirror layout; see docs/datasets/{self.dataset}.md)")
         for v in self._tars.values():
             v.sort()
 
