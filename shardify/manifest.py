@@ -54,7 +54,8 @@ def finalize(out_dir) -> dict:
             if st["key_digest"] != plan["key_digests"][i]:
                 problems.append(f"{name}.tar does not hold the planned inputs (written with another plan?)")
             if st["samples"] + st["rejected"] != st["inputs"]:
-                problems.append(f"{name}.tar: {st['inputs']} inputs != {st['samples']} written + {st['rejected']} rejected")
+                problems.append(f"{name}.tar: {st['inputs']} inputs != {st['samples']} written + "
+                                f"{st['rejected']} rejected")
             rejects.extend(st["rejects"])
             sizes[st["name"]] = st["samples"]
             shards.append({k: st[k] for k in ("name", "samples", "inputs", "rejected", "bytes",
