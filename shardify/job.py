@@ -21,8 +21,8 @@ from pathlib import Path
 
 from shardify import plan as planning
 from shardify import state
-from shardify.outdir import prepare_output
 from shardify.format import ShardifyError, shard_name
+from shardify.outdir import prepare_output
 from shardify.records import Item, Reject, reject_record
 from shardify.sources.base import Source
 from shardify.tarwriter import ShardTarWriter

@@ -16,8 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shardify import __version__, state
-from shardify.format import SCHEMA_VERSION, SHARD_FILE_RE
-from shardify.format import ShardifyError
+from shardify.format import SCHEMA_VERSION, SHARD_FILE_RE, ShardifyError
 from shardify.sources.base import Source
 
 

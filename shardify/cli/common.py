@@ -13,8 +13,8 @@ import sys
 
 import click
 
-from shardify.job import JobOptions, run_job
 from shardify.format import ShardifyError
+from shardify.job import JobOptions, run_job
 from shardify.workers import exit_if_stuck, exit_now
 
 

@@ -23,10 +23,11 @@ import re
 import tarfile
 from pathlib import Path
 
-from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.format import ShardifyError, make_key
+from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.records import Item, Reject
 from shardify.sources.base import ListContext, Reader, Source
+from shardify.sources.wds_tar import IMAGE_EXTS, image_member, tar_samples
 from shardify.staging import LocalFileReader, stage_units, unit_error
 from shardify.storage import Location
 
@@ -34,7 +35,6 @@ HUB_ID = "ILSVRC/imagenet-1k"
 SPLITS = ("train", "validation", "test")
 _SYNSET_SUFFIX = re.compile(r"_(n\d{8})$")
 _IMAGE_EXT = (".jpeg", ".jpg", ".png")
-_WDS_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 
 
 @functools.cache
@@ -75,25 +75,12 @@ def _wds_samples(tar: tarfile.TarFile, read_images: bool):
     Members of a sample are adjacent (the WebDataset convention); `read_images=False` reads only
     the small `cls` members, for tars read in place later.
     """
-    current, image, label = None, None, None
-    for member in tar:
-        if not member.isfile():
-            continue
-        key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-        if key != current:
-            if current is not None:
-                yield current, image, label
-            current, image, label = key, None, None
-        ext = ext.lower()
-        if ext in _WDS_IMAGE_EXT and image is None:
-            image = (member, tar.extractfile(member).read() if read_images else None)
-        elif ext == "cls":
-            try:
-                label = int(tar.extractfile(member).read().strip())
-            except ValueError:
-                label = None  # rejected as no_label when written
-    if current is not None:
-        yield current, image, label
+    for key, group in tar_samples(tar, lambda ext: ext == "cls" or read_images and ext in IMAGE_EXTS):
+        try:
+            label = int(group["cls"][1].strip()) if "cls" in group else None
+        except ValueError:
+            label = None  # rejected as no_label when written
+        yield key, image_member(group), label
 
 
 _ARCHIVE = re.compile(r"data/(train_images_\d+|val_images|test_images)\.tar\.gz")

@@ -20,8 +20,8 @@ import zlib
 from dataclasses import dataclass
 
 from shardify.download.fetcher import check_image_bytes
-from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.format import ShardifyError
+from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.records import Item, Reject
 from shardify.sources.base import Reader
 from shardify.staging import LocalFileReader
