@@ -46,7 +46,7 @@ def verify(out_dir, full: bool = False, sample_per_shard: int = 4, progress: boo
 
         bar = tqdm(total=sum(sh["bytes"] for _, sh in shards), unit="B", unit_scale=True,
                    desc="verify", file=sys.stderr)
-    for split, sh in shards:
+    for _split, sh in shards:
         problems += _verify_shard(root, sh, seen_keys, full, sample_per_shard, n_classes, fields, bar)
     if bar is not None:
         bar.close()
@@ -85,7 +85,8 @@ def _verify_counts(manifest: dict) -> list[str]:
         if listing < 0 or info["rejected"] - sum(sh["rejected"] for sh in parts) != listing:
             problems.append(f"{split}: the shards' inputs and rejects do not add up to the split's")
         if info["inputs"] != info["samples"] + info["rejected"]:
-            problems.append(f"{split}: inputs {info['inputs']} != written {info['samples']} + rejected {info['rejected']}")
+            problems.append(f"{split}: inputs {info['inputs']} != written {info['samples']} + "
+                            f"rejected {info['rejected']}")
     totals = manifest["totals"]
     for k in _COUNTS:
         if totals[k] != sum(info[k] for info in manifest["splits"].values()):
@@ -147,7 +148,8 @@ def _verify_rejects(manifest: dict, root: Path) -> list[str]:
         problems.append(f"rejects.jsonl lists {n_rejects} inputs, the manifest counts {totals['rejected']}")
     for split, info in manifest["splits"].items():
         if per_split[split] != info["rejected"]:
-            problems.append(f"rejects.jsonl lists {per_split[split]} {split} inputs, the manifest counts {info['rejected']}")
+            problems.append(f"rejects.jsonl lists {per_split[split]} {split} inputs, "
+                            f"the manifest counts {info['rejected']}")
         for sh in info["shards"]:
             stem = sh["name"][: -len(".tar")]  # a reject's "shard" is the shard's name without .tar
             if per_shard[stem] != sh["rejected"]:

@@ -245,7 +245,10 @@ class ImageNetSource(Source):
                     elif not isinstance(image, dict):
                         image = {}
                     path = image.get("path") or ""
-                    key, synset = _split_image_name(_basename_stem(path)) if path else (f"{split}_{_basename_stem(rel)}_{row:07d}", None)
+                    if path:
+                        key, synset = _split_image_name(_basename_stem(path))
+                    else:
+                        key, synset = f"{split}_{_basename_stem(rel)}_{row:07d}", None
                     payload = image.get("bytes") or b""
                     yield make_key(key), f"{rel}#{row}", payload, {"synset": synset, "label": label}
                     row += 1
