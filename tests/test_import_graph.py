@@ -141,3 +141,10 @@ def test_the_trainer_imports_only_the_shard_contract_of_shardify():
     used = {m for m in reachable(graph, trainer_side) if m.startswith("shardify")}
     assert "shardify.format" in used
     assert used <= CONTRACT, f"the trainer pulls in {sorted(used - CONTRACT)} of shardify"
+
+
+def test_every_folder_of_modules_is_a_package():
+    """setuptools' find_packages (pyproject.toml) installs only folders with an __init__.py: a
+    folder of modules without one works from a checkout and is missing after `pip install`."""
+    folders = {path.parent for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
+    assert sorted(str(f.relative_to(ROOT)) for f in folders if not (f / "__init__.py").exists()) == []
