@@ -7,10 +7,13 @@ import hashlib
 CHUNK = 1 << 20
 
 
-def sha256_file(path) -> str:
-    """Hex sha256 of the file at `path` (any os.PathLike or str)."""
+def sha256_file(path, progress=None) -> str:
+    """Hex sha256 of the file at `path` (str or os.PathLike); `progress(n)`, when given, is
+    called with the size of each chunk read (a progress bar's `update`)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)
+            if progress is not None:
+                progress(len(chunk))
     return h.hexdigest()

@@ -13,7 +13,6 @@ JPEG the GPU decoder accepts, plus `cls`, `json`, `txt` and `npy` members.
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import os
@@ -22,11 +21,10 @@ import tarfile
 from pathlib import Path
 
 from shardify import reader_indexes
+from shardify.checksum import sha256_file
 from shardify.format import SHARD_FILE_RE, ShardifyError, is_valid_key, parse_idx, shard_name
 from shardify.jpeg import JpegError, gpu_unreadable_reason, parse_jpeg_header
 from shardify.manifest import load_manifest
-
-_CHUNK = 1 << 20
 
 
 def verify(out_dir, full: bool = False, sample_per_shard: int = 4, progress: bool = False) -> list[str]:
@@ -168,13 +166,7 @@ def _verify_shard(root: Path, sh: dict, seen_keys: set, full: bool, sample_per_s
     size = os.path.getsize(path)
     if size != sh["bytes"]:
         problems.append(f"{name}: {size} bytes, manifest says {sh['bytes']}")
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-    if sha.hexdigest() != sh["sha256"]:
+    if sha256_file(path, bar.update if bar is not None else None) != sh["sha256"]:
         problems.append(f"{name}: sha256 mismatch (corrupted or modified)")
     keys: list[str] = []
     members: list[tuple[str, int, int]] = []  # (name, data offset, size)
