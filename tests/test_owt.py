@@ -47,7 +47,7 @@ def read_wds(out, split):
 
 def rejects(out):
     path = Path(out) / "rejects.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_clean_text_follows_the_reference():
