@@ -15,7 +15,7 @@ MM_CKPT ?= runs/multimodal
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image train-text train-multimodal clean gpu-check-prep gpu-check
+.PHONY: help venv lint test test-fast demo bench-shardify bench-tokenize bench-loader bench-download bench-train train-image train-text train-multimodal clean gpu-check-prep gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 venv: $(VENV)/.installed ## Create .venv and install the project with test extras
+
+lint: $(VENV)/.installed ## ruff over the tree (rules in pyproject.toml [tool.ruff]); `ruff check --fix .` fixes most
+	$(VENV)/bin/ruff check .
 
 test: $(VENV)/.installed ## Run the whole test suite, offline
 	$(OFFLINE) $(PY) -m pytest -q tests

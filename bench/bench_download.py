@@ -225,7 +225,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=1800, help="the server stops itself after this")
     args = ap.parse_args()
 
-    from shardify.download import DownloadConfig
+    from shardify.download.fetcher import DownloadConfig
 
     defaults = DownloadConfig()
     if (args.threads, args.timeout, args.retries) != (defaults.concurrency, defaults.timeout, defaults.retries):

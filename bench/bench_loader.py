@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardify.format import simple_manifest  # noqa: E402
+from shardify.manifest import simple_manifest  # noqa: E402
 from trainer.data import AugmentConfig, DataConfig, build_loader, tjregion  # noqa: E402
 from trainer.data import decode as dec  # noqa: E402
 from trainer.data.stream import BatchStream  # noqa: E402

@@ -3,7 +3,7 @@
 Both sides do the same work on the same documents with the same fast tokenizer, on one core
 (RAYON_NUM_THREADS=1): clean each document (the reference cleaning), tokenise it without
 special tokens, concatenate and cut into blocks of block_size - 2 ids plus [CLS]/[SEP].
-- ours: shardify.text.prepare_document + shardify.tokenize.encode_texts (batches of 256) +
+- ours: shardify.text.prepare_document + shardify.tokenization.encode_texts (batches of 256) +
   BlockPacker, as `shardify openwebtext --tokenizer` runs it while staging a slice;
 - baseline: Dataset.from_dict({"text": docs}).map(tokenize, batched=True) then
   .map(group_texts, batched=True), the Hugging Face run_mlm recipe, same tokenizer object.
@@ -31,7 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from shardify import tokenize as tk  # noqa: E402
+from shardify import tokenization as tk  # noqa: E402
 from shardify.text import clean_text, prepare_document  # noqa: E402
 
 

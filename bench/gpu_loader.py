@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shardify.format import simple_manifest  # noqa: E402
 from shardify.images import normalise_image  # noqa: E402
+from shardify.manifest import simple_manifest  # noqa: E402
 from shardify.records import Reject  # noqa: E402
 from trainer.data import AugmentConfig, DataConfig, build_loader  # noqa: E402
 from trainer.data.augment import cpu_resized_crop, resized_crops  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shardify.format import simple_manifest  # noqa: E402
+from shardify.manifest import simple_manifest  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.errors import UserError  # noqa: E402
 from trainer.models.text import bert_from_config  # noqa: E402

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import io
 
-from shardify.format import JpegError, JpegHeader, check_complete, gpu_unreadable_reason  # noqa: F401
-from shardify.format import parse_jpeg_header as _parse_jpeg_header
+from shardify.jpeg import JpegError, JpegHeader, check_complete, gpu_unreadable_reason
+from shardify.jpeg import parse_jpeg_header as _parse_jpeg_header
 from shardify.records import Reject
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold
 REENCODE_QUALITY = 95
 
 def parse_jpeg_header(data: bytes) -> JpegHeader:
-    """The contract's JPEG header walk (shardify/format.py), failing as a Reject."""
+    """The contract's JPEG header walk (shardify/jpeg.py), failing as a Reject."""
     try:
         return _parse_jpeg_header(data)
     except JpegError as exc:
         raise Reject(exc.reason, exc.detail) from None
-
-
-_reencode_reason = gpu_unreadable_reason
 
 
 def _check_complete(data: bytes, h: JpegHeader) -> None:
@@ -87,7 +84,7 @@ def normalise_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[
         h = parse_jpeg_header(data)
         _check_pixels(h.width, h.height, max_pixels)
         _check_complete(data, h)
-        reason = _reencode_reason(h)
+        reason = gpu_unreadable_reason(h)
         if reason is None:
             return data, {"format": "jpeg", "width": h.width, "height": h.height}
         jpeg, width, height, _ = _decode_and_reencode(data, max_pixels)

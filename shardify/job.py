@@ -21,9 +21,10 @@ from pathlib import Path
 
 from shardify import plan as planning
 from shardify import state
+from shardify.format import ShardifyError, shard_name
 from shardify.outdir import prepare_output
 from shardify.outlock import out_lock
-from shardify.records import Item, Reject, UserError, reject_record
+from shardify.records import Item, Reject, reject_record
 from shardify.sources.base import Source
 from shardify.tarwriter import ShardTarWriter
 from shardify.workers import run_in_workers
@@ -69,7 +70,7 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
     out_dir: Path = _WORKER["out_dir"]
     report = _WORKER["queue"]  # None: no progress bar
     next_report = time.monotonic() + _PROGRESS_INTERVAL
-    name = planning.shard_name(split, index)
+    name = shard_name(split, index)
     tar_tmp = state.tmp_path(out_dir / f"{name}.tar")
     writer = ShardTarWriter(tar_tmp, source.fields, hash_thread=_WORKER["hash_thread"])
     rejects = []
@@ -166,25 +167,25 @@ class _Progress:
 def check_options(source: Source, out_dir: Path, splits: list[str], opts: JobOptions) -> None:
     """Every option value makes sense, checked before any work (and before anything is written)."""
     if opts.workers < 1:
-        raise UserError("--workers must be at least 1")
+        raise ShardifyError("--workers must be at least 1")
     if opts.samples_per_shard < 1:
-        raise UserError("--samples-per-shard must be at least 1")
+        raise ShardifyError("--samples-per-shard must be at least 1")
     if opts.num_nodes < 1 or not 0 <= opts.node_rank < opts.num_nodes:
-        raise UserError(f"--node-rank {opts.node_rank} is not in [0, {opts.num_nodes})")
+        raise ShardifyError(f"--node-rank {opts.node_rank} is not in [0, {opts.num_nodes})")
     if not splits:
-        raise UserError("no split to write")
+        raise ShardifyError("no split to write")
     twice = sorted({s for s in splits if splits.count(s) > 1})
     if twice:
-        raise UserError(f"--split {twice[0]} is given more than once")
+        raise ShardifyError(f"--split {twice[0]} is given more than once")
     unknown = [s for s in splits if s not in source.splits()]
     if unknown:
-        raise UserError(f"split {unknown[0]!r} is not in this source (it has: {', '.join(source.splits())})")
+        raise ShardifyError(f"split {unknown[0]!r} is not in this source (it has: {', '.join(source.splits())})")
     local = getattr(getattr(source, "loc", None), "local_path", None)
     if local is not None:
         src, out = Path(local).resolve(), out_dir.resolve()
         if out == src or src in out.parents:
-            raise UserError(f"--out {out_dir} lies inside --source {local}: a rerun would read the shards as "
-                            "inputs; write them outside the source tree")
+            raise ShardifyError(f"--out {out_dir} lies inside --source {local}: a rerun would read the shards as "
+                                "inputs; write them outside the source tree")
 
 
 def run_job(source: Source, out_dir, splits: list[str], opts: JobOptions, log=None) -> dict | None:
@@ -222,7 +223,7 @@ def _run_job(source: Source, out_dir: Path, splits: list[str], opts: JobOptions,
         planning.remove_stale_shards(out_dir, split, len(per_shard))
         mine = planning.node_shards(len(per_shard), opts.num_nodes, opts.node_rank)
         if opts.num_nodes > 1:  # only this node's leftovers: the others may be writing theirs
-            state.remove_temporaries(out_dir, [planning.shard_name(split, i) for i in mine])
+            state.remove_temporaries(out_dir, [shard_name(split, i) for i in mine])
         todo = [i for i in mine if not planning.shard_done(out_dir, split, i, digests[i], listing)]
         log(f"{source.dataset} {split}: {n_inputs} inputs -> {len(per_shard)} shards; "
             f"this node writes {len(mine)} ({len(mine) - len(todo)} already complete)")

@@ -5,7 +5,9 @@ multi-node one. It refuses to write a manifest unless every planned shard is pre
 once with the planned inputs (checked through per-shard key digests), and inputs = written +
 rejected holds per shard, per split and in total. Then it writes rejects.jsonl, sizes.json, the
 reader indexes (_info.json for timm, wids-<split>.json for wids) and, last and atomically,
-manifest.json (validated against the contract in shardify/format.py).
+manifest.json (validated against the contract in shardify/format.py). `write_manifest` is the one
+way a manifest is written; `simple_manifest` writes one for shards that other code wrote
+(benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -14,21 +16,18 @@ import json
 import os
 from pathlib import Path
 
-from shardify import plan as planning
-from shardify import readers
-from shardify import state
-from shardify.format import read_manifest, write_manifest
-from shardify.records import UserError
+from shardify import reader_indexes, state
+from shardify.format import MANIFEST, SCHEMA_VERSION, ShardifyError, read_manifest, shard_name, validate_manifest
 
 
 def finalize(out_dir) -> dict:
     out_dir = Path(out_dir)
     if not state.job_path(out_dir).exists():
-        raise UserError(f"{out_dir} holds no shardify job (no {state.STATE_DIR}/job.json)")
+        raise ShardifyError(f"{out_dir} holds no shardify job (no {state.STATE_DIR}/job.json)")
     job = state.read_json(state.job_path(out_dir))
     plans = state.plan_paths(out_dir)
     if not plans:
-        raise UserError(f"{out_dir}: no split has been planned yet; run the shardify command first")
+        raise ShardifyError(f"{out_dir}: no split has been planned yet; run the shardify command first")
     problems: list[str] = []
     splits: dict = {}
     rejects: list[dict] = []
@@ -40,7 +39,7 @@ def finalize(out_dir) -> dict:
         shards = []
         rejects.extend(plan["listing_rejects"])
         for i in range(plan["shards"]):
-            name = planning.shard_name(split, i)
+            name = shard_name(split, i)
             stats_path = state.stats_path(out_dir, name)
             tar_path = out_dir / f"{name}.tar"
             if not stats_path.exists() or not tar_path.exists():
@@ -55,7 +54,8 @@ def finalize(out_dir) -> dict:
             if st["key_digest"] != plan["key_digests"][i]:
                 problems.append(f"{name}.tar does not hold the planned inputs (written with another plan?)")
             if st["samples"] + st["rejected"] != st["inputs"]:
-                problems.append(f"{name}.tar: {st['inputs']} inputs != {st['samples']} written + {st['rejected']} rejected")
+                problems.append(f"{name}.tar: {st['inputs']} inputs != {st['samples']} written + "
+                                f"{st['rejected']} rejected")
             rejects.extend(st["rejects"])
             sizes[st["name"]] = st["samples"]
             shards.append({k: st[k] for k in ("name", "samples", "inputs", "rejected", "bytes",
@@ -67,8 +67,8 @@ def finalize(out_dir) -> dict:
             problems.append(f"{split}: {summary['inputs']} inputs accounted for, {plan['inputs']} listed")
         splits[split] = {**summary, **plan.get("extras", {}), "shards": shards}
     if problems:
-        raise UserError(f"cannot finalize {out_dir}: " + "; ".join(problems[:20])
-                        + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
+        raise ShardifyError(f"cannot finalize {out_dir}: " + "; ".join(problems[:20])
+                            + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
     totals = _sum(splits.values())
     manifest = {
         "schema_version": job["fingerprint"]["schema_version"],
@@ -86,9 +86,10 @@ def finalize(out_dir) -> dict:
     state.remove_temporaries(out_dir)  # every node is done: leftovers of crashed runs can go
     _write_text_atomic(out_dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
     state.write_json_atomic(out_dir / "sizes.json", dict(sorted(sizes.items())))
-    state.write_json_atomic(out_dir / "_info.json", readers.timm_info(manifest))
+    state.write_json_atomic(out_dir / "_info.json", reader_indexes.timm_info(manifest))
     for split in splits:
-        state.write_json_atomic(out_dir / readers.wids_index_name(split), readers.wids_index(manifest, split))
+        state.write_json_atomic(out_dir / reader_indexes.wids_index_name(split),
+                                reader_indexes.wids_index(manifest, split))
     write_manifest(out_dir, manifest)  # last: its presence means "complete"
     return manifest
 
@@ -108,6 +109,27 @@ def _write_text_atomic(path: Path, text: str) -> None:
     tmp = state.tmp_path(path)
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def simple_manifest(out_dir, dataset: str, fields: list[str], splits: dict[str, list[dict]], **extra) -> dict:
+    """A valid manifest for shards written by other code (benchmarks, tests): each shard given as
+    {"name", "samples"} and optionally "first_key"/"last_key"; sizes are read from the files, no
+    rejects, no checksums. Written to out_dir/manifest.json and returned."""
+    doc_splits = {}
+    for split, shards in splits.items():
+        full = [{"inputs": sh["samples"], "rejected": 0, "sha256": "", "first_key": None, "last_key": None,
+                 "bytes": os.path.getsize(os.path.join(os.fspath(out_dir), sh["name"])), **sh} for sh in shards]
+        doc_splits[split] = {**_sum(full), "shards": full}
+    doc = {"schema_version": SCHEMA_VERSION, "dataset": dataset, "fields": list(fields), **extra,
+           "splits": doc_splits, "totals": _sum(list(doc_splits.values()))}
+    write_manifest(out_dir, doc)
+    return doc
+
+
+def write_manifest(out_dir, manifest: dict) -> None:
+    """Validate and write `manifest.json` atomically (temporary name, then rename)."""
+    validate_manifest(manifest, os.path.join(os.fspath(out_dir), MANIFEST))
+    state.write_json_atomic(Path(out_dir) / MANIFEST, manifest)
 
 
 def load_manifest(path) -> tuple[dict, Path]:

@@ -16,8 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shardify import __version__, state
-from shardify.format import SCHEMA_VERSION, SHARD_FILE_RE
-from shardify.records import UserError
+from shardify.format import SCHEMA_VERSION, SHARD_FILE_RE, ShardifyError
 from shardify.sources.base import Source
 
 
@@ -55,7 +54,7 @@ def _clear_output(out_dir: Path) -> None:
     its own output files and its work state. Other files (a user's backup.tar) stay."""
     import shutil
 
-    from shardify.readers import reader_index_names
+    from shardify.reader_indexes import reader_index_names
 
     splits = [state.read_json(p).get("split") for p in state.plan_paths(out_dir)]
     for name in state.written_shards(out_dir):
@@ -86,7 +85,7 @@ def _listed_files(manifest: dict) -> set[str]:
 
 def _clear_finished(out_dir: Path, manifest: dict) -> None:
     """Without work state, delete what a shardify manifest lists (its shards and their .idx)."""
-    from shardify.readers import reader_index_names
+    from shardify.reader_indexes import reader_index_names
 
     for name in _listed_files(manifest):
         state.unlink_file(out_dir / name)
@@ -117,7 +116,7 @@ def prepare_output(out_dir: Path, source: Source, opts, log=print) -> None:
         if old != fp:
             if not opts.overwrite:
                 diff = "; ".join(_differences(old, fp)) or "format version"
-                raise UserError(
+                raise ShardifyError(
                     f"{out_dir} holds shards written with other options ({diff}); "
                     "rerun with the same options to resume, or add --overwrite to start over"
                 )
@@ -128,18 +127,18 @@ def prepare_output(out_dir: Path, source: Source, opts, log=print) -> None:
         if manifest is not None or _orphans(out_dir):
             what = "a finished dataset (manifest.json)" if manifest is not None else "shard files"
             if not opts.overwrite:
-                raise UserError(
+                raise ShardifyError(
                     f"{out_dir} holds {what} but no {state.STATE_DIR}/ work state (was it deleted?); "
                     "shards added now would leave the old ones out of the manifest: write to a new "
                     "--out, or add --overwrite to replace the finished dataset"
                 )
             if manifest is not None and (manifest.get("tool") or {}).get("name") != "shardify":
-                raise UserError(f"{out_dir}/manifest.json was not written by shardify; shardify deletes "
-                                "only what it wrote itself: move it, or write to a new --out")
+                raise ShardifyError(f"{out_dir}/manifest.json was not written by shardify; shardify deletes "
+                                    "only what it wrote itself: move it, or write to a new --out")
             listed = _listed_files(manifest or {})
             left = [name for name in _orphans(out_dir) if name not in listed]
             if left:  # refuse before deleting anything: a refused command changes nothing
-                raise UserError(
+                raise ShardifyError(
                     f"{out_dir} holds shard files no manifest or work state of shardify lists "
                     f"({', '.join(left[:5])}{' ...' if len(left) > 5 else ''}); shardify deletes only "
                     "what it wrote itself: move or delete them, or write to a new --out"

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from pathlib import Path
 
 from shardify import state
-from shardify.records import Item, Reject, UserError, reject_record
+from shardify.checksum import sha256_file
+from shardify.format import ShardifyError, shard_name
+from shardify.records import Item, Reject, reject_record
 from shardify.sources.base import ListContext, Source
 
 
@@ -46,9 +47,6 @@ def node_shards(n_shards: int, num_nodes: int, node_rank: int) -> list[int]:
     if not 0 <= node_rank < num_nodes:
         raise ValueError(f"node rank {node_rank} is not in [0, {num_nodes})")
     return list(range(node_rank, n_shards, num_nodes))
-
-
-from shardify.format import shard_name  # noqa: E402,F401  (the contract's naming)
 
 
 def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[list, list, list]:
@@ -84,7 +82,7 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> tuple[li
     sorted_hashes = sorted(key_hashes)
     try:
         _check_keys_unique_across_splits(out_dir, split, unique, sorted_hashes)
-    except UserError:
+    except ShardifyError:
         if not staged_before:  # a refused command leaves nothing behind
             import shutil
 
@@ -125,7 +123,7 @@ def _check_keys_unique_across_splits(out_dir: Path, split: str, unique: list[Ite
             shared = set(int(x) for x in common)
             for it in unique:
                 if state.key_hash(it.key) in shared:
-                    raise UserError(
+                    raise ShardifyError(
                         f"the {split} input {it.origin} has the key {it.key!r}, which the split "
                         f"{other!r} in {out_dir} already uses; keys must be unique in a dataset "
                         f"directory: write {split} to another --out (or rename the file)"
@@ -164,18 +162,8 @@ def shard_done(out_dir: Path, split: str, index: int, key_digest: str, listing: 
     if info.st_size != st["bytes"]:
         return False
     if st.get("mtime_ns") != info.st_mtime_ns:  # touched or copied since written: check the bytes
-        if _sha256_file(tar) != st["sha256"]:
+        if sha256_file(tar) != st["sha256"]:
             return False
         st["mtime_ns"] = info.st_mtime_ns
         state.write_json_atomic(stats_path, st, indent=None)
     return True
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

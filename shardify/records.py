@@ -10,11 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Key rules and the error type are the shard contract's (shardify/format.py); re-exported here
-# for the code that builds records.
-from shardify.format import make_key  # noqa: F401
-from shardify.format import ShardifyError as UserError  # noqa: F401
-
 
 @dataclass(slots=True)  # millions of these are alive while a split is planned
 class Item:

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shardify import state
-from shardify.records import Item, UserError
+from shardify.format import ShardifyError
+from shardify.records import Item
 from shardify.workers import run_in_workers
 
 # A unit streamer yields (key, origin, payload bytes, meta) in the unit's order.
@@ -53,19 +54,19 @@ def _stage_one(args) -> list:
     return entries
 
 
-def unit_error(unit: str, exc: BaseException) -> UserError:
+def unit_error(unit: str, exc: BaseException) -> ShardifyError:
     """One line for a unit that cannot be read to its end (truncated or garbage archive or
     parquet file): its inputs cannot be counted, so the job stops instead of losing them."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return UserError(f"{unit}: cannot read it to the end ({type(exc).__name__}{': ' + text if text else ''}); "
-                     "the file is damaged or incomplete: fetch it again, or move it out of --source")
+    return ShardifyError(f"{unit}: cannot read it to the end ({type(exc).__name__}{': ' + text if text else ''}); "
+                         "the file is damaged or incomplete: fetch it again, or move it out of --source")
 
 
 def _guarded(streamer, unit: str):
     """The unit's entries; a failure to read the unit itself becomes one line naming it."""
     try:
         yield from streamer(unit)
-    except (UserError, KeyboardInterrupt):
+    except (ShardifyError, KeyboardInterrupt):
         raise
     except Exception as exc:  # tarfile, gzip, zlib, lzma, pyarrow and OS errors: all "damaged file"
         raise unit_error(unit, exc) from None

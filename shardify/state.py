@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 from shardify.format import ShardifyError
-from shardify.format import write_json_atomic  # noqa: F401  (temporary name, then rename)
 
 STATE_DIR = ".shardify"
 TMP_MARK = ".tmp-"
@@ -93,6 +92,17 @@ def tmp_path(path: Path) -> Path:
     sharing an output directory on a network file system may write the same file at once."""
     path = Path(path)
     return path.with_name(f".{path.name}{TMP_MARK}{socket.gethostname()}-{os.getpid()}")
+
+
+def write_json_atomic(path, obj, indent: int | None = 1) -> None:
+    """Write JSON to `tmp_path(path)`, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def unlink_file(path: Path) -> None:

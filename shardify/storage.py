@@ -14,7 +14,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from shardify.records import UserError
+from shardify.format import ShardifyError
 
 HUB_TIMEOUT_S = 10.0
 
@@ -69,14 +69,14 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
     """
     root = os.path.abspath(path)
     if not os.path.isdir(root):
-        raise UserError(f"--source {path}: no such directory")
+        raise ShardifyError(f"--source {path}: no such directory")
     files, hidden, skipped = [], [], []
     digest = hashlib.blake2b(digest_size=16)
 
     def fail(exc: OSError) -> None:
         where = exc.filename or root
-        raise UserError(f"cannot list {where} ({exc.strerror or exc}): its files would be missing "
-                        "from the shards; fix its permissions or move it out of --source") from None
+        raise ShardifyError(f"cannot list {where} ({exc.strerror or exc}): its files would be missing "
+                            "from the shards; fix its permissions or move it out of --source") from None
 
     parts: list[str] = []  # the digest's input, hashed at once (same digest as file by file)
 
@@ -163,10 +163,10 @@ def hub_location(repo_id: str, revision: str | None, token: str | None = None) -
     try:
         from huggingface_hub import HfApi, HfFileSystem, constants, errors
     except ImportError as exc:  # pragma: no cover - a hard dependency
-        raise UserError(f"huggingface_hub is not installed ({exc})") from None
+        raise ShardifyError(f"huggingface_hub is not installed ({exc})") from None
 
     if constants.HF_HUB_OFFLINE:
-        raise UserError(
+        raise ShardifyError(
             f"cannot reach the hub for {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); "
             "unset it, or pass --source DIR with a local copy"
         )
@@ -175,25 +175,25 @@ def hub_location(repo_id: str, revision: str | None, token: str | None = None) -
     try:
         info = api.dataset_info(repo_id, revision=revision or "main", timeout=HUB_TIMEOUT_S)
     except errors.GatedRepoError:
-        raise UserError(
+        raise ShardifyError(
             f"{repo_id} is gated and your account has no access yet: accept its terms at {page}, "
             "then log in with `hf auth login` or set HF_TOKEN"
         ) from None
     except errors.RevisionNotFoundError:
-        raise UserError(f"{repo_id} has no revision {revision or 'main'!r}; check --revision") from None
+        raise ShardifyError(f"{repo_id} has no revision {revision or 'main'!r}; check --revision") from None
     except errors.RepositoryNotFoundError:
         has_token = bool(token or api.token or _stored_token())
         hint = ("your token cannot see it: check the name and your access" if has_token
                 else "no Hugging Face token found: log in with `hf auth login` or set HF_TOKEN")
-        raise UserError(f"{repo_id} was not found or needs authentication ({hint})") from None
+        raise ShardifyError(f"{repo_id} was not found or needs authentication ({hint})") from None
     except errors.HfHubHTTPError as exc:
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:
-            raise UserError(f"the hub refused your token for {repo_id} (HTTP 401): "
-                            "log in again with `hf auth login` or set a valid HF_TOKEN") from None
-        raise UserError(f"the hub answered HTTP {status} for {repo_id}: {_first_line(exc)}") from None
+            raise ShardifyError(f"the hub refused your token for {repo_id} (HTTP 401): "
+                                "log in again with `hf auth login` or set a valid HF_TOKEN") from None
+        raise ShardifyError(f"the hub answered HTTP {status} for {repo_id}: {_first_line(exc)}") from None
     except Exception as exc:  # network errors come from httpx/requests depending on the version
-        raise UserError(
+        raise ShardifyError(
             f"cannot reach the hub at {constants.ENDPOINT} ({type(exc).__name__}: {_first_line(exc)}); "
             "check your network or proxy, or pass --source DIR with a local copy"
         ) from None

@@ -6,13 +6,30 @@ Cleaning, per document (as the thesis code and the OpenWebText loading script do
 3. what is left is joined with newlines, and runs of 3+ newlines collapse to 2 (after step 2
    this can only happen when a kept line itself holds a `\\r`-style break; the rule is kept so
    the behaviour matches the loading script whatever the input).
-Switched off (`--no-clean`), the text is written exactly as decoded.
+Switched off (`--no-clean`), the text is written exactly as decoded. The trainer cleans the raw
+`txt` members it tokenises itself with the same `clean_text`.
 """
 
 from __future__ import annotations
 
-from shardify.format import clean_text
+import re
+
 from shardify.records import Reject
+
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """The reference cleaning of a document, applied before tokenising: per line, strip; drop
+    empty lines, lines equal to `---` and lines holding NUL; join with newlines and collapse
+    runs of 3+ newlines to 2."""
+    kept = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line == "---" or "\x00" in line:
+            continue
+        kept.append(line)
+    return _MANY_NEWLINES.sub("\n\n", "\n".join(kept))
 
 
 def decode_utf8(data: bytes) -> str:

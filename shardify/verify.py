@@ -15,7 +15,6 @@ json needs `classes[cls] == synset` (a reordered list would make labels name the
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import os
@@ -23,12 +22,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-from shardify import readers
-from shardify.format import (SHARD_FILE_RE, JpegError, ShardifyError, gpu_unreadable_reason, is_valid_key, parse_idx,
-                             parse_jpeg_header, shard_name)
+from shardify import reader_indexes
+from shardify.checksum import sha256_file
+from shardify.format import SHARD_FILE_RE, ShardifyError, is_valid_key, parse_idx, shard_name
+from shardify.jpeg import JpegError, gpu_unreadable_reason, parse_jpeg_header
 from shardify.manifest import load_manifest
-
-_CHUNK = 1 << 20
 
 
 def verify(out_dir, full: bool = False, sample_per_shard: int = 4, progress: bool = False) -> list[str]:
@@ -49,7 +47,7 @@ def verify(out_dir, full: bool = False, sample_per_shard: int = 4, progress: boo
         bar = tqdm(total=sum(sh["bytes"] for _, sh in shards), unit="B", unit_scale=True,
                    desc="verify", file=sys.stderr)
     classes = _ClassCheck(manifest.get("classes"))
-    for split, sh in shards:
+    for _split, sh in shards:
         problems += _verify_shard(root, sh, seen_keys, full, sample_per_shard, n_classes, fields, bar, classes)
     if bar is not None:
         bar.close()
@@ -89,7 +87,8 @@ def _verify_counts(manifest: dict) -> list[str]:
         if listing < 0 or info["rejected"] - sum(sh["rejected"] for sh in parts) != listing:
             problems.append(f"{split}: the shards' inputs and rejects do not add up to the split's")
         if info["inputs"] != info["samples"] + info["rejected"]:
-            problems.append(f"{split}: inputs {info['inputs']} != written {info['samples']} + rejected {info['rejected']}")
+            problems.append(f"{split}: inputs {info['inputs']} != written {info['samples']} + "
+                            f"rejected {info['rejected']}")
     totals = manifest["totals"]
     for k in _COUNTS:
         if totals[k] != sum(info[k] for info in manifest["splits"].values()):
@@ -110,9 +109,9 @@ def _verify_files(manifest: dict, root: Path) -> list[str]:
     """The files next to the manifest: reader indexes, rejects.jsonl, and no unlisted shards."""
     problems = []
     want_sizes = {sh["name"]: sh["samples"] for info in manifest["splits"].values() for sh in info["shards"]}
-    expected = {"sizes.json": dict(sorted(want_sizes.items())), "_info.json": readers.timm_info(manifest)}
+    expected = {"sizes.json": dict(sorted(want_sizes.items())), "_info.json": reader_indexes.timm_info(manifest)}
     for split in manifest["splits"]:
-        expected[readers.wids_index_name(split)] = readers.wids_index(manifest, split)
+        expected[reader_indexes.wids_index_name(split)] = reader_indexes.wids_index(manifest, split)
     for name, want in expected.items():
         path = root / name
         if not path.exists():
@@ -151,7 +150,8 @@ def _verify_rejects(manifest: dict, root: Path) -> list[str]:
         problems.append(f"rejects.jsonl lists {n_rejects} inputs, the manifest counts {totals['rejected']}")
     for split, info in manifest["splits"].items():
         if per_split[split] != info["rejected"]:
-            problems.append(f"rejects.jsonl lists {per_split[split]} {split} inputs, the manifest counts {info['rejected']}")
+            problems.append(f"rejects.jsonl lists {per_split[split]} {split} inputs, "
+                            f"the manifest counts {info['rejected']}")
         for sh in info["shards"]:
             stem = sh["name"][: -len(".tar")]  # a reject's "shard" is the shard's name without .tar
             if per_shard[stem] != sh["rejected"]:
@@ -170,13 +170,7 @@ def _verify_shard(root: Path, sh: dict, seen_keys: set, full: bool, sample_per_s
     size = os.path.getsize(path)
     if size != sh["bytes"]:
         problems.append(f"{name}: {size} bytes, manifest says {sh['bytes']}")
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            if bar is not None:
-                bar.update(len(chunk))
-    if sha.hexdigest() != sh["sha256"]:
+    if sha256_file(path, bar.update if bar is not None else None) != sh["sha256"]:
         problems.append(f"{name}: sha256 mismatch (corrupted or modified)")
     keys: list[str] = []
     members: list[tuple[str, int, int]] = []  # (name, data offset, size)

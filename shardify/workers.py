@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
-from shardify.records import UserError
+from shardify.format import ShardifyError
 
 
-class WorkerDied(UserError):
+class WorkerDied(ShardifyError):
     """A worker process ended without reporting (killed by a signal, out of memory)."""
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import text_pair_fixtures as fx
-from shardify.download import DownloadConfig, HostRateLimiter, check_image_bytes, fetch
+from shardify.download.fetcher import DownloadConfig, HostRateLimiter, check_image_bytes, fetch
 from shardify.records import Item, Reject
 from shardify.sources.pairs_urls import DownloadReader
 
@@ -322,18 +322,18 @@ def test_bad_scheme_is_final(server):
     before = server.hits.get("/to-file", 0)
     assert reason(server.url + "/to-file") == "bad_scheme"
     assert server.hits["/to-file"] - before == 1  # not retried
-    from shardify.download_retry import is_retryable
+    from shardify.download.retry import is_retryable
 
     assert not is_retryable("bad_scheme") and not is_retryable("bad_url")
     assert is_retryable("http_500") and is_retryable("timeout") and not is_retryable("not_image")
 
 
 def test_lookahead_is_checked_for_sense():
-    from shardify.download import check_lookahead
-    from shardify.records import UserError
+    from shardify.download.fetcher import check_lookahead
+    from shardify.format import ShardifyError
 
     check_lookahead(256_000_000, workers=8, total_memory=16_000_000_000)
-    with pytest.raises(UserError, match="at least 1"):
+    with pytest.raises(ShardifyError, match="at least 1"):
         check_lookahead(10, workers=1, total_memory=16_000_000_000)
-    with pytest.raises(UserError, match=r"--lookahead-mb 4000 x --workers 8 = 32.0 GB"):
+    with pytest.raises(ShardifyError, match=r"--lookahead-mb 4000 x --workers 8 = 32.0 GB"):
         check_lookahead(4_000_000_000, workers=8, total_memory=16_000_000_000)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from shardify.format import simple_manifest
+from shardify.manifest import simple_manifest
 from train_fixtures import make_teacher
 from trainer.cli import main
 from trainer.data import AugmentConfig

@@ -84,7 +84,7 @@ def test_generated_photos_have_imagenet_like_sizes_and_subsampling():
     spec = importlib.util.spec_from_file_location("gpu_loader_bench2", REPO / "bench" / "gpu_loader.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    from shardify.format import check_stored_jpeg
+    from shardify.jpeg import check_stored_jpeg
 
     blobs, origin = mod._sources("", 12)
     assert "generated" in origin and len(blobs) == 12

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 import text_pair_fixtures as fx
-from shardify import tokenize as tk
+from shardify import tokenization as tk
 from shardify.job import JobOptions, run_job
-from shardify.records import Reject, UserError
+from shardify.format import ShardifyError
+from shardify.records import Reject
 from shardify.sources.openwebtext import OpenWebTextSource, parse_slices
 from shardify.storage import local_location
 from shardify.text import clean_text, prepare_document
@@ -46,7 +47,7 @@ def read_wds(out, split):
 
 def rejects(out):
     path = Path(out) / "rejects.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_clean_text_follows_the_reference():
@@ -66,7 +67,7 @@ def test_parse_slices():
     assert parse_slices("5") == [5]
     assert parse_slices("0-1,7") == [0, 1, 7]
     for bad in ("4-0", "x", "1,1", ""):
-        with pytest.raises(UserError):
+        with pytest.raises(ShardifyError):
             parse_slices(bad)
 
 
@@ -125,10 +126,10 @@ def test_parquet_layout(tmp_path):
 def test_missing_slice_and_overlap_are_user_errors(tmp_path):
     fx.make_owt_slices(tmp_path / "src", slices=(0,), members=1, docs=1)
     loc = local_location(str(tmp_path / "src"))
-    with pytest.raises(UserError, match="both"):
+    with pytest.raises(ShardifyError, match="both"):
         OpenWebTextSource(loc, {"train": [0], "validation": [0]})
     src = OpenWebTextSource(loc, {"train": [0], "validation": [5]})
-    with pytest.raises(UserError, match="slices"):
+    with pytest.raises(ShardifyError, match="slices"):
         _run(src, tmp_path / "out", ["validation"])
 
 
@@ -239,7 +240,7 @@ def test_tokenised_job_resumes_to_identical_shards(tmp_path):
 
 
 def test_cli_slice_mapping():
-    from shardify.cli_openwebtext import slice_mapping
+    from shardify.cli.openwebtext import slice_mapping
 
     assert slice_mapping(["train"], "0-4", ()) == {"train": [0, 1, 2, 3, 4], "validation": [5]}
     assert slice_mapping(["validation"], "5", ()) == {"train": [0, 1, 2, 3, 4], "validation": [5]}
@@ -247,7 +248,7 @@ def test_cli_slice_mapping():
     assert slice_mapping(["validation"], "2", ()) == {"train": [0, 1, 3, 4], "validation": [2]}
     full = ("train=0-5", "validation=6")
     assert slice_mapping(["validation"], None, full) == {"train": [0, 1, 2, 3, 4, 5], "validation": [6]}
-    with pytest.raises(UserError):
+    with pytest.raises(ShardifyError):
         slice_mapping(["test"], None, ())
-    with pytest.raises(UserError):
+    with pytest.raises(ShardifyError):
         slice_mapping(["train", "validation"], "0", ())

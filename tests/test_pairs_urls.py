@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 import text_pair_fixtures as fx
 from shardify.cli import main
-from shardify.download import DownloadConfig
+from shardify.download.fetcher import DownloadConfig
 from shardify.job import JobOptions
-from shardify.download_retry import download_summary
+from shardify.download.retry import download_summary
 from shardify.storage import Location, local_location
 from shardify.verify import verify
 from test_owt import read_wds, rejects
@@ -114,13 +114,14 @@ def test_list_formats_and_hub_style_location(server, tmp_path, suffix):
 
     manifest = run_job(src, tmp_path / "out", ["train"], JobOptions(progress=False), log=lambda m: None)
     assert manifest["splits"]["train"]["samples"] == 5
-    assert manifest["source"]["revision"] == "0" * 40 and manifest["url_list_files"]["train"][0].startswith("unlabeled/")
+    assert manifest["source"]["revision"] == "0" * 40
+    assert manifest["url_list_files"]["train"][0].startswith("unlabeled/")
     assert "downloaded and written 5 of 5 URLs (100.0%)" in download_summary(tmp_path / "out")
 
 
 def test_prepare_retry_touches_only_this_nodes_failed_shards(tmp_path):
     from shardify import state
-    from shardify.download_retry import prepare_retry
+    from shardify.download.retry import prepare_retry
 
     for index, reason in enumerate(["http_404", "timeout", "placeholder", "http_500", "bad_scheme"]):
         name = f"train-{index:06d}"
@@ -169,8 +170,10 @@ def test_image_bytes_checked_once_per_sample(server, tmp_path, monkeypatch):
     real = pairs.check_image_bytes
     monkeypatch.setattr(pairs, "check_image_bytes", lambda data: calls.append(len(data)) or real(data))
     (tmp_path / "src").mkdir()  # the output may not sit inside the source
-    fx.write_url_list(tmp_path / "src" / "list.csv", [{"url": f"{server.url}/good/{i}.jpg", "caption": "c"} for i in range(3)])
-    src = UrlListSource(local_location(str(tmp_path / "src")), download=DownloadConfig(timeout=2, retries=0, host_rate=0))
+    fx.write_url_list(tmp_path / "src" / "list.csv",
+                      [{"url": f"{server.url}/good/{i}.jpg", "caption": "c"} for i in range(3)])
+    src = UrlListSource(local_location(str(tmp_path / "src")),
+                        download=DownloadConfig(timeout=2, retries=0, host_rate=0))
     from shardify.job import run_job
 
     manifest = run_job(src, tmp_path / "out", ["train"], JobOptions(progress=False), log=lambda m: None)

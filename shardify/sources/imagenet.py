@@ -23,9 +23,11 @@ import re
 import tarfile
 from pathlib import Path
 
+from shardify.format import ShardifyError, make_key
 from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
-from shardify.records import Item, Reject, UserError, make_key
+from shardify.records import Item, Reject
 from shardify.sources.base import ListContext, Reader, Source
+from shardify.sources.wds_tar import IMAGE_EXTS, image_member, tar_samples
 from shardify.staging import LocalFileReader, stage_units, unit_error
 from shardify.storage import Location
 
@@ -33,7 +35,6 @@ HUB_ID = "ILSVRC/imagenet-1k"
 SPLITS = ("train", "validation", "test")
 _SYNSET_SUFFIX = re.compile(r"_(n\d{8})$")
 _IMAGE_EXT = (".jpeg", ".jpg", ".png")
-_WDS_IMAGE_EXT = ("jpg", "jpeg", "png", "webp")
 
 
 @functools.cache
@@ -83,25 +84,12 @@ def _wds_samples(tar: tarfile.TarFile, read_images: bool):
     Members of a sample are adjacent (the WebDataset convention); `read_images=False` reads only
     the small `cls` members, for tars read in place later.
     """
-    current, image, label = None, None, None
-    for member in tar:
-        if not member.isfile():
-            continue
-        key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-        if key != current:
-            if current is not None:
-                yield current, image, label
-            current, image, label = key, None, None
-        ext = ext.lower()
-        if ext in _WDS_IMAGE_EXT and image is None:
-            image = (member, tar.extractfile(member).read() if read_images else None)
-        elif ext == "cls":
-            try:
-                label = int(tar.extractfile(member).read().strip())
-            except ValueError:
-                label = None  # rejected as no_label when written
-    if current is not None:
-        yield current, image, label
+    for key, group in tar_samples(tar, lambda ext: ext == "cls" or read_images and ext in IMAGE_EXTS):
+        try:
+            label = int(group["cls"][1].strip()) if "cls" in group else None
+        except ValueError:
+            label = None  # rejected as no_label when written
+        yield key, image_member(group), label
 
 
 _ARCHIVE = re.compile(r"data/(train_images_\d+|val_images|test_images)\.tar\.gz")
@@ -118,7 +106,7 @@ def detect_layout(files: list[str]) -> str:
         return "wds"
     if any(_SYNSET_DIR.match(f) for f in files):
         return "imagefolder"
-    raise UserError(
+    raise ShardifyError(
         "cannot recognise an ImageNet layout here: expected data/*_images*.tar.gz archives, "
         "parquet files, a WebDataset mirror (*-train-NNNN.tar) or train/<synset>/*.JPEG folders"
     )
@@ -137,7 +125,7 @@ class ImageNetSource(Source):
         self._files_of: dict[str, list[str]] = {}  # split -> its files
         self._groups: dict | None = None  # imagefolder: see _by_folder
         if self.layout == "imagefolder" and location.local_path is None:
-            raise UserError("the imagefolder layout is only supported for a local --source DIR")
+            raise ShardifyError("the imagefolder layout is only supported for a local --source DIR")
 
     # ---- description
     def describe(self) -> dict:
@@ -256,7 +244,7 @@ class ImageNetSource(Source):
             pf = pq.ParquetFile(raw)
             names = pf.schema_arrow.names
             if "image" not in names:
-                raise UserError(f"{rel}: parquet file has no 'image' column (columns: {names})")
+                raise ShardifyError(f"{rel}: parquet file has no 'image' column (columns: {names})")
             columns = ["image"] + (["label"] if "label" in names else [])
             row = 0
             for batch in pf.iter_batches(batch_size=256, columns=columns):
@@ -268,7 +256,10 @@ class ImageNetSource(Source):
                     elif not isinstance(image, dict):
                         image = {}
                     path = image.get("path") or ""
-                    key, synset = _split_image_name(_basename_stem(path)) if path else (f"{split}_{_basename_stem(rel)}_{row:07d}", None)
+                    if path:
+                        key, synset = _split_image_name(_basename_stem(path))
+                    else:
+                        key, synset = f"{split}_{_basename_stem(rel)}_{row:07d}", None
                     payload = image.get("bytes") or b""
                     yield make_key(key), f"{rel}#{row}", payload, {"synset": synset, "label": label}
                     row += 1

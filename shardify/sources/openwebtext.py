@@ -15,7 +15,7 @@ cannot be read at random, so while listing each slice is streamed once and its d
 staged (shardify.staging) under `<out>/.shardify/stage/`, in parallel, one process per slice.
 
 With a tokenizer, staging also cleans and tokenises each document; listing then concatenates
-the documents' ids in source order and cuts them into blocks (shardify.tokenize): the samples
+the documents' ids in source order and cuts them into blocks (shardify.tokenization): the samples
 are the blocks, so the seeded shuffle moves whole blocks and no token is lost or doubled at a
 shard or worker boundary. Documents that cannot be decoded (or are empty after cleaning) stay
 inputs of the split and end in rejects.jsonl.
@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 
 from shardify import state
-from shardify.records import Item, Reject, UserError, make_key
+from shardify.format import ShardifyError, make_key
+from shardify.records import Item, Reject
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.staging import LocalFileReader, stage_units
 from shardify.text import prepare_document
-from shardify import tokenize as tk
+from shardify import tokenization as tk
 
 HUB_ID = "Skylion007/openwebtext"
 DEFAULT_SLICES = {"train": [0, 1, 2, 3, 4], "validation": [5]}
@@ -59,9 +60,9 @@ def parse_slices(text: str) -> list[int]:
             elif part:
                 out.append(int(part))
     except ValueError:
-        raise UserError(f"bad slice range {text!r}: use e.g. 0-4, 5 or 0-2,7") from None
+        raise ShardifyError(f"bad slice range {text!r}: use e.g. 0-4, 5 or 0-2,7") from None
     if not out or any(s < 0 for s in out) or len(set(out)) != len(out):
-        raise UserError(f"bad slice range {text!r}: slices must be distinct numbers >= 0")
+        raise ShardifyError(f"bad slice range {text!r}: slices must be distinct numbers >= 0")
     return out
 
 
@@ -77,8 +78,8 @@ def detect_layout(files: list[str]) -> tuple[str, dict[int, str]]:
     parquet = sorted(f for f in files if f.endswith(".parquet"))
     if parquet:
         return "parquet", dict(enumerate(parquet))
-    raise UserError("no OpenWebText files found: expected subsets/urlsf_subsetNN.tar (slice layout) "
-                    "or *.parquet files with a `text` column (parquet layout)")
+    raise ShardifyError("no OpenWebText files found: expected subsets/urlsf_subsetNN.tar (slice layout) "
+                        "or *.parquet files with a `text` column (parquet layout)")
 
 
 @dataclass
@@ -136,7 +137,7 @@ class _Streamer:
         with self.loc.open(rel) as f:
             pf = pq.ParquetFile(f)
             if "text" not in pf.schema_arrow.names:
-                raise UserError(f"{rel} has no `text` column (columns: {pf.schema_arrow.names})")
+                raise ShardifyError(f"{rel} has no `text` column (columns: {pf.schema_arrow.names})")
             for batch in pf.iter_batches(columns=["text"], batch_size=1024):
                 for text in batch.column(0).to_pylist():
                     data = (text or "").encode("utf-8", "surrogatepass")
@@ -204,7 +205,7 @@ class OpenWebTextSource(Source):
         for split, slices in self.split_slices.items():
             for s in slices:
                 if s in seen:
-                    raise UserError(f"slice {s} is in both {seen[s]!r} and {split!r}")
+                    raise ShardifyError(f"slice {s} is in both {seen[s]!r} and {split!r}")
                 seen[s] = split
         self.fields = ("npy", "json") if self.tokenizer else ("txt", "json")
         self._special = None
@@ -253,7 +254,7 @@ class OpenWebTextSource(Source):
         missing = [s for s in self.split_slices[split] if s not in self.slice_files]
         if missing:
             have = ", ".join(str(s) for s in self.slice_files) or "none"
-            raise UserError(f"split {split!r} needs slices {missing} that the source lacks (it has {have})")
+            raise ShardifyError(f"split {split!r} needs slices {missing} that the source lacks (it has {have})")
         return [self.slice_files[s] for s in self.split_slices[split]]
 
     def list_items(self, split: str, ctx: ListContext) -> list[Item]:

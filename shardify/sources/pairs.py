@@ -8,7 +8,7 @@ The datasets are peer modules with the same shape:
 - pairs_zip.py   COCO Karpathy (COCO 2014 zips + dataset_coco.json), Flickr30k (nlphuji zip + csv)
 - pairs_wds.py   CC3M / CC12M from the pixparse WebDataset mirrors (re-sharded, not re-encoded)
 - pairs_urls.py  URL-only lists (conceptual_captions, sbu, any csv/tsv/parquet/jsonl), downloaded
-                 (the download summary and --retry-failed: shardify/download_retry.py)
+                 (the download summary and --retry-failed: shardify/download/retry.py)
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
-from shardify.download import check_image_bytes
+from shardify.download.fetcher import check_image_bytes
+from shardify.format import ShardifyError
 from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
-from shardify.records import Item, Reject, UserError
+from shardify.records import Item, Reject
 from shardify.sources.base import Reader
 from shardify.staging import LocalFileReader
 
@@ -156,6 +157,6 @@ def source_class(name: str):
     import importlib
 
     if name not in DATASETS:
-        raise UserError(f"unknown pair dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise ShardifyError(f"unknown pair dataset {name!r}; choose one of: {', '.join(DATASETS)}")
     module, cls = DATASETS[name]
     return getattr(importlib.import_module(module), cls)

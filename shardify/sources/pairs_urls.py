@@ -11,8 +11,8 @@ A file belongs to split S when S is a word of its path (`train-00000-of-00002.pa
 
 Each row is one input, keyed `{file stem}-{row number}`, so a reject names the exact row. The
 download runs in the worker that writes the shard (`DownloadReader` below): bounded threads
-that run ahead of a slow URL within a byte budget (shardify/download_order.py), timeouts,
-retries, a per-host rate limit, size limits (shardify/download.py). Every URL ends written or
+that run ahead of a slow URL within a byte budget (shardify/download/order.py), timeouts,
+retries, a per-host rate limit, size limits (shardify/download/fetcher.py). Every URL ends written or
 in rejects.jsonl with the reason (http_404, timeout, not_image, placeholder, ...).
 """
 
@@ -26,9 +26,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardify.download import DownloadConfig, HostRateLimiter, fetch
-from shardify.download_order import OrderedFetcher
-from shardify.records import Item, Reject, UserError, make_key
+from shardify.download.fetcher import DownloadConfig, HostRateLimiter, fetch
+from shardify.download.order import OrderedFetcher
+from shardify.format import ShardifyError, make_key
+from shardify.records import Item, Reject
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.sources.pairs import PAIR_FIELDS, ImageOptions, encode_pair
 
@@ -89,7 +90,7 @@ class UrlListSource(Source):
             files = [f for f in files if f.startswith(f"{self.subset}/") or f"/{self.subset}/" in f]
         if not files:
             where = self.loc.local_path or self.loc.repo_id
-            raise UserError(f"{where} has no .csv, .tsv, .parquet or .jsonl url lists")
+            raise ShardifyError(f"{where} has no .csv, .tsv, .parquet or .jsonl url lists")
         by_split: dict[str, list[str]] = {}
         for f in files:
             by_split.setdefault(_split_of(f) or "", []).append(f)
@@ -117,11 +118,11 @@ class UrlListSource(Source):
         """(url, caption) per row of one list file; a damaged file is one line naming it."""
         try:
             yield from self._read_rows(rel)
-        except UserError:
+        except ShardifyError:
             raise
         except Exception as exc:  # pyarrow, csv and json each raise their own kinds on damaged files
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise UserError(f"{rel}: cannot read this url list ({type(exc).__name__}: {first[:200]})") from None
+            raise ShardifyError(f"{rel}: cannot read this url list ({type(exc).__name__}: {first[:200]})") from None
 
     def _read_rows(self, rel: str):
         cols = (self.url_col, self.caption_col)
@@ -132,8 +133,8 @@ class UrlListSource(Source):
                 pf = pq.ParquetFile(f)
                 missing = [c for c in cols if c not in pf.schema_arrow.names]
                 if missing:
-                    raise UserError(f"{rel} has no column {missing[0]!r} (it has {pf.schema_arrow.names}); "
-                                    "use --url-col / --caption-col")
+                    raise ShardifyError(f"{rel} has no column {missing[0]!r} (it has {pf.schema_arrow.names}); "
+                                        "use --url-col / --caption-col")
                 for batch in pf.iter_batches(columns=list(cols), batch_size=8192):
                     yield from zip(batch.column(0).to_pylist(), batch.column(1).to_pylist())
             elif rel.lower().endswith(".jsonl"):
@@ -146,8 +147,8 @@ class UrlListSource(Source):
                 reader = csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline=""), delimiter=delim)
                 missing = [c for c in cols if c not in (reader.fieldnames or [])]
                 if missing:
-                    raise UserError(f"{rel} has no column {missing[0]!r} (it has {reader.fieldnames}); "
-                                    "use --url-col / --caption-col")
+                    raise ShardifyError(f"{rel} has no column {missing[0]!r} (it has {reader.fieldnames}); "
+                                        "use --url-col / --caption-col")
                 for row in reader:
                     yield row[self.url_col], row[self.caption_col]
 

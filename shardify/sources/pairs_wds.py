@@ -19,22 +19,19 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardify.records import Item, UserError, make_key
+from shardify.format import ShardifyError, make_key
+from shardify.records import Item
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.sources.pairs import PAIR_FIELDS, ImageOptions, PairFileReader, encode_pair
+from shardify.sources.wds_tar import IMAGE_EXTS, image_member, tar_samples
 from shardify.staging import stage_units, unit_error
 
 _TAR_RE = re.compile(r"(?:^|/)(?P<name>[A-Za-z0-9_]+)-(?P<split>[A-Za-z]+)-(?P<n>\d+)\.tar$")
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 
 def _samples(tar: tarfile.TarFile, rel: str, with_bytes: bool):
     """(key, image member, image bytes or None, caption, json meta) per sample, in tar order."""
-    group_key, group = None, {}
-
-    def flush():
-        if group_key is None:
-            return None
+    for key, group in tar_samples(tar, lambda ext: ext in ("txt", "json") or with_bytes and ext in IMAGE_EXTS):
         meta = {}
         if "json" in group:
             try:
@@ -42,26 +39,7 @@ def _samples(tar: tarfile.TarFile, rel: str, with_bytes: bool):
             except ValueError:
                 meta = {}
         caption = group["txt"][1].decode("utf-8", "replace") if "txt" in group else None
-        image = next((group[e] for e in _IMAGE_EXTS if e in group), None)
-        return group_key, image, caption, meta
-
-    for m in tar:
-        if not m.isfile() or "." not in m.name.rsplit("/", 1)[-1]:
-            continue
-        base, ext = m.name.split("/")[-1].split(".", 1)
-        ext = ext.lower()
-        if base != group_key:
-            done = flush()
-            if done:
-                yield done
-            group_key, group = base, {}
-        if ext in ("txt", "json") or with_bytes and ext in _IMAGE_EXTS:
-            group[ext] = (m, tar.extractfile(m).read())
-        elif ext in _IMAGE_EXTS:
-            group[ext] = (m, None)
-    done = flush()
-    if done:
-        yield done
+        yield key, image_member(group), caption, meta
 
 
 def _item_fields(rel: str, split: str, key: str, image, caption, meta) -> tuple[str, str, dict]:
@@ -104,8 +82,8 @@ class WdsPairSource(Source):
                 self._tars.setdefault(m.group("split"), []).append(rel)
         if not self._tars:
             where = self.loc.local_path or self.loc.repo_id
-            raise UserError(f"{where} has no {self.name_prefix or 'NAME'}-SPLIT-NNNN.tar files "
-                            f"(the WebDataset mirror layout; see docs/datasets/{self.dataset}.md)")
+            raise ShardifyError(f"{where} has no {self.name_prefix or 'NAME'}-SPLIT-NNNN.tar files "
+                                f"(the WebDataset mirror layout; see docs/datasets/{self.dataset}.md)")
         for v in self._tars.values():
             v.sort()
 

@@ -22,7 +22,8 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 
-from shardify.records import Item, UserError, make_key
+from shardify.format import ShardifyError, make_key
+from shardify.records import Item
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.sources.pairs import PAIR_FIELDS, ImageOptions, PairFileReader, encode_pair, find_file
 from shardify.staging import unit_error
@@ -52,8 +53,8 @@ class _ZipPairSource(Source):
         rel = find_file(self.loc.files, basename)
         if rel is None:
             where = self.loc.local_path or self.loc.repo_id
-            raise UserError(f"{where} has no {basename} (the {self.dataset} layout needs it; "
-                            f"see docs/datasets/{self.dataset}.md)")
+            raise ShardifyError(f"{where} has no {basename} (the {self.dataset} layout needs it; "
+                                f"see docs/datasets/{self.dataset}.md)")
         return rel
 
     def _zip_names(self, rel: str) -> dict[str, str]:
@@ -136,7 +137,7 @@ class Flickr30kSource(_ZipPairSource):
             try:
                 captions = json.loads(row["raw"])
             except (json.JSONDecodeError, KeyError) as exc:
-                raise UserError(f"{csv_rel}: row for {filename} has no JSON list in `raw` ({exc})") from None
+                raise ShardifyError(f"{csv_rel}: row for {filename} has no JSON list in `raw` ({exc})") from None
             image_id = int(stem) if stem.isdigit() else stem
             meta = {"image_id": image_id, "filename": filename, "karpathy_split": split}
             items += self._pairs(f"f30k{make_key(stem)}", f"{zip_rel}:{member or filename}",

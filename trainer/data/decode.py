@@ -41,8 +41,7 @@ import threading
 import numpy as np
 import torch
 
-from shardify.format import JpegError as Reject  # the contract's JPEG error (reason, detail)
-from shardify.format import check_stored_jpeg, parse_jpeg_header
+from shardify.jpeg import JpegError, check_stored_jpeg, parse_jpeg_header
 
 from . import tjregion
 from .augment import cpu_resized_crop
@@ -63,7 +62,7 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     The check is shardify's (the module that decides what a shard's `jpg` may be)."""
     try:
         header = check_stored_jpeg(data)
-    except Reject as rej:
+    except JpegError as rej:
         raise ValueError(f"{rej.reason}: {rej.detail}") from None
     if header.height == 0 or header.width == 0:
         raise ValueError("JPEG frame header with zero size")

@@ -24,8 +24,9 @@ import os
 
 import numpy as np
 
-from shardify.format import ShardifyError as UserError  # the contract's one error type
-from shardify.format import clean_text, resolve_tokenizer, special_ids
+from shardify.format import ShardifyError
+from shardify.text import clean_text
+from shardify.tokenization import resolve_tokenizer, special_ids
 
 
 def load_tokenizer(path: str):
@@ -37,7 +38,7 @@ def load_tokenizer(path: str):
         raise FileNotFoundError(f"tokenizer not found: {path}")
     try:
         return resolve_tokenizer(path).load()
-    except UserError as exc:
+    except ShardifyError as exc:
         raise ValueError(str(exc)) from None
 
 
@@ -53,7 +54,7 @@ class TextEncoder:
             tok = load_tokenizer(self.path)
             try:
                 special = special_ids(tok)
-            except UserError as exc:
+            except ShardifyError as exc:
                 raise ValueError(f"tokenizer {self.path}: {exc}") from None
             self.cls, self.sep, self.pad = special.cls, special.sep, special.pad
             self._tok = tok

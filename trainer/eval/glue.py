@@ -182,7 +182,7 @@ def pair_lengths(n1: int, n2: int, budget: int) -> tuple[int, int]:
 def encode_examples(tok, texts: list[tuple[str, ...]], max_len: int) -> list[tuple[list[int], list[int]]]:
     """[CLS] a [SEP] (b [SEP]) ids and their segment ids, cut to max_len (pairs longest first),
     as transformers' BERT tokenizer encodes GLUE examples."""
-    from shardify.tokenize import special_ids
+    from shardify.tokenization import special_ids
 
     sp = special_ids(tok)
     n_text = len(texts[0]) if texts else 1
@@ -334,7 +334,7 @@ def _autocast(device: torch.device):
 def run_glue(opts: GlueOptions) -> dict[str, Any]:
     """Fine-tune and score; writes the result JSON and returns it."""
     from trainer.data.text import load_tokenizer
-    from shardify.tokenize import special_ids
+    from shardify.tokenization import special_ids
 
     task = task_named(opts.task)
     for name, ok in (("--epochs must be above 0", opts.epochs > 0), ("--batch-size must be at least 1", opts.batch_size >= 1),

@@ -1,4 +1,8 @@
-"""Pre-tokenisation for text shards: a fast BERT WordPiece tokenizer and fixed-size block packing.
+"""Pre-tokenisation for text shards: the tokenizer, its special ids, and fixed-size block packing.
+
+The tokenizer is resolved here for both sides: shardify pre-tokenises with it, and the trainer
+loads the same file the same way (`resolve_tokenizer(...).load()`, padding and truncation off)
+and reads [CLS]/[SEP]/[PAD] through `special_ids`.
 
 Packing as the reference does it: the token ids of all documents of a split, in source order,
 are concatenated (no separator between documents) and cut into blocks of `block_size - 2` ids;
@@ -17,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shardify.format import SpecialIds, special_ids  # noqa: F401  (the contract's)
-from shardify.records import UserError
+from shardify.checksum import sha256_file
+from shardify.format import ShardifyError
 
 
 @dataclass
@@ -51,12 +55,28 @@ class TokenizerSpec:
         return h.hexdigest()
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+@dataclass
+class SpecialIds:
+    cls: int
+    sep: int
+    pad: int
+    vocab_size: int
+
+    @property
+    def dtype(self):
+        """uint16 when every id fits (BERT's 30,522 do), else uint32."""
+        return np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+
+
+def special_ids(tok) -> SpecialIds:
+    """[CLS], [SEP] and [PAD] of a `tokenizers.Tokenizer`: blocks are [CLS] ids [SEP] [PAD]..."""
+    ids = []
+    for token in ("[CLS]", "[SEP]", "[PAD]"):
+        i = tok.token_to_id(token)
+        if i is None:
+            raise ShardifyError(f"the tokenizer has no {token} token; a BERT-style vocabulary is needed")
+        ids.append(i)
+    return SpecialIds(*ids, vocab_size=tok.get_vocab_size(with_added_tokens=True))
 
 
 def resolve_tokenizer(name: str) -> TokenizerSpec:
@@ -66,15 +86,15 @@ def resolve_tokenizer(name: str) -> TokenizerSpec:
         for fname, kind in (("tokenizer.json", "tokenizer.json"), ("vocab.txt", "wordpiece-vocab")):
             if (p / fname).is_file():
                 path = str(p / fname)
-                return TokenizerSpec(name, {fname: _sha256_file(path)}, path, kind)
-        raise UserError(f"--tokenizer {name}: the directory has no tokenizer.json or vocab.txt")
+                return TokenizerSpec(name, {fname: sha256_file(path)}, path, kind)
+        raise ShardifyError(f"--tokenizer {name}: the directory has no tokenizer.json or vocab.txt")
     if p.is_file():
         kind = "tokenizer.json" if p.suffix == ".json" else "wordpiece-vocab"
-        return TokenizerSpec(name, {p.name: _sha256_file(str(p))}, str(p), kind)
+        return TokenizerSpec(name, {p.name: sha256_file(str(p))}, str(p), kind)
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover
-        raise UserError("huggingface_hub is needed to fetch a tokenizer from the hub") from None
+        raise ShardifyError("huggingface_hub is needed to fetch a tokenizer from the hub") from None
     last_exc = None
     for fname, kind in (("tokenizer.json", "tokenizer.json"), ("vocab.txt", "wordpiece-vocab")):
         try:
@@ -82,9 +102,9 @@ def resolve_tokenizer(name: str) -> TokenizerSpec:
         except Exception as exc:  # not found, offline, gated: try the next file, then explain
             last_exc = exc
             continue
-        return TokenizerSpec(name, {fname: _sha256_file(path)}, path, kind)
-    raise UserError(f"--tokenizer {name}: not a local file or directory, and the hub gave no "
-                    f"tokenizer.json or vocab.txt ({type(last_exc).__name__}: {last_exc})")
+        return TokenizerSpec(name, {fname: sha256_file(path)}, path, kind)
+    raise ShardifyError(f"--tokenizer {name}: not a local file or directory, and the hub gave no "
+                        f"tokenizer.json or vocab.txt ({type(last_exc).__name__}: {last_exc})")
 
 
 def encode_texts(tok, texts: list[str]) -> list[np.ndarray]:
@@ -102,7 +122,7 @@ class BlockPacker:
 
     def __init__(self, block_size: int, special: SpecialIds):
         if block_size < 3:
-            raise UserError("--block-size must be at least 3 ([CLS], one token, [SEP])")
+            raise ShardifyError("--block-size must be at least 3 ([CLS], one token, [SEP])")
         self.block_size = block_size
         self.body = block_size - 2
         self.sp = special

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import click
 
-from shardify.cli_common import execute, job_options
+from shardify.cli.common import execute, job_options
 
 
 def openwebtext_source(source_dir, revision, split_slices, clean, tokenizer, block_size):
     """Build the source: local copy (either layout) or the hub repo at a resolved revision."""
     from shardify.sources.openwebtext import HUB_ID, OpenWebTextSource
     from shardify.storage import hub_location, local_location
-    from shardify.tokenize import resolve_tokenizer
+    from shardify.tokenization import resolve_tokenizer
 
     spec = resolve_tokenizer(tokenizer) if tokenizer else None
     location = local_location(source_dir, repo_id=None) if source_dir else hub_location(HUB_ID, revision)
@@ -25,7 +25,7 @@ def openwebtext_source(source_dir, revision, split_slices, clean, tokenizer, blo
 
 def slice_mapping(splits: list[str], slices: str | None, split_slices: tuple[str, ...]) -> dict:
     """The split -> slices mapping from the options (see --help)."""
-    from shardify.records import UserError
+    from shardify.format import ShardifyError
     from shardify.sources.openwebtext import DEFAULT_SLICES, parse_slices
 
     mapping = {k: list(v) for k, v in DEFAULT_SLICES.items()}
@@ -34,11 +34,11 @@ def slice_mapping(splits: list[str], slices: str | None, split_slices: tuple[str
         for spec in split_slices:
             name, sep, rng = spec.partition("=")
             if not sep or not name:
-                raise UserError(f"--split-slices {spec!r}: use SPLIT=RANGE, e.g. train=0-4")
+                raise ShardifyError(f"--split-slices {spec!r}: use SPLIT=RANGE, e.g. train=0-4")
             mapping[name] = parse_slices(rng)
     if slices is not None:
         if len(splits) != 1:
-            raise UserError("--slices applies to one --split; use --split-slices for several")
+            raise ShardifyError("--slices applies to one --split; use --split-slices for several")
         chosen = parse_slices(slices)
         if not split_slices:
             # The range given wins over the other splits' defaults (train 0-5 leaves
@@ -50,7 +50,7 @@ def slice_mapping(splits: list[str], slices: str | None, split_slices: tuple[str
         mapping[splits[0]] = chosen
     for s in splits:
         if s not in mapping:
-            raise UserError(f"no slices for split {s!r}: pass --slices RANGE or --split-slices {s}=RANGE")
+            raise ShardifyError(f"no slices for split {s!r}: pass --slices RANGE or --split-slices {s}=RANGE")
     return mapping
 
 

@@ -1,15 +1,18 @@
 """The `shardify` command line: thin click commands that parse options and call one function each.
 
+This package holds the command line and nothing else: the group and the commands below here,
+the options every job shares in common.py, a command per module for the bigger families.
+
     shardify imagenet --out DIR [--split S] [--source DIR | --revision REV]   write ImageNet shards
-    shardify openwebtext --out DIR --slices 0-4 [--tokenizer T]   (cli_openwebtext.py)
-    shardify pairs DATASET --out DIR                              (cli_pairs.py)
+    shardify openwebtext --out DIR --slices 0-4 [--tokenizer T]   (openwebtext.py)
+    shardify pairs DATASET --out DIR                              (pairs.py)
     shardify finalize DIR                       merge the nodes' partial results into manifest.json
     shardify verify DIR [--full]                check a shard directory against its manifest
     shardify inspect DIR [--grid out.png]       summary (and a contact sheet) of a shard directory
 
 Heavy libraries (Pillow, pyarrow, huggingface_hub) are imported only by the code that needs
 them, so `shardify --help` and jobs on plain JPEGs start fast. The program's entry is `run`
-(it also ends fast, see `cli_common.leave`); `main` is the click group for Python callers.
+(it also ends fast, see `common.leave`); `main` is the click group for Python callers.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import click
 
 from shardify import __version__
-from shardify.cli_common import REJECT_RATE, FriendlyGroup, execute, job_options, leave
+from shardify.cli.common import REJECT_RATE, FriendlyGroup, execute, job_options, leave
 
 
 class _Commands(FriendlyGroup):
@@ -25,7 +28,7 @@ class _Commands(FriendlyGroup):
     modules pull in the downloader and the tokenizer's helpers, which an ImageNet job does not
     need: every import is start-up time that a 2-worker run cannot share)."""
 
-    lazy = {"openwebtext": "shardify.cli_openwebtext", "pairs": "shardify.cli_pairs"}
+    lazy = {"openwebtext": "shardify.cli.openwebtext", "pairs": "shardify.cli.pairs"}
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *self.lazy])
@@ -80,7 +83,7 @@ def imagenet(out, job, max_reject_rate, source_dir, revision, splits, layout, ma
 @click.option("--max-reject-rate", default=0.01, show_default=True, type=REJECT_RATE)
 def finalize(directory, max_reject_rate):
     """Merge the shards written by all nodes into manifest.json, checking nothing is missing or doubled."""
-    from shardify.cli_common import check_reject_rate, report
+    from shardify.cli.common import check_reject_rate, report
     from shardify.manifest import finalize as finalize_dir
 
     manifest = finalize_dir(directory)
@@ -115,7 +118,7 @@ def verify(directory, full, sample_per_shard, no_progress):
               help="Images in the contact sheet.")
 def inspect_(directory, grid, split, count):
     """Summarise a shard directory: splits, samples, bytes, classes, rejects."""
-    from shardify.inspect_cmd import contact_sheet, summary
+    from shardify.cli.inspect_cmd import contact_sheet, summary
 
     click.echo(summary(directory))
     if grid:

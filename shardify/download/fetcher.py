@@ -10,9 +10,9 @@ Retry-After); 4xx answers such as 404/403 are final. Every failure is a `Reject`
 the error kind (`http_404`, `timeout`, `connection`, `too_large`, ...), so it lands in
 rejects.jsonl.
 
-A fetch may be given a `hold` (shardify/download_order.py): every chunk of body read is
+A fetch may be given a `hold` (shardify/download/order.py): every chunk of body read is
 accounted to it first, so the bytes downloaded ahead of the writer stay within a bound. The
-thread pool and the in-order hand-back live in download_order.py; the URL-list reader (one
+thread pool and the in-order hand-back live in order.py; the URL-list reader (one
 per worker process, holding the rate limiter its threads share) in sources/pairs_urls.py. The
 standard library is enough here (http.client), so there is no extra dependency; proxies from
 the environment are not used.
@@ -32,9 +32,10 @@ from dataclasses import asdict, dataclass
 from urllib.parse import urljoin, urlsplit
 
 from shardify import __version__
-from shardify.records import Reject, UserError
+from shardify.format import ShardifyError
+from shardify.records import Reject
 
-# Every reason fetch() can give (download_retry.py decides which of them a rerun retries).
+# Every reason fetch() can give (retry.py decides which of them a rerun retries).
 DOWNLOAD_REASONS_PREFIX = "http_"
 DOWNLOAD_REASONS = {"timeout", "connection", "dns", "ssl", "too_large", "too_many_redirects",
                     "redirect_loop", "bad_redirect", "bad_scheme", "bad_url", "bad_response",
@@ -75,16 +76,16 @@ def check_lookahead(lookahead_bytes: int, workers: int, total_memory: int | None
     """Refuse a look-ahead that cannot be sensible: below 1 MB, or more, over all workers, than
     the machine's memory (`--lookahead-mb` x `--workers`)."""
     if lookahead_bytes < 1_000_000:
-        raise UserError(f"--lookahead-mb must be at least 1 (got {lookahead_bytes / 1e6:g} MB)")
+        raise ShardifyError(f"--lookahead-mb must be at least 1 (got {lookahead_bytes / 1e6:g} MB)")
     if total_memory is None:
         try:
             total_memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return  # unknown on this platform: nothing to check against
     if lookahead_bytes * workers > total_memory:
-        raise UserError(f"--lookahead-mb {lookahead_bytes // 1_000_000} x --workers {workers} = "
-                        f"{lookahead_bytes * workers / 1e9:.1f} GB is more than this machine's memory "
-                        f"({total_memory / 1e9:.1f} GB); lower --lookahead-mb")
+        raise ShardifyError(f"--lookahead-mb {lookahead_bytes // 1_000_000} x --workers {workers} = "
+                            f"{lookahead_bytes * workers / 1e9:.1f} GB is more than this machine's memory "
+                            f"({total_memory / 1e9:.1f} GB); lower --lookahead-mb")
 
 
 class NoHold:

@@ -13,8 +13,8 @@ import os
 
 import click
 
-from shardify.cli_common import check_reject_rate, job_options, report
-from shardify.download import DownloadConfig, check_lookahead
+from shardify.cli.common import check_reject_rate, job_options, report
+from shardify.download.fetcher import DownloadConfig, check_lookahead
 from shardify.images import DEFAULT_MAX_PIXELS
 from shardify.sources.pairs import DATASETS
 
@@ -33,7 +33,7 @@ def file_or_dir_location(path: str):
 def pairs_source(dataset: str, source_dir=None, revision=None, repo=None, image=None, download=None,
                  url_col=None, caption_col=None, subset=None):
     """Build the source of a pair dataset from a local copy or its hub repo."""
-    from shardify.records import UserError
+    from shardify.format import ShardifyError
     from shardify.sources.pairs import ImageOptions, source_class
     from shardify.storage import hub_location
 
@@ -43,22 +43,22 @@ def pairs_source(dataset: str, source_dir=None, revision=None, repo=None, image=
     else:
         repo_id = repo or cls.hub_id
         if not repo_id:
-            raise UserError(f"{dataset} has no default hub repo: pass --source DIR with a local copy "
-                            f"or --repo ID of a dataset repo in the same layout (docs/datasets/)")
+            raise ShardifyError(f"{dataset} has no default hub repo: pass --source DIR with a local copy "
+                                f"or --repo ID of a dataset repo in the same layout (docs/datasets/)")
         loc = hub_location(repo_id, revision)
     kwargs = {"image": image or ImageOptions()}
     if dataset in ("urls", "conceptual_captions", "sbu"):
         kwargs.update(download=download or DownloadConfig(), url_col=url_col, caption_col=caption_col,
                       subset=subset)
     elif url_col or caption_col or subset:
-        raise UserError("--url-col, --caption-col and --subset apply to URL lists only")
+        raise ShardifyError("--url-col, --caption-col and --subset apply to URL lists only")
     return cls(loc, **kwargs)
 
 
 def run_pairs(source, out, splits, job, max_reject_rate, retry_failed=False, echo=click.echo):
     """Run (or resume, or retry) a pairs job; print the reconciliation and, for URL lists, the
     download summary. Returns the manifest (None on a node of a multi-node job)."""
-    from shardify.download_retry import download_summary, prepare_retry
+    from shardify.download.retry import download_summary, prepare_retry
     from shardify.job import run_job
 
     if retry_failed:

@@ -14,8 +14,8 @@ import sys
 
 import click
 
+from shardify.format import ShardifyError
 from shardify.job import JobOptions, run_job
-from shardify.records import UserError
 from shardify.workers import Terminated, exit_if_stuck, exit_now, sigterm_interrupts
 
 
@@ -123,14 +123,14 @@ def check_reject_rate(manifest: dict, max_reject_rate: float) -> None:
 
 
 class FriendlyGroup(click.Group):
-    """A click group that prints UserError and OS errors as one line (exit 2), not a traceback;
+    """A click group that prints ShardifyError and OS errors as one line (exit 2), not a traceback;
     Ctrl-C and SIGTERM stop a command the same way (its workers killed, exit 130)."""
 
     def invoke(self, ctx):
         try:
             with sigterm_interrupts():
                 return super().invoke(ctx)
-        except UserError as exc:
+        except ShardifyError as exc:
             click.echo(f"error: {exc}", err=True)
             _exit(2)
         except OSError as exc:  # unwritable output, full disk, unreadable input: the user's to fix

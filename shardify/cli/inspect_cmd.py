@@ -58,9 +58,9 @@ def contact_sheet(out_dir, out_png, n: int = 32, split: str | None = None, thumb
     manifest, root = load_manifest(out_dir)
     split = split or ("train" if "train" in manifest["splits"] else next(iter(manifest["splits"])))
     if split not in manifest["splits"]:
-        from shardify.records import UserError
+        from shardify.format import ShardifyError
 
-        raise UserError(f"split {split!r} is not in the manifest (has: {', '.join(manifest['splits'])})")
+        raise ShardifyError(f"split {split!r} is not in the manifest (has: {', '.join(manifest['splits'])})")
     names = manifest.get("class_names") or manifest.get("classes") or []
     shards = [sh["name"] for sh in manifest["splits"][split]["shards"]]
     tiles = []

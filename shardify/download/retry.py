@@ -1,6 +1,6 @@
 """After a URL-list job: the download summary, and `--retry-failed` (which shards to rewrite).
 
-A row rejected for a download reason (shardify/download.py: `http_404`, `timeout`, ...) may
+A row rejected for a download reason (shardify/download/fetcher.py: `http_404`, `timeout`, ...) may
 succeed on a later run; its shard is made unfinished so that the rerun writes it again. Rows
 whose URL can never be fetched (`bad_scheme`: `file:`, `ftp:`, ...; `bad_url`: malformed) are
 not retryable: a rerun would give the same answer, so their shards are kept.
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from shardify import state
-from shardify.download import is_download_reason
+from shardify.download.fetcher import is_download_reason
 
 NOT_RETRYABLE = {"bad_scheme", "bad_url"}
 
