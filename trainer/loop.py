@@ -26,6 +26,7 @@ from trainer.checkpoint import CHECKPOINT_FORMAT, Checkpointer, rng_state, set_r
 from trainer.config import Config, save_config, task_class, to_dict
 from trainer.errors import UserError
 from trainer.logs import RunLogger, peak_memory_bytes
+from trainer.signals import STOPPED_EXIT_CODE, GracefulStop
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
@@ -46,11 +47,17 @@ class Trainer:
     `loader_factory(data_cfg, rank, world_size, device, kind)` replaces trainer.data.build_loader
     (benchmarks hand in a synthetic loader, tests a fault-injecting one). Nothing is written to
     out_dir before every part is built and the resume decision is made, so a refused run leaves
-    the run directory as it was."""
+    the run directory as it was.
 
-    def __init__(self, cfg: Config, loader_factory=None):
+    `stop` (trainer/signals.py) is where SIGTERM/SIGUSR1/SIGINT land: the CLI installs it before
+    building anything; without one, `train()` installs its own for the loop. After `train()`,
+    `stopped` names why it stopped early (None: it ran to the last step)."""
+
+    def __init__(self, cfg: Config, loader_factory=None, stop: GracefulStop | None = None):
         self.cfg = cfg
         self._init_distributed()
+        self.stop = stop or GracefulStop(verbose=self.is_main)
+        self.stopped: str | None = None
         self.out_dir = Path(cfg.out_dir)
         self._check_out_dir()
         if cfg.deterministic:
@@ -115,6 +122,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+        # the per-step stop vote is a CPU all-reduce: on NCCL a side gloo group, so reading the
+        # vote never waits for the GPU
+        self._vote_group = None
+        if self.world_size > 1 and dist.get_backend() != "gloo":
+            self._vote_group = dist.new_group(backend="gloo")
         self.is_main = self.rank == 0
 
     def _check_out_dir(self) -> None:
@@ -293,7 +305,35 @@ class Trainer:
             v = v.detach().float()
             sums[k] = sums[k] + v if k in sums else v.clone()
 
+    def _stop_agreed(self) -> bool:
+        """The stop vote at a step boundary, one small CPU all-reduce: every rank stops at the
+        same step if any rank was asked to (SLURM may signal one node before another)."""
+        asked = self.stop.requested is not None
+        if self.world_size == 1:
+            return asked
+        vote = torch.tensor([int(asked)], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._vote_group)
+        return bool(vote.item())
+
+    def _stop_here(self, sums: dict[str, torch.Tensor], n_micro: int) -> None:
+        """End the run early at this step boundary: one checkpoint (unless this step has one)."""
+        self._mean_losses(sums, n_micro)  # never checkpoint NaN weights
+        self.stopped = self.stop.requested or "a stop request on another rank"
+        if self._saved_step != self.step:
+            self.save()
+        self.logger.info(f"stopped by {self.stopped} at step {self.step} of {self.total_steps} with a checkpoint "
+                         f"in {self.checkpointer.dir}: exit status {STOPPED_EXIT_CODE}, continue with resume=auto")
+
     def train(self) -> None:
+        """Run to the last step, or to the step boundary where a stop was agreed (`stopped`)."""
+        with self.stop.installed_for():
+            self._train()
+        if self.world_size > 1:
+            # leave together: a rank tearing down gloo while rank 0 still writes the checkpoint
+            # aborted now and then ("terminate called without an active exception")
+            dist.barrier()
+
+    def _train(self) -> None:
         cfg = self.cfg
         accum = cfg.schedule.grad_accum
         log_every, ckpt_every = cfg.logging.every_steps, cfg.checkpoint.every_steps
@@ -307,6 +347,8 @@ class Trainer:
         t_start, step_start = t_last, self.step
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        if self._stop_agreed():  # asked during the setup: nothing new to save
+            return self._stop_here(sums, n_micro)
         while self.step < self.total_steps:
             batches = iter(self.loader)
             while self.step < self.total_steps:
@@ -343,6 +385,8 @@ class Trainer:
                     })
                     sums = {}
                     n_micro, wait, t_last, step_last = 0, 0.0, time.perf_counter(), self.step
+                if self.step < self.total_steps and self._stop_agreed():
+                    return self._stop_here(sums, n_micro)  # before validating: the grace time is short
                 if val_every and self.step % val_every == 0 and self.step < self.total_steps:
                     self.validate()
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
@@ -353,10 +397,6 @@ class Trainer:
             self.validate()
         if self._saved_step != self.step:  # same answer on every rank: save() is collective
             self.save()
-        if self.world_size > 1:
-            # leave together: a rank tearing down gloo while rank 0 still writes the checkpoint
-            # aborted now and then ("terminate called without an active exception")
-            dist.barrier()
 
     def validate(self) -> dict[str, float]:
         """The task's losses on the validation split (the whole split, or validation.max_batches),
