@@ -26,6 +26,7 @@ from trainer.checkpoint import CHECKPOINT_FORMAT, Checkpointer, rng_state, set_r
 from trainer.config import Config, save_config, task_class, to_dict
 from trainer.errors import UserError
 from trainer.logs import RunLogger, peak_memory_bytes
+from trainer.runlock import RunLock, remove_stale_tmp
 from trainer.signals import STOPPED_EXIT_CODE, GracefulStop
 
 
@@ -58,6 +59,7 @@ class Trainer:
         self._init_distributed()
         self.stop = stop or GracefulStop(verbose=self.is_main)
         self.stopped: str | None = None
+        self.run_lock: RunLock | None = None  # rank 0 holds out_dir's lock from _prepare_out_dir to close()
         self.out_dir = Path(cfg.out_dir)
         self._check_out_dir()
         if cfg.deterministic:
@@ -138,16 +140,44 @@ class Trainer:
                 break
 
     def _prepare_out_dir(self, ckpt_dir: Path) -> None:
-        """Create the run and checkpoint directories, write the resolved config and open the logs:
-        only once everything was built and the resume decision made."""
+        """Take the run lock, create the run and checkpoint directories, remove stale temporary
+        files, write the resolved config and open the logs: only once everything was built and
+        the resume decision made. Rank 0 does it; every rank gets its one-line error."""
+        error = None
         if self.is_main:
+            try:
+                self._claim_out_dir(ckpt_dir)
+            except UserError as e:
+                error = str(e)
+        if self.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise UserError(error)
+
+    def _claim_out_dir(self, ckpt_dir: Path) -> None:
+        if "://" not in str(self.cfg.out_dir):  # a local directory: one run at a time (trainer/runlock.py)
+            self.run_lock = RunLock(self.out_dir).acquire()
+        try:
             for what, d in (("out_dir", self.out_dir), ("checkpoint.dir", ckpt_dir)):
                 try:
                     d.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
                     raise UserError(f"cannot create {what} {d}: {e.strerror or e}") from None
-            save_config(self.cfg, self.out_dir / "config.yaml")
-        self.logger.open(resumed_step=self.step)
+            stale = remove_stale_tmp(self.out_dir, ckpt_dir)
+            if stale:
+                self.logger.info(f"removed {len(stale)} temporary file(s) left by killed writers ("
+                                 f"{sum(n for _, n in stale) / 2**20:.1f} MiB): {', '.join(p.name for p, _ in stale)}")
+            try:
+                save_config(self.cfg, self.out_dir / "config.yaml")
+                self.logger.open(resumed_step=self.step)
+            except OSError as e:
+                raise UserError(f"cannot write {e.filename or self.out_dir}: {e.strerror or e}") from None
+        except BaseException:
+            if self.run_lock is not None:
+                self.run_lock.release(remove_created=True)
+            raise
 
     def _build_loader(self, factory, data_cfg):
         try:
@@ -429,5 +459,7 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
