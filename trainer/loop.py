@@ -149,10 +149,7 @@ class Trainer:
                 self._claim_out_dir(ckpt_dir)
             except UserError as e:
                 error = str(e)
-        if self.world_size > 1:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
+        error = self._from_main(error)
         if error:
             raise UserError(error)
 
@@ -226,9 +223,34 @@ class Trainer:
             "rng": self._gather_rng(),
         }
 
+    def _from_main(self, value):
+        """Rank 0's `value` on every rank (a decision or an error message only rank 0 can know)."""
+        if self.world_size > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
+    def _write_checkpoint(self, write, resumable: bool = True) -> Path | None:
+        """Rank 0 writes (`write()`); every rank stops together with its one-line error (disk
+        full, ...), and after a good resumable write when log.jsonl could not be written
+        (trainer/logs.py)."""
+        path, error = None, None
+        try:
+            path = write()
+        except UserError as e:
+            error = str(e)
+        if error is None and resumable and self.logger.failure:
+            error = (f"{self.logger.failure}: stopped after writing checkpoint {path}; "
+                     f"free space, then continue with resume=auto")
+        error = self._from_main(error)
+        if error:
+            raise UserError(error)
+        return path
+
     def save(self) -> None:
         state = self.state_dict()  # every rank: the RNG gather is collective
-        path = self.checkpointer.save(state, self.step)
+        path = self._write_checkpoint(lambda: self.checkpointer.save(state, self.step))
         self._saved_step = self.step
         if path is not None:
             self.logger.info(f"checkpoint: {path}")
@@ -452,7 +474,7 @@ class Trainer:
                              "val_batches": n, "val_s": time.perf_counter() - t0, "best": improved})
         if improved:
             state = self.state_dict()  # every rank: the RNG gather is collective
-            path = self.checkpointer.save_best(state)
+            path = self._write_checkpoint(lambda: self.checkpointer.save_best(state), resumable=False)
             if path is not None:
                 self.logger.info(f"best checkpoint (val_loss {self.best_val:.5f}): {path}")
         return means
