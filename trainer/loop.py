@@ -399,8 +399,6 @@ class Trainer:
         t_start, step_start = t_last, self.step
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        if self._stop_agreed():  # asked during the setup: nothing new to save
-            return self._stop_here(sums, n_micro)
         while self.step < self.total_steps:
             batches = iter(self.loader)
             while self.step < self.total_steps:
@@ -437,8 +435,10 @@ class Trainer:
                     })
                     sums = {}
                     n_micro, wait, t_last, step_last = 0, 0.0, time.perf_counter(), self.step
+                # a stop asked for during setup lands here too, after the first step
                 if self.step < self.total_steps and self._stop_agreed():
-                    return self._stop_here(sums, n_micro)  # before validating: the grace time is short
+                    self._stop_here(sums, n_micro)  # before validating: the grace time is short
+                    return
                 if val_every and self.step % val_every == 0 and self.step < self.total_steps:
                     self.validate()
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
