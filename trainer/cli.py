@@ -34,12 +34,15 @@ def train(config_path: str, overrides: list[str], loader_factory=None) -> None:
     stop = GracefulStop(verbose=os.environ.get("RANK", "0") == "0").install()
     if launched_by_torchrun():
         die_with_parent()  # torchrun gone (e.g. killed by a signal it does not forward): stop too
-    cfg = load_config(config_path, overrides)
-    trainer = Trainer(cfg, loader_factory=loader_factory, stop=stop)
     try:
-        trainer.train()
+        cfg = load_config(config_path, overrides)
+        trainer = Trainer(cfg, loader_factory=loader_factory, stop=stop)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        stop.restore()  # the caller's handlers again (tests call this in-process)
     code = STOPPED_EXIT_CODE if trainer.stopped else 0
     if trainer.world_size > 1:
         exit_without_teardown(code)
