@@ -79,7 +79,8 @@ def _free_port() -> int:
 
 def real_job_env(tmp_path: Path, restart: int = 0) -> dict:
     """srun drops its options and runs the command; scontrol names this host and records every
-    other call in scontrol.log; $VENV/bin/torchrun is the real one."""
+    other call in scontrol.log; scancel records its call in scancel.log and signals the job step
+    (the batch shell's other children: torchrun), as SLURM does; $VENV/bin/torchrun is the real one."""
     from tests.test_train_ddp import TORCHRUN
 
     bin_dir, venv_bin = tmp_path / "bin", tmp_path / "venv" / "bin"
@@ -90,6 +91,9 @@ def real_job_env(tmp_path: Path, restart: int = 0) -> dict:
         (bin_dir / "scontrol").write_text(
             '#!/usr/bin/env bash\nif [[ $1 == show ]]; then echo 127.0.0.1; exit; fi\n'
             f'echo "$*" >> {tmp_path / "scontrol.log"}\n')
+        (bin_dir / "scancel").write_text(
+            f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "scancel.log"}\n'
+            'sig=${1#--signal=}\nfor p in $(pgrep -P "$PPID"); do [[ $p != $$ ]] && kill -s "$sig" "$p"; done\nexit 0\n')
         for p in bin_dir.iterdir():
             p.chmod(0o755)
         (venv_bin / "torchrun").symlink_to(TORCHRUN)
@@ -128,6 +132,7 @@ def test_usr1_at_the_batch_shell_checkpoints_and_requeues_once(tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 1, err[-3000:]  # torchrun's status after forwarding a signal
     assert "batch shell got SIGUSR1" in err and "stopped by SIGTERM at step" in err, err[-3000:]
+    assert (tmp_path / "scancel.log").read_text() == "--signal=TERM 4242\n"
     assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"  # exactly once, with the job id
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert len(ckpts) == 1 and ckpts[0] < "step_00000060.pt", ckpts
