@@ -94,6 +94,19 @@ def test_sigterm_single_process_exits_75(tmp_path, teacher):
     assert checkpoints(tmp_path / "run") == ["step_00000003.pt"]
 
 
+@pytest.mark.slow
+def test_sigterm_to_every_process_with_loader_workers(tmp_path, teacher):
+    """SLURM signals every process of a job step: the DataLoader workers (forked, with the
+    handler) keep serving until the loop stops; no 'worker exited unexpectedly'."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "FAKE_LOADER_SIGNAL_AT": "2:SIGTERM:group"}
+    cmd = [sys.executable, "-m", "tests.train_fixtures", str(DEMO_CONFIG),
+           *tiny_overrides(tmp_path, teacher, **{"data.num_workers": 2})]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=240, start_new_session=True)
+    assert r.returncode == STOPPED_EXIT_CODE, r.stderr[-3000:]
+    assert r.stderr.count("received SIGTERM") == 1 and "Traceback" not in r.stderr
+    assert checkpoints(tmp_path / "run") == ["step_00000003.pt"]
+
+
 _SECOND_SIGNAL = """
 import os, signal, sys, time
 from trainer.signals import GracefulStop, REPEAT_WINDOW_S

@@ -6,8 +6,8 @@ odd sizes), through the real streaming loader (`trainer.data.build_loader`).
 Fault injection for the kill-and-resume test: `python -m tests.train_fixtures CONFIG key=value...`
 trains through the real loader wrapped in a hook; with FAKE_LOADER_KILL_AT=N in the environment,
 the process SIGKILLs itself when asked for its N-th batch (counted from 0 over the whole run).
-With FAKE_LOADER_SIGNAL_AT=N:SIGNAME[:parent], rank 0 sends that signal to itself (or to its
-parent, e.g. torchrun) at its N-th batch and waits until the signal has reached it, so the stop
+With FAKE_LOADER_SIGNAL_AT=N:SIGNAME[:parent|:group], rank 0 sends that signal to itself (or to
+its parent, e.g. torchrun, or to its whole process group) at its N-th batch and waits until the signal has reached it, so the stop
 comes at a known step.
 """
 
@@ -62,7 +62,7 @@ class KillAt:
 
 
 def signal_at_from_env(served: int) -> None:
-    """FAKE_LOADER_SIGNAL_AT=N:SIGNAME[:parent] (rank 0 only): signal, then wait until it arrived."""
+    """FAKE_LOADER_SIGNAL_AT=N:SIGNAME[:parent|:group] (rank 0 only): signal, then wait until it arrived."""
     import time
 
     from trainer import signals
@@ -70,7 +70,11 @@ def signal_at_from_env(served: int) -> None:
     spec = os.environ.get("FAKE_LOADER_SIGNAL_AT", "").split(":")
     if len(spec) < 2 or int(spec[0]) != served or os.environ.get("RANK", "0") != "0":
         return
-    os.kill(os.getppid() if spec[2:] == ["parent"] else os.getpid(), getattr(signal, spec[1]))
+    sig = getattr(signal, spec[1])
+    if spec[2:] == ["group"]:  # every process of the group, loader workers too (as SLURM signals a job step)
+        os.killpg(os.getpgid(0), sig)
+    else:
+        os.kill(os.getppid() if spec[2:] == ["parent"] else os.getpid(), sig)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not ((s := signals.current()) and s.requested):
         time.sleep(0.02)

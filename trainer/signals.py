@@ -57,6 +57,7 @@ class GracefulStop:
         self.requested: str | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     @property
     def installed(self) -> bool:
@@ -66,6 +67,7 @@ class GracefulStop:
         global _current
         if self.installed or threading.current_thread() is not threading.main_thread():
             return self  # Python routes signals to the main thread only: a loop elsewhere polls nothing
+        self._pid = os.getpid()
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._handle)
         _current = self
@@ -96,6 +98,10 @@ class GracefulStop:
             self.requested, self._first_at = reason, time.monotonic()
 
     def _handle(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            # a forked DataLoader worker inherits this handler; SLURM signals every process of the
+            # step, workers included: they keep serving batches until the loop stops with them
+            return
         name = signal.Signals(signum).name
         if self.requested is None:
             self.request(name)
