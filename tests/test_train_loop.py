@@ -200,7 +200,8 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", torn_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="cannot write checkpoint .*step_00000002.pt: No space left on device "
+                                        r"\(the previous checkpoint step_00000001.pt is kept"):
         ck.save({"step": 2}, 2)
     assert [p.name for p in (tmp_path / "c").iterdir()] == ["step_00000001.pt"]
     assert ck.latest() == tmp_path / "c" / "step_00000001.pt"

@@ -6,6 +6,9 @@ odd sizes), through the real streaming loader (`trainer.data.build_loader`).
 Fault injection for the kill-and-resume test: `python -m tests.train_fixtures CONFIG key=value...`
 trains through the real loader wrapped in a hook; with FAKE_LOADER_KILL_AT=N in the environment,
 the process SIGKILLs itself when asked for its N-th batch (counted from 0 over the whole run).
+With FAKE_LOADER_SIGNAL_AT=N:SIGNAME[:parent|:group], rank 0 sends that signal to itself (or to
+its parent, e.g. torchrun, or to its whole process group) at its N-th batch and waits until the signal has reached it, so the stop
+comes at a known step.
 """
 
 from __future__ import annotations
@@ -53,8 +56,28 @@ class KillAt:
         for batch in self.inner:
             if self.served == self.kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
+            signal_at_from_env(self.served)
             self.served += 1
             yield batch
+
+
+def signal_at_from_env(served: int) -> None:
+    """FAKE_LOADER_SIGNAL_AT=N:SIGNAME[:parent|:group] (rank 0 only): signal, then wait until it arrived."""
+    import time
+
+    from trainer import signals
+
+    spec = os.environ.get("FAKE_LOADER_SIGNAL_AT", "").split(":")
+    if len(spec) < 2 or int(spec[0]) != served or os.environ.get("RANK", "0") != "0":
+        return
+    sig = getattr(signal, spec[1])
+    if spec[2:] == ["group"]:  # every process of the group, loader workers too (as SLURM signals a job step)
+        os.killpg(os.getpgid(0), sig)
+    else:
+        os.kill(os.getppid() if spec[2:] == ["parent"] else os.getpid(), sig)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not ((s := signals.current()) and s.requested):
+        time.sleep(0.02)
 
 
 def build_real_loader(cfg, rank, world_size, device, kind):

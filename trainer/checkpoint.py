@@ -6,7 +6,8 @@ and every rank's RNG states; and a self-description (task name, resolved config,
 architecture) from which `trainer export` rebuilds the student without the teacher file.
 The one with the lowest validation loss is also kept as `best.pt`, outside the keep-last-K
 rotation. Files are written to a temporary name, fsynced and renamed, so a run killed
-mid-write never leaves a file that `resume=auto` would pick up half-written.
+mid-write never leaves a file that `resume=auto` would pick up half-written. A write that fails
+(disk full, quota) is one UserError naming the file; the previous checkpoint stays.
 
 Checkpoints are read with `torch.load(weights_only=True)`: tensors, numbers, strings and
 containers only, so loading a checkpoint someone sent never runs code from its pickle.
@@ -57,23 +58,53 @@ def _as_tuples(x):
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def _write_atomic(state: dict, final: Path) -> None:
+class _KeepWriteError:
+    """The file torch.save writes through, keeping the first OSError of a write: torch turns it
+    into a RuntimeError that names neither the cause nor the file ("[enforce fail at
+    inline_container.cc:672] . unexpected pos")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_atomic(state: dict, final: Path, kept: str = "") -> None:
+    """Write, fsync, rename. A failed write (disk full, signal) leaves nothing behind; an
+    OSError anywhere (ENOSPC, EDQUOT, EIO, ...) is one UserError naming the file, with `kept`
+    (what is still there) appended."""
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    sink = None
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full, signal) leaves nothing behind
-        raise
-    # make the rename itself durable before anything older is deleted
-    dir_fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        try:
+            with open(tmp, "wb") as f:
+                sink = _KeepWriteError(f)
+                torch.save(state, sink)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        # make the rename itself durable before anything older is deleted
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as e:
+        cause = e if isinstance(e, OSError) else (sink.error if sink is not None else None)
+        if cause is None:
+            raise  # not an I/O error: a bug, keep its traceback
+        raise UserError(f"cannot write checkpoint {final}: {cause.strerror or cause}{kept}") from None
 
 
 class Checkpointer:
@@ -101,9 +132,8 @@ class Checkpointer:
     def save(self, state: dict, step: int) -> Path | None:
         if not self.is_main:
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
         final = self.path_for(step)
-        _write_atomic(state, final)
+        self._write(state, final)
         for old in self.list()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return final
@@ -116,9 +146,18 @@ class Checkpointer:
         """Replace best.pt (kept whatever keep_last says)."""
         if not self.is_main:
             return None
-        self.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(state, self.best_path)
+        self._write(state, self.best_path)
         return self.best_path
+
+    def _write(self, state: dict, final: Path) -> None:
+        prev = self.latest()
+        kept = (f" (the previous checkpoint {prev.name} is kept: free space, then continue with resume=auto)"
+                if prev is not None else "")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create checkpoint directory {self.dir}: {e.strerror or e}") from None
+        _write_atomic(state, final, kept)
 
     @staticmethod
     def load(path: str | Path) -> dict:

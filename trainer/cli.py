@@ -5,7 +5,8 @@
     trainer make-demo-teacher OUT.pt [--kind data2vec2|beitv2 --dim 64 --depth 4 --heads 4 --patch 8 --img-size 32]
 
 User mistakes (bad config key, bad path, missing checkpoint, NaN loss) print one line
-`error: ...` and exit with status 2; anything else is a bug and keeps its traceback.
+`error: ...` and exit with status 2; anything else is a bug and keeps its traceback. A training
+run stopped by SIGTERM, SIGUSR1 or SIGINT writes a checkpoint and exits with status 75.
 """
 
 from __future__ import annotations
@@ -20,22 +21,38 @@ from trainer.report import report_command
 
 
 def train(config_path: str, overrides: list[str], loader_factory=None) -> None:
-    """Parse, build, train, close. `loader_factory` replaces trainer.data.build_loader."""
+    """Parse, build, train, close. `loader_factory` replaces trainer.data.build_loader.
+
+    SIGTERM/SIGUSR1/SIGINT from here on stop the run at the next step boundary with a
+    checkpoint, and the process exits with STOPPED_EXIT_CODE (trainer/signals.py)."""
+    import os
+
     from trainer.config import load_config
     from trainer.loop import Trainer
+    from trainer.signals import STOPPED_EXIT_CODE, GracefulStop, die_with_parent, launched_by_torchrun
 
-    cfg = load_config(config_path, overrides)
-    trainer = Trainer(cfg, loader_factory=loader_factory)
+    stop = GracefulStop(verbose=os.environ.get("RANK", "0") == "0").install()
+    if launched_by_torchrun():
+        die_with_parent()  # torchrun gone (e.g. killed by a signal it does not forward): stop too
     try:
-        trainer.train()
+        cfg = load_config(config_path, overrides)
+        trainer = Trainer(cfg, loader_factory=loader_factory, stop=stop)
+        try:
+            trainer.train()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        stop.restore()  # the caller's handlers again (tests call this in-process)
+    code = STOPPED_EXIT_CODE if trainer.stopped else 0
     if trainer.world_size > 1:
-        exit_without_teardown()
+        exit_without_teardown(code)
+    if code:
+        sys.exit(code)
 
 
-def exit_without_teardown() -> None:
-    """End a finished multi-process run here, status 0, skipping interpreter teardown.
+def exit_without_teardown(code: int = 0) -> None:
+    """End a finished (or stopped) multi-process run here with status `code`, skipping
+    interpreter teardown.
 
     Every rank has passed the final barrier, the checkpoint and logs are closed and the process
     group is destroyed. But torch's gloo group stays alive after `destroy_process_group` once a
@@ -50,7 +67,7 @@ def exit_without_teardown() -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 def resolved_config_yaml(config_path: str, overrides: list[str]) -> str:

@@ -6,10 +6,15 @@ Every record carries a UTC timestamp (`time`); training records also carry every
 returned, elapsed seconds and an ETA. Validation records hold `val_*` keys. After a resume,
 the rows of steps later than the checkpoint (logged before the crash, about to be trained again)
 are dropped from log.jsonl, so each step appears once.
+
+A failed write to log.jsonl (disk full) does not end training mid-step: the logger says so once,
+keeps the reason in `failure`, and the loop stops the run at its next checkpoint. The console
+is best effort: a full disk under the job's output file never stops a run either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -60,6 +65,13 @@ def format_val_record(r: dict) -> str:
     return " | ".join(parts)
 
 
+def _console(msg: str, stream) -> None:
+    try:
+        print(msg, file=stream, flush=True)
+    except OSError:
+        pass  # the job's output file is on a full disk: log.jsonl and the checkpoints say the rest
+
+
 def drop_rows_after(path: Path, step: int) -> int:
     """Rewrite a JSONL log without the rows of steps after `step` (atomically); returns how
     many rows were dropped. Lines that are not JSON (a torn last line) are dropped too."""
@@ -78,8 +90,12 @@ def drop_rows_after(path: Path, step: int) -> int:
             kept.append(line)
     if dropped:
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text("".join(x + "\n" for x in kept))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(x + "\n" for x in kept))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. disk full: the log stays as it was
+            raise
     return dropped
 
 
@@ -93,6 +109,7 @@ class RunLogger:
         self.cfg = cfg
         self.jsonl = None
         self.tb = None
+        self.failure: str | None = None  # why log.jsonl stopped being written (None: it is fine)
 
     def open(self, resumed_step: int = 0) -> None:
         if not self.enabled:
@@ -114,32 +131,44 @@ class RunLogger:
 
     def info(self, msg: str) -> None:
         if self.enabled:
-            print(msg, file=sys.stderr, flush=True)
+            _console(msg, sys.stderr)
 
     def _write(self, record: dict, tb_prefix: str) -> None:
         record = {**record, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         if self.jsonl is not None:
-            self.jsonl.write(json.dumps(record) + "\n")
+            try:
+                self.jsonl.write(json.dumps(record) + "\n")
+            except OSError as e:
+                self._jsonl_failed(e, record["step"])
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "total_steps", "best") and isinstance(v, (int, float)):
                     self.tb.add_scalar(f"{tb_prefix}/{k}", v, record["step"])
 
+    def _jsonl_failed(self, e: OSError, step: int) -> None:
+        path = self.out_dir / "log.jsonl"
+        self.failure = f"cannot write {path} ({e.strerror or e}) since step {step}"
+        self.info(f"warning: {self.failure}; training goes on and stops at the next checkpoint")
+        with contextlib.suppress(OSError):
+            self.jsonl.close()  # flushing what is buffered may fail the same way
+        self.jsonl = None
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        print(format_record(record), flush=True)
+        _console(format_record(record), sys.stdout)
         self._write(record, "train")
 
     def log_val(self, record: dict) -> None:
         if not self.enabled:
             return
-        print(format_val_record(record), flush=True)
+        _console(format_val_record(record), sys.stdout)
         self._write(record, "val")
 
     def close(self) -> None:
         if self.jsonl is not None:
-            self.jsonl.close()
+            with contextlib.suppress(OSError):  # already reported through `failure` if it failed
+                self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         self.jsonl = self.tb = None

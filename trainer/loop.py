@@ -26,6 +26,8 @@ from trainer.checkpoint import CHECKPOINT_FORMAT, Checkpointer, rng_state, set_r
 from trainer.config import Config, save_config, task_class, to_dict
 from trainer.errors import UserError
 from trainer.logs import RunLogger, peak_memory_bytes
+from trainer.runlock import RunLock, remove_stale_tmp
+from trainer.signals import STOPPED_EXIT_CODE, GracefulStop
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
@@ -46,11 +48,18 @@ class Trainer:
     `loader_factory(data_cfg, rank, world_size, device, kind)` replaces trainer.data.build_loader
     (benchmarks hand in a synthetic loader, tests a fault-injecting one). Nothing is written to
     out_dir before every part is built and the resume decision is made, so a refused run leaves
-    the run directory as it was."""
+    the run directory as it was.
 
-    def __init__(self, cfg: Config, loader_factory=None):
+    `stop` (trainer/signals.py) is where SIGTERM/SIGUSR1/SIGINT land: the CLI installs it before
+    building anything; without one, `train()` installs its own for the loop. After `train()`,
+    `stopped` names why it stopped early (None: it ran to the last step)."""
+
+    def __init__(self, cfg: Config, loader_factory=None, stop: GracefulStop | None = None):
         self.cfg = cfg
         self._init_distributed()
+        self.stop = stop or GracefulStop(verbose=self.is_main)
+        self.stopped: str | None = None
+        self.run_lock: RunLock | None = None  # rank 0 holds out_dir's lock from _prepare_out_dir to close()
         self.out_dir = Path(cfg.out_dir)
         self._check_out_dir()
         if cfg.deterministic:
@@ -115,6 +124,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+        # the per-step stop vote is a CPU all-reduce: on NCCL a side gloo group, so reading the
+        # vote never waits for the GPU
+        self._vote_group = None
+        if self.world_size > 1 and dist.get_backend() != "gloo":
+            self._vote_group = dist.new_group(backend="gloo")
         self.is_main = self.rank == 0
 
     def _check_out_dir(self) -> None:
@@ -126,16 +140,41 @@ class Trainer:
                 break
 
     def _prepare_out_dir(self, ckpt_dir: Path) -> None:
-        """Create the run and checkpoint directories, write the resolved config and open the logs:
-        only once everything was built and the resume decision made."""
+        """Take the run lock, create the run and checkpoint directories, remove stale temporary
+        files, write the resolved config and open the logs: only once everything was built and
+        the resume decision made. Rank 0 does it; every rank gets its one-line error."""
+        error = None
         if self.is_main:
+            try:
+                self._claim_out_dir(ckpt_dir)
+            except UserError as e:
+                error = str(e)
+        error = self._from_main(error)
+        if error:
+            raise UserError(error)
+
+    def _claim_out_dir(self, ckpt_dir: Path) -> None:
+        if "://" not in str(self.cfg.out_dir):  # a local directory: one run at a time (trainer/runlock.py)
+            self.run_lock = RunLock(self.out_dir).acquire()
+        try:
             for what, d in (("out_dir", self.out_dir), ("checkpoint.dir", ckpt_dir)):
                 try:
                     d.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
                     raise UserError(f"cannot create {what} {d}: {e.strerror or e}") from None
-            save_config(self.cfg, self.out_dir / "config.yaml")
-        self.logger.open(resumed_step=self.step)
+            stale = remove_stale_tmp(self.out_dir, ckpt_dir)
+            if stale:
+                self.logger.info(f"removed {len(stale)} temporary file(s) left by killed writers ("
+                                 f"{sum(n for _, n in stale) / 2**20:.1f} MiB): {', '.join(p.name for p, _ in stale)}")
+            try:
+                save_config(self.cfg, self.out_dir / "config.yaml")
+                self.logger.open(resumed_step=self.step)
+            except OSError as e:
+                raise UserError(f"cannot write {e.filename or self.out_dir}: {e.strerror or e}") from None
+        except BaseException:
+            if self.run_lock is not None:
+                self.run_lock.release(remove_created=True)
+            raise
 
     def _build_loader(self, factory, data_cfg):
         try:
@@ -184,9 +223,34 @@ class Trainer:
             "rng": self._gather_rng(),
         }
 
+    def _from_main(self, value):
+        """Rank 0's `value` on every rank (a decision or an error message only rank 0 can know)."""
+        if self.world_size > 1:
+            box = [value]
+            dist.broadcast_object_list(box, src=0)
+            value = box[0]
+        return value
+
+    def _write_checkpoint(self, write, resumable: bool = True) -> Path | None:
+        """Rank 0 writes (`write()`); every rank stops together with its one-line error (disk
+        full, ...), and after a good resumable write when log.jsonl could not be written
+        (trainer/logs.py)."""
+        path, error = None, None
+        try:
+            path = write()
+        except UserError as e:
+            error = str(e)
+        if error is None and resumable and self.logger.failure:
+            error = (f"{self.logger.failure}: stopped after writing checkpoint {path}; "
+                     f"free space, then continue with resume=auto")
+        error = self._from_main(error)
+        if error:
+            raise UserError(error)
+        return path
+
     def save(self) -> None:
         state = self.state_dict()  # every rank: the RNG gather is collective
-        path = self.checkpointer.save(state, self.step)
+        path = self._write_checkpoint(lambda: self.checkpointer.save(state, self.step))
         self._saved_step = self.step
         if path is not None:
             self.logger.info(f"checkpoint: {path}")
@@ -293,7 +357,35 @@ class Trainer:
             v = v.detach().float()
             sums[k] = sums[k] + v if k in sums else v.clone()
 
+    def _stop_agreed(self) -> bool:
+        """The stop vote at a step boundary, one small CPU all-reduce: every rank stops at the
+        same step if any rank was asked to (SLURM may signal one node before another)."""
+        asked = self.stop.requested is not None
+        if self.world_size == 1:
+            return asked
+        vote = torch.tensor([int(asked)], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._vote_group)
+        return bool(vote.item())
+
+    def _stop_here(self, sums: dict[str, torch.Tensor], n_micro: int) -> None:
+        """End the run early at this step boundary: one checkpoint (unless this step has one)."""
+        self._mean_losses(sums, n_micro)  # never checkpoint NaN weights
+        self.stopped = self.stop.requested or "a stop request on another rank"
+        if self._saved_step != self.step:
+            self.save()
+        self.logger.info(f"stopped by {self.stopped} at step {self.step} of {self.total_steps} with a checkpoint "
+                         f"in {self.checkpointer.dir}: exit status {STOPPED_EXIT_CODE}, continue with resume=auto")
+
     def train(self) -> None:
+        """Run to the last step, or to the step boundary where a stop was agreed (`stopped`)."""
+        with self.stop.installed_for():
+            self._train()
+        if self.world_size > 1:
+            # leave together: a rank tearing down gloo while rank 0 still writes the checkpoint
+            # aborted now and then ("terminate called without an active exception")
+            dist.barrier()
+
+    def _train(self) -> None:
         cfg = self.cfg
         accum = cfg.schedule.grad_accum
         log_every, ckpt_every = cfg.logging.every_steps, cfg.checkpoint.every_steps
@@ -343,6 +435,10 @@ class Trainer:
                     })
                     sums = {}
                     n_micro, wait, t_last, step_last = 0, 0.0, time.perf_counter(), self.step
+                # a stop asked for during setup lands here too, after the first step
+                if self.step < self.total_steps and self._stop_agreed():
+                    self._stop_here(sums, n_micro)  # before validating: the grace time is short
+                    return
                 if val_every and self.step % val_every == 0 and self.step < self.total_steps:
                     self.validate()
                 if ckpt_every and self.step % ckpt_every == 0 and self.step < self.total_steps:
@@ -353,10 +449,6 @@ class Trainer:
             self.validate()
         if self._saved_step != self.step:  # same answer on every rank: save() is collective
             self.save()
-        if self.world_size > 1:
-            # leave together: a rank tearing down gloo while rank 0 still writes the checkpoint
-            # aborted now and then ("terminate called without an active exception")
-            dist.barrier()
 
     def validate(self) -> dict[str, float]:
         """The task's losses on the validation split (the whole split, or validation.max_batches),
@@ -382,12 +474,14 @@ class Trainer:
                              "val_batches": n, "val_s": time.perf_counter() - t0, "best": improved})
         if improved:
             state = self.state_dict()  # every rank: the RNG gather is collective
-            path = self.checkpointer.save_best(state)
+            path = self._write_checkpoint(lambda: self.checkpointer.save_best(state), resumable=False)
             if path is not None:
                 self.logger.info(f"best checkpoint (val_loss {self.best_val:.5f}): {path}")
         return means
 
     def close(self) -> None:
         self.logger.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()

@@ -31,16 +31,24 @@ _KNOWN = {
 
 
 def read_log(run_dir: Path) -> list[dict]:
+    """The records of log.jsonl. A last line cut off (a crash or a full disk while writing) is
+    skipped with a note; a bad line anywhere else is an error."""
     path = run_dir / "log.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir} has no log.jsonl: is it a run directory of `trainer train`?")
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines, 1) if line.strip()), default=0)
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except ValueError:
+            if n == last:
+                click.echo(f"note: {path}:{n}: the last line is cut off (the run was killed or the disk was "
+                           f"full while writing it); skipped", err=True)
+                continue
             raise UserError(f"{path}:{n}: not a JSON line") from None
         if isinstance(rec, dict) and "step" in rec:
             records.append(rec)
