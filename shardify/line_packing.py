@@ -98,4 +98,4 @@ def decode_lines(payload: bytes) -> list[np.ndarray]:
     lengths = arr[1:1 + n].astype(np.int64)
     ends = np.cumsum(lengths) + 1 + n
     starts = ends - lengths
-    return [arr[a:b] for a, b in zip(starts, ends)]
+    return [arr[a:b] for a, b in zip(starts, ends, strict=True)]

@@ -17,13 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from shardify import tokenize as tk
 from shardify.format import SpecialIds
 from shardify.inspect_cmd import summary
 from shardify.job import JobOptions, run_job
 from shardify.line_packing import LinePacker
 from shardify.sources.openwebtext import OpenWebTextSource
 from shardify.storage import local_location
-from shardify import tokenize as tk
 from shardify.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,9 +69,9 @@ def thesis_clean(doc: bytes) -> list[str]:
     return out
 
 
-def thesis_blocks(docs: list[bytes], tokenizer, max_seq_length: int) -> tuple[list[list[int]], list[list[int]]]:
+def thesis_blocks(docs: list[bytes], tokenizer, max_seq_length: int):  # noqa: C901  (the thesis, verbatim)
     """masked_lm.py: tokenise each line (`tokenize_line`), index it, `build_sequences`, then
-    `__getitem__` for every item. Returns (texts, padding masks)."""
+    `__getitem__` for every item. Returns (texts, padding masks), lists of lists of ints."""
     flat: list[int] = []
     index: list[tuple[int, int]] = []  # (offset in tokens, length), the .idx file
     for doc in docs:
@@ -143,7 +143,7 @@ def test_blocks_equal_the_thesis_greedy_line_packing(packed):
     got = read_blocks(packed["out"], "train")
     assert [m["block"] for m, _ in got] == list(range(len(got)))
     assert len(got) == len(want_ids) > 50
-    for (meta, arr), ids, mask in zip(got, want_ids, want_masks):
+    for (meta, arr), ids, mask in zip(got, want_ids, want_masks, strict=True):
         assert arr.tolist() == ids
         assert meta["tokens"] == sum(1 for x in mask if x == 0) - 2
     # the data exercises every rule: padded blocks, long lines cut, blocks of several lines
@@ -159,7 +159,8 @@ def test_manifest_records_packing_padding_share_and_blocks(packed):
     share = sum(sum(m) for m in want_masks) / (len(want_masks) * BLOCK)
     assert tokens["packing"] == "lines" and tokens["blocks"] == len(want_ids)
     assert tokens["padding_share"] == pytest.approx(share, abs=1e-6) and 0.05 < share < 0.9
-    assert manifest["tokenizer"]["packing"] == "lines" and "whole cleaned lines" in manifest["tokenizer"]["packing_rule"]
+    tok = manifest["tokenizer"]
+    assert tok["packing"] == "lines" and "whole cleaned lines" in tok["packing_rule"]
     assert manifest["options"]["packing"] == "lines"
     assert f"padding {100 * share:.1f}% of the positions" in summary(packed["out"])
     assert "lines packing" in summary(packed["out"])

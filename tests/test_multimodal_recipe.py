@@ -42,7 +42,8 @@ def test_new_weights_are_init_bert_params(world, tmp_path):  # noqa: F811
     assert all((b == 0).all() for b in biases)
     for ln in [sub for sub in s.shared.modules() if isinstance(sub, nn.LayerNorm)] + [s.fc_norm]:
         assert (ln.weight == 1).all() and (ln.bias == 0).all()
-    assert torch.allclose(s.tte_scale.gamma, torch.full_like(s.tte_scale.gamma, task.cfg.task_cfg.model.token_type_scale))
+    tte = task.cfg.task_cfg.model.token_type_scale
+    assert torch.allclose(s.tte_scale.gamma, torch.full_like(s.tte_scale.gamma, tte))
 
 
 def thesis_kd_clip_loss(img, txt, target, logit_scale):

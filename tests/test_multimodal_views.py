@@ -179,7 +179,7 @@ def test_resume_gives_the_same_views(shards):
     resumed.load_state_dict(state)
     rest = [(b["key"], b["image_teacher"]) for b in resumed]
     assert len(rest) == len(full) - 1
-    for (ka, xa), (kb, xb) in zip(full[1:], rest):
+    for (ka, xa), (kb, xb) in zip(full[1:], rest, strict=True):
         assert ka == kb and torch.equal(xa, xb)
 
 
@@ -193,8 +193,9 @@ def test_gpu_style_path_cuts_the_same_two_views(shards, monkeypatch):
     cpu_batches = list(BatchStream(ld.sources, cfg, "image_text", 0, 1, 0, 0, False))
     gpu_batches = list(BatchStream(ld.sources, cfg, "image_text", 0, 1, 0, 0, True))
     assert len(cpu_batches) == len(gpu_batches) == 3
-    for wc, wg in zip(cpu_batches, gpu_batches):
-        assert torch.equal(wc["box_teacher"], wg["box_teacher"]) and torch.equal(wc["jitter_teacher"], wg["jitter_teacher"])
+    for wc, wg in zip(cpu_batches, gpu_batches, strict=True):
+        assert torch.equal(wc["box_teacher"], wg["box_teacher"])
+        assert torch.equal(wc["jitter_teacher"], wg["jitter_teacher"])
         ld.gpu_decode = False
         oc = ld._device_stage(wc)
         ld.gpu_decode = True

@@ -185,7 +185,7 @@ class _Streamer:
         the payload keeps the line lengths (line_packing.encode_lines)."""
         lines = [text.splitlines() if text is not None else [] for _, _, text, _ in batch]
         encoded = iter(tk.encode_texts(tok, [ln for doc in lines for ln in doc]))
-        for (key, origin, text, meta), doc in zip(batch, lines):
+        for (key, origin, text, meta), doc in zip(batch, lines, strict=True):
             if text is None:
                 yield key, origin, b"", meta
                 continue

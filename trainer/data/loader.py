@@ -41,7 +41,7 @@ from .augment import finish, resized_crops, to_device
 from .decode import decode_cuda
 from .order import Deal, epoch_counts, epoch_steps, load_source
 from .stream import BatchStream
-from .views import teacher_augment
+from .views import check_teacher_view, teacher_augment
 
 log = logging.getLogger(__name__)
 
@@ -317,11 +317,7 @@ def _check(cfg, rank: int, world_size: int, kind: str) -> None:
         raise ValueError(f"data.output_dtype must be float32 or bfloat16, got {cfg.output_dtype!r}")
     if cfg.augment.interpolation not in ("bilinear", "bicubic"):
         raise ValueError(f"augment.interpolation must be bilinear or bicubic, got {cfg.augment.interpolation!r}")
-    if cfg.teacher_view and kind != "image_text":
-        raise ValueError(f"data.teacher_view: a teacher's own view is for image_text data, not {kind}")
-    if cfg.teacher_view and cfg.teacher_augment.interpolation not in ("bilinear", "bicubic"):
-        raise ValueError("data.teacher_augment.interpolation must be bilinear or bicubic, "
-                         f"got {cfg.teacher_augment.interpolation!r}")
+    check_teacher_view(cfg, kind)
     if kind == "image_text" and not cfg.tokenizer:
         raise ValueError("data.tokenizer is empty: image_text batches need it to tokenise captions")
 

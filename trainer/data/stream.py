@@ -184,20 +184,8 @@ class BatchStream(IterableDataset):
         timgs: list = [None] * B
         if not self.gpu_decode:
             for b in range(B):
-                if not ok[b]:
-                    continue
-                try:
-                    if tpar is None:
-                        imgs[b] = cpu_decode_crop(raw[b][1]["jpg"], *sizes[b], par.box[b], bool(par.flip[b]),
-                                                  aug.size, aug.interpolation)
-                    else:
-                        imgs[b], timgs[b] = cpu_decode_views(
-                            raw[b][1]["jpg"], *sizes[b],
-                            [(par.box[b], par.flip[b], aug.size, aug.interpolation),
-                             (tpar.box[b], tpar.flip[b], taug.size, taug.interpolation)])
-                except (ValueError, RuntimeError) as e:  # simplejpeg raises ValueError on bad data
-                    raw[b] = Corrupt(raw[b][0], f"jpg decode: {e}")
-                    ok[b] = False
+                if ok[b]:
+                    ok[b] = self._cpu_decode(raw, b, sizes[b], par, tpar, taug, imgs, timgs)
         for r in raw:
             if isinstance(r, Corrupt):
                 corrupt.append((r.key, r.reason))
@@ -237,6 +225,23 @@ class BatchStream(IterableDataset):
             ids_, mask = self._captions([s[1]["txt"] for s in src])
             out["input_ids"], out["padding_mask"] = ids_, mask
             out["image_id"] = [_image_id(s[0], s[1].get("json")) for s in src]
+
+    def _cpu_decode(self, raw: list, b: int, hw, par, tpar, taug, imgs: list, timgs: list) -> bool:
+        """The CPU path for sample b: imgs[b] (and timgs[b], the teacher's view) as uint8 crops;
+        False, with raw[b] replaced by a Corrupt, when the JPEG does not decode."""
+        aug = self.cfg.augment
+        try:
+            if tpar is None:
+                imgs[b] = cpu_decode_crop(raw[b][1]["jpg"], *hw, par.box[b], bool(par.flip[b]), aug.size,
+                                          aug.interpolation)
+            else:  # one decode, two views
+                imgs[b], timgs[b] = cpu_decode_views(raw[b][1]["jpg"], *hw,
+                                                     [(par.box[b], par.flip[b], aug.size, aug.interpolation),
+                                                      (tpar.box[b], tpar.flip[b], taug.size, taug.interpolation)])
+        except (ValueError, RuntimeError) as e:  # simplejpeg raises ValueError on bad data
+            raw[b] = Corrupt(raw[b][0], f"jpg decode: {e}")
+            return False
+        return True
 
     def _captions(self, texts: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.cfg.text_max_len

@@ -28,6 +28,17 @@ def teacher_augment(cfg):
     return replace(cfg.teacher_augment, train=cfg.augment.train)
 
 
+def check_teacher_view(cfg, kind: str) -> None:
+    """ValueError, naming the key, for a teacher view the loader cannot cut."""
+    if not cfg.teacher_view:
+        return
+    if kind != "image_text":
+        raise ValueError(f"data.teacher_view: a teacher's own view is for image_text data, not {kind}")
+    if cfg.teacher_augment.interpolation not in ("bilinear", "bicubic"):
+        raise ValueError("data.teacher_augment.interpolation must be bilinear or bicubic, "
+                         f"got {cfg.teacher_augment.interpolation!r}")
+
+
 def scaled_box(box, H: int, W: int, f: int) -> tuple[int, int, int, int]:
     """A box of the H x W image on the image decoded at 1/f (libjpeg rounds the size up); the
     same mapping as the single-view `decode.cpu_decode_crop`."""
