@@ -93,6 +93,7 @@ def main() -> None:
         f"text_tower.path={bert}", f"text_tower.depth={depth}", f"teacher.checkpoint={beit}",
         f"model.num_heads={heads}", f"loss.memory_bank_size={args.bank}", f"out_dir={out / 'run'}",
         *gpu_overrides(args), f"data.batch_size={args.batch}", f"data.augment.size={img}",
+        f"data.teacher_augment.size={img}",
         "data.output_dtype=bfloat16",
     ]
     if args.shards:

@@ -5,6 +5,7 @@ SIGKILLed run resumed to the same parameters and bank as an uninterrupted one.""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -42,6 +43,7 @@ def overrides(world, out: Path, **extra) -> list[str]:
         "data.text_max_len": 12,
         "data.batch_size": 8,
         "data.augment.size": 16,
+        "data.teacher_augment.size": 16,
         "image_tower.checkpoint": str(world["d2v2"]),
         "text_tower.path": str(world["bert"]),
         "teacher.checkpoint": str(world["beitv2"]),
@@ -65,6 +67,7 @@ def cfg_of(world, tmp_path, **extra):
 
 @pytest.mark.parametrize("override,key", [
     ({"data.augment.size": 24}, "data.augment.size"),
+    ({"data.teacher_augment.size": 24}, "data.teacher_augment.size"),
     ({"data.text_max_len": 100}, "data.text_max_len"),  # the tiny BERT has 64 positions
     ({"image_tower.depth": 9}, "image_tower.depth"),
     ({"text_tower.depth": 9}, "text_tower.depth"),
@@ -113,7 +116,7 @@ def _train_fixed(task, steps: int, lr: float = 5e-3) -> list[float]:
 
 def test_loss_falls_on_a_fixed_batch_and_the_kd_temperature_learns(world, tmp_path):
     torch.set_num_threads(1)
-    task = MultimodalTask(cfg_of(world, tmp_path), torch.device("cpu"))
+    task = MultimodalTask(cfg_of(world, tmp_path, **{"loss.learn_kd_temperature": True}), torch.device("cpu"))
     assert task.teacher.training is False and not any(p.requires_grad for p in task.teacher.parameters())
     t0 = task.student.kd_logit_scale.item()
     losses = _train_fixed(task, 25)
@@ -128,14 +131,17 @@ def test_loss_falls_on_a_fixed_batch_and_the_kd_temperature_learns(world, tmp_pa
     assert task.student.logit_scales.max().item() == pytest.approx(4.6051702)
     assert task.student.kd_logit_scale.item() == 0.0
 
-    frozen = MultimodalTask(cfg_of(world, tmp_path, **{"loss.learn_kd_temperature": False}), torch.device("cpu"))
+    # the default, as the thesis ran it: fixed at 0.07, outside the optimiser
+    frozen = MultimodalTask(cfg_of(world, tmp_path), torch.device("cpu"))
     t0 = frozen.student.kd_logit_scale.item()
+    assert t0 == pytest.approx(math.log(1 / 0.07)) and not frozen.student.kd_logit_scale.requires_grad
+    assert frozen.student.logit_scales.requires_grad  # the ITC logit scales still learn
     _train_fixed(frozen, 3)
     assert frozen.student.kd_logit_scale.item() == t0
 
 
 def test_what_enters_the_bank(world, tmp_path):
-    task = MultimodalTask(cfg_of(world, tmp_path), torch.device("cpu"))
+    task = MultimodalTask(cfg_of(world, tmp_path, **{"loss.learn_kd_temperature": True}), torch.device("cpu"))
     b = fixed_batch()
     task.student.eval()
     with torch.no_grad():
@@ -235,7 +241,10 @@ def test_thesis_config_holds_the_recipe(monkeypatch):
     cfg = load_config(path)
     t = cfg.task_cfg
     assert (cfg.task, cfg.data.batch_size, cfg.optim.lr, cfg.schedule.epochs) == ("multimodal", 256, 1e-4, 7)
-    assert cfg.data.augment.scale == (0.9, 1.0) and cfg.data.augment.color_jitter == 0.4
+    aug, taug = cfg.data.augment, cfg.data.teacher_augment
+    assert cfg.data.teacher_view and aug.scale == taug.scale == (0.9, 1.0) and aug.hflip == taug.hflip == 0.5
+    assert aug.color_jitter == 0.0 and taug.color_jitter == 0.4 and taug.mean == (0.485, 0.456, 0.406)
+    assert not t.loss.learn_kd_temperature and t.loss.kd_temperature == 0.07 and cfg.precision == "fp16"
     assert cfg.data.text_max_len == 64 and len(cfg.data.manifests) == 3
     assert (t.image_tower.depth, t.text_tower.depth, t.teacher.kind, t.teacher.final_norm) == (6, 6, "beitv2", False)
     assert (t.model.layer_scale, t.model.token_type_scale, t.loss.memory_bank_size) == (0.2, 1e-5, 65536)

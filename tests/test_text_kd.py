@@ -275,13 +275,22 @@ def test_check_config(tmp_path):
         TextKDTask.check_config(make_cfg(block_size=600))
     with pytest.raises(ConfigError, match="'student.depth'"):
         TextKDTask.check_config(make_cfg(depth=7))
-    good = _manifest(tmp_path, {"name": "minilm", "vocab_size": 30522, "block_size": 256})
+    good = _manifest(tmp_path, {"name": "minilm", "vocab_size": 30522, "block_size": 256, "packing": "lines"})
     TextKDTask.check_config(make_cfg(block_size=256, manifests=[good]))
     with pytest.raises(ConfigError, match="'data.block_size'.*cut"):
         TextKDTask.check_config(make_cfg(block_size=128, manifests=[good]))
     bad = _manifest(tmp_path, {"name": "cased", "vocab_size": 28996, "block_size": 256})
     with pytest.raises(ConfigError, match="'data.manifests'.*28996"):
         TextKDTask.check_config(make_cfg(block_size=256, manifests=[bad]))
+    # stream-packed blocks (today's manifests and older ones, whose packing is a description)
+    for packing in ("stream", "documents concatenated in source order, cut into blocks"):
+        stream = _manifest(tmp_path, {"name": "minilm", "vocab_size": 30522, "block_size": 256, "packing": packing})
+        with pytest.raises(ConfigError, match="'data.manifests'.*stream-packed.*--packing lines") as ei:
+            TextKDTask.check_config(make_cfg(block_size=256, manifests=[stream]))
+        assert "\n" not in str(ei.value) and "loss.allow_stream_blocks" in str(ei.value)
+        cfg = make_cfg(block_size=256, manifests=[stream])
+        cfg.task_cfg.loss.allow_stream_blocks = True
+        TextKDTask.check_config(cfg)
     raw = _manifest(tmp_path, None)
     with pytest.raises(ConfigError, match="'data.tokenizer'.*raw text"):
         TextKDTask.check_config(make_cfg(block_size=256, manifests=[raw]))
@@ -367,7 +376,7 @@ def test_dry_run_and_config_errors_from_the_cli(tmp_path, owt_tok, capsys):
 
     main(["train", *demo_text_args(tmp_path, owt_tok), "--dry-run"])
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["task"] == "text_kd" and printed["loss"] == {"layers": "all"}
+    assert printed["task"] == "text_kd" and printed["loss"] == {"layers": "all", "allow_stream_blocks": False}
     assert printed["student"] == {"depth": 2, "dropout": 0.0, "init": "teacher"}
     assert not (tmp_path / "run").exists()
     for over, msg in (("teacher.path=", "config key 'teacher.path' is empty"),

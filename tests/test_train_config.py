@@ -75,7 +75,7 @@ def test_shipped_configs_load_and_carry_the_thesis_hyperparameters():
     assert cfg.optim.scale_lr and cfg.schedule.warmup_frac == 0.1 and cfg.precision == "bf16"
     assert cfg.data.augment.size == 224 and cfg.data.augment.scale == (0.08, 1.0)
     assert cfg.task_cfg.loss.variant == "layer_avg" and cfg.task_cfg.teacher.dtype == "float16"
-    assert cfg.task_cfg.loss.layer_tensor == "ffn" and cfg.task_cfg.student.train_pos_embed is False
+    assert cfg.task_cfg.loss.layer_tensor == "auto" and cfg.task_cfg.student.train_pos_embed is False
     demo = load_config(DEMO_CONFIG)
     assert demo.task_cfg.teacher.checkpoint == "demo_out/teacher/d2v2_tiny.pt" and demo.device == "cpu"
 

@@ -26,16 +26,20 @@ def instance_norm_tokens(x_BTD: torch.Tensor) -> torch.Tensor:
 
 
 def layer_average_target(
-    layers: Sequence[torch.Tensor], top_k: int | None = None, final_layer_norm: bool = True
+    layers: Sequence[torch.Tensor], top_k: int | None = None, final_layer_norm: bool = True,
+    instance_norm: bool = True, layer_norm: bool = False,
 ) -> torch.Tensor:
-    """Average of the instance-normed layers (the last `top_k` when given), then an optional
-    parameter-free LayerNorm over features. Returns fp32 [B, T, D]."""
+    """Average of the per-layer normed layers (the last `top_k` when given), then an optional
+    parameter-free LayerNorm over features. Returns fp32 [B, T, D]. Per layer, in fairseq's
+    order (data2vec2 `make_targets`): instance norm over tokens, then a LayerNorm over features."""
     if top_k is not None:
         layers = layers[-top_k:]
     # summing in a loop keeps peak memory at one extra [B, T, D] instead of stacking L of them
     acc = None
     for layer in layers:
-        normed = instance_norm_tokens(layer)
+        normed = instance_norm_tokens(layer) if instance_norm else layer.float()
+        if layer_norm:
+            normed = F.layer_norm(normed, normed.shape[-1:])
         acc = normed if acc is None else acc + normed
     y = acc / len(layers)
     if final_layer_norm:

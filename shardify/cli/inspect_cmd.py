@@ -25,6 +25,11 @@ def summary(out_dir) -> str:
         lines.append(f"{split:<9} {info['samples']} samples in {len(info['shards'])} shards "
                      f"({min(sizes)}-{max(sizes)} per shard), {info['bytes'] / 1e6:.1f} MB, "
                      f"{info['rejected']} rejected of {info['inputs']} inputs")
+        tokens = info.get("tokens")
+        if isinstance(tokens, dict) and "blocks" in tokens:  # pre-tokenised text: how full the blocks are
+            share = tokens.get("padding_share")
+            lines.append(f"{'':<9} {tokens['blocks']} blocks, {tokens.get('packing', 'stream')} packing, "
+                         f"padding {'n/a' if share is None else f'{100 * share:.1f}%'} of the positions")
     if manifest.get("classes"):
         lines.append(f"classes   {len(manifest['classes'])}")
     reasons = collections.Counter()

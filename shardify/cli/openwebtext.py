@@ -3,6 +3,7 @@
     shardify openwebtext --out shards/owt --split train --slices 0-4
     shardify openwebtext --out shards/owt --split validation --slices 5
     shardify openwebtext --out shards/owt-tok --split train --tokenizer bert-base-uncased --block-size 256
+    shardify openwebtext ... --tokenizer bert-base-uncased --packing stream   # contiguous blocks
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import click
 from shardify.cli.common import execute, job_options
 
 
-def openwebtext_source(source_dir, revision, split_slices, clean, tokenizer, block_size):
+def openwebtext_source(source_dir, revision, split_slices, clean, tokenizer, block_size, packing="stream"):
     """Build the source: local copy (either layout) or the hub repo at a resolved revision."""
     from shardify.sources.openwebtext import HUB_ID, OpenWebTextSource
     from shardify.storage import hub_location, local_location
@@ -20,7 +21,8 @@ def openwebtext_source(source_dir, revision, split_slices, clean, tokenizer, blo
 
     spec = resolve_tokenizer(tokenizer) if tokenizer else None
     location = local_location(source_dir, repo_id=None) if source_dir else hub_location(HUB_ID, revision)
-    return OpenWebTextSource(location, split_slices, clean=clean, tokenizer=spec, block_size=block_size)
+    return OpenWebTextSource(location, split_slices, clean=clean, tokenizer=spec, block_size=block_size,
+                             packing=packing)
 
 
 def slice_mapping(splits: list[str], slices: str | None, split_slices: tuple[str, ...]) -> dict:
@@ -69,15 +71,19 @@ def slice_mapping(splits: list[str], slices: str | None, split_slices: tuple[str
                    "model id) and pack documents into blocks; samples become npy blocks.")
 @click.option("--block-size", default=256, show_default=True, type=click.IntRange(min=3),
               help="Ids per block including [CLS] and [SEP].")
+@click.option("--packing", type=click.Choice(["lines", "stream"]), default="lines", show_default=True,
+              help="With --tokenizer: 'lines' packs whole cleaned lines greedily into each block and pads the "
+                   "rest (the thesis's data); 'stream' cuts the concatenated documents into full blocks.")
 def openwebtext(out, job, max_reject_rate, source_dir, revision, splits, slices, split_slices, no_clean,
-                tokenizer, block_size):
+                tokenizer, block_size, packing):
     """OpenWebText (Skylion007/openwebtext) to shards: txt + json per document, or npy token blocks."""
     chosen = list(splits) or ["train"]
     mapping = slice_mapping(chosen, slices, split_slices)
-    source = openwebtext_source(source_dir, revision, mapping, not no_clean, tokenizer, block_size)
+    source = openwebtext_source(source_dir, revision, mapping, not no_clean, tokenizer, block_size, packing)
     manifest = execute(source, out, chosen, job, max_reject_rate)
     for split, info in (manifest or {}).get("splits", {}).items():
         if "tokens" in info:
             t = info["tokens"]
             click.echo(f"{split}: {t['tokens']} tokens from {t['documents']} documents in {t['blocks']} blocks "
-                       f"of {block_size}")
+                       f"of {block_size} ({t.get('packing', 'stream')} packing, "
+                       f"{100 * t.get('padding_share', 0):.1f}% padding)")

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shardify import line_packing as lp
 from shardify import state
 from shardify.format import ShardifyError, make_key
 from shardify.records import Item, Reject
@@ -91,6 +92,7 @@ class _Streamer:
     slice_of: dict  # rel path -> slice number
     clean: bool
     tokenizer: tk.TokenizerSpec | None = None
+    packing: str = "stream"
 
     def __call__(self, rel: str):
         docs = self._documents(rel)
@@ -151,6 +153,10 @@ class _Streamer:
         batch: list = []
 
         def flush():
+            if self.packing == "lines":
+                yield from self._encode_lines(tok, batch)
+                batch.clear()
+                return
             texts = [text for _, _, text, _ in batch if text is not None]
             encoded = iter(tk.encode_texts(tok, texts))
             for key, origin, text, meta in batch:
@@ -172,6 +178,62 @@ class _Streamer:
             if len(batch) >= _ENCODE_BATCH:
                 yield from flush()
         yield from flush()
+
+
+    @staticmethod
+    def _encode_lines(tok, batch: list):
+        """Line packing: each line tokenised on its own, as the thesis did (`tokenize_line`);
+        the payload keeps the line lengths (line_packing.encode_lines)."""
+        lines = [text.splitlines() if text is not None else [] for _, _, text, _ in batch]
+        encoded = iter(tk.encode_texts(tok, [ln for doc in lines for ln in doc]))
+        for (key, origin, text, meta), doc in zip(batch, lines, strict=True):
+            if text is None:
+                yield key, origin, b"", meta
+                continue
+            ids = [next(encoded) for _ in doc]
+            flat = np.concatenate(ids) if ids else np.zeros(0, np.uint32)
+            yield key, origin, lp.encode_lines([len(x) for x in ids], flat), {
+                **meta, "chars": len(text), "tokens": int(len(flat))}
+
+
+class _BlockSink:
+    """Writes packed blocks to the staging file, lists them as items and counts them."""
+
+    def __init__(self, split: str, bin_path: str, out, block_size: int):
+        self.split, self.bin_path, self.out, self.block_size = split, bin_path, out, block_size
+        self.items: list[Item] = []
+        self.offset = 0
+        self.stats = {"documents": 0, "rejected_documents": 0, "tokens": 0, "blocks": 0, "padded_tokens": 0}
+
+    def document(self, doc: Item, reader, raw: bool = False):
+        """A staged document's payload (raw bytes) or ids; None (and listed) when it is a reject."""
+        if "reject" in doc.meta:
+            self.stats["rejected_documents"] += 1
+            self.items.append(doc)  # stays an input; its reader raises the Reject
+            return None
+        self.stats["documents"] += 1
+        data = reader.read_at(*doc.loc) if doc.loc[2] else b""
+        arr = np.frombuffer(data, dtype=np.uint32)
+        # a lines payload starts with its line count and lengths (line_packing.encode_lines)
+        self.stats["tokens"] += (len(arr) - 1 - int(arr[0]) if len(arr) else 0) if raw else len(arr)
+        return data if raw else arr
+
+    def emit(self, block: np.ndarray, n_tokens: int, first: str) -> None:
+        data = block.tobytes()
+        self.out.write(data)
+        index = self.stats["blocks"]
+        # Millions of blocks: share strings (the path, the document key as origin).
+        self.items.append(Item(key=f"{self.split}-block-{index:09d}", origin=first,
+                               loc=(self.bin_path, self.offset, len(data)),
+                               meta={"block": index, "tokens": n_tokens, "first_doc": first}))
+        self.offset += len(data)
+        self.stats["blocks"] += 1
+        self.stats["padded_tokens"] += self.block_size - 2 - n_tokens
+
+    def summary(self, packing: str) -> dict:
+        positions = self.stats["blocks"] * self.block_size
+        share = self.stats["padded_tokens"] / positions if positions else 0.0
+        return {**self.stats, "packing": packing, "padding_share": round(share, 6)}
 
 
 class _StagedReader(Reader):
@@ -196,10 +258,13 @@ class OpenWebTextSource(Source):
     clean: bool = True
     tokenizer: tk.TokenizerSpec | None = None
     block_size: int = 256
+    packing: str = "stream"  # "lines": whole lines, as the thesis (line_packing.py); the CLI's default
 
     dataset = "openwebtext"
 
     def __post_init__(self):
+        if self.packing not in lp.PACKINGS:
+            raise UserError(f"--packing {self.packing!r}: use one of {', '.join(lp.PACKINGS)}")
         self.layout, self.slice_files = detect_layout(self.loc.files)
         seen: dict[int, str] = {}
         for split, slices in self.split_slices.items():
@@ -223,6 +288,7 @@ class OpenWebTextSource(Source):
             # The files' hashes identify the tokenizer, not the path or id it was given by.
             opts["tokenizer"] = {"kind": self.tokenizer.kind, "files": self.tokenizer.files}
             opts["block_size"] = self.block_size
+            opts["packing"] = self.packing
         return opts
 
     def manifest_extras(self) -> dict:
@@ -241,8 +307,8 @@ class OpenWebTextSource(Source):
                 "files_sha256": self.tokenizer.files, "vocab_size": sp.vocab_size,
                 "cls_id": sp.cls, "sep_id": sp.sep, "pad_id": sp.pad,
                 "block_size": self.block_size, "dtype": np.dtype(sp.dtype).name,
-                "packing": "documents concatenated in source order, cut into blocks of "
-                           f"{self.block_size - 2} ids + [CLS]/[SEP]; last block padded with [PAD]",
+                "packing": self.packing,
+                "packing_rule": _PACKING_RULES[self.packing].format(body=self.block_size - 2),
             }
         return extras
 
@@ -260,7 +326,7 @@ class OpenWebTextSource(Source):
     def list_items(self, split: str, ctx: ListContext) -> list[Item]:
         units = self._units(split)
         streamer = _Streamer(self.loc, self.layout, {rel: n for n, rel in self.slice_files.items()},
-                             self.clean, self.tokenizer)
+                             self.clean, self.tokenizer, self.packing)
         workers = ctx.workers
         docs = stage_units(streamer, units, Path(ctx.stage_dir) / "documents", workers, ctx.progress,
                            ctx.show_progress)
@@ -269,56 +335,58 @@ class OpenWebTextSource(Source):
         return self._pack(split, docs, Path(ctx.stage_dir))
 
     def _pack(self, split: str, docs: list[Item], stage_dir: Path) -> list[Item]:
-        """Concatenate the staged ids in document order and stage the blocks."""
-        packer = tk.BlockPacker(self.block_size, self._special)
+        """Pack the staged ids in document order (stream or lines) and stage the blocks."""
         reader = LocalFileReader()
-        items: list[Item] = []
-        stats = {"documents": 0, "rejected_documents": 0, "tokens": 0, "blocks": 0, "padded_tokens": 0}
         stage_dir.mkdir(parents=True, exist_ok=True)
         bin_path = stage_dir / "blocks.bin"
-        bin_str = str(bin_path)
         tmp = state.tmp_path(bin_path)  # nodes sharing the output directory may pack at once
-        offset = 0
-        first_doc = None  # the document the pending (not yet emitted) tokens start in
-
         with open(tmp, "wb") as out:
-            def emit(block: np.ndarray, n_tokens: int, first: str) -> None:
-                nonlocal offset
-                data = block.tobytes()
-                out.write(data)
-                index = stats["blocks"]
-                # Millions of blocks: share strings (the path, the document key as origin).
-                items.append(Item(key=f"{split}-block-{index:09d}", origin=first,
-                                  loc=(bin_str, offset, len(data)),
-                                  meta={"block": index, "tokens": n_tokens, "first_doc": first}))
-                offset += len(data)
-                stats["blocks"] += 1
-
-            for doc in docs:
-                if "reject" in doc.meta:
-                    stats["rejected_documents"] += 1
-                    items.append(doc)  # stays an input; its reader raises the Reject
-                    continue
-                stats["documents"] += 1
-                ids = np.frombuffer(reader.read_at(*doc.loc), dtype=np.uint32) if doc.loc[2] else \
-                    np.zeros(0, np.uint32)
-                stats["tokens"] += len(ids)
-                if first_doc is None and len(ids):
-                    first_doc = doc.key
-                for block in packer.add(ids):
-                    emit(block, packer.body, first_doc)
-                    first_doc = doc.key  # later blocks start inside this document
-                if packer._pending == 0:
-                    first_doc = None
-            last = packer.finish()
-            if last is not None:
-                block, n = last
-                emit(block, n, first_doc)
-                stats["padded_tokens"] = self.block_size - 2 - n
+            sink = _BlockSink(split, str(bin_path), out, self.block_size)
+            feed = self._feed_lines if self.packing == "lines" else self._feed_stream
+            feed(docs, reader, sink)
         reader.close()
         os.replace(tmp, bin_path)
-        state.write_json_atomic(stage_dir / "tokens.json", {"split": split, **stats})
-        return items
+        state.write_json_atomic(stage_dir / "tokens.json", {"split": split, **sink.summary(self.packing)})
+        return sink.items
+
+    def _feed_stream(self, docs: list[Item], reader, sink: _BlockSink) -> None:
+        """Documents concatenated and cut into full blocks; only the last one is padded."""
+        packer = tk.BlockPacker(self.block_size, self._special)
+        first_doc = None  # the document the pending (not yet emitted) tokens start in
+        for doc in docs:
+            ids = sink.document(doc, reader)
+            if ids is None:
+                continue
+            if first_doc is None and len(ids):
+                first_doc = doc.key
+            for block in packer.add(ids):
+                sink.emit(block, packer.body, first_doc)
+                first_doc = doc.key  # later blocks start inside this document
+            if packer._pending == 0:
+                first_doc = None
+        last = packer.finish()
+        if last is not None:
+            sink.emit(last[0], last[1], first_doc)
+
+    def _feed_lines(self, docs: list[Item], reader, sink: _BlockSink) -> None:
+        """Whole lines packed greedily (line_packing.py); blocks may span documents."""
+        packer = lp.LinePacker(self.block_size, self._special)
+        open_doc = None  # the document whose line opened the open block
+        for doc in docs:
+            payload = sink.document(doc, reader, raw=True)
+            if payload is None:
+                continue
+            for line in lp.decode_lines(payload):
+                had = packer.pending > 0
+                closed = packer.add_line(line)
+                for k, (block, n) in enumerate(closed):
+                    sink.emit(block, n, open_doc if (k == 0 and had) else doc.key)
+                if packer.pending == 0:
+                    open_doc = None
+                elif not had or closed:
+                    open_doc = doc.key
+        for block, n in packer.finish():
+            sink.emit(block, n, open_doc)
 
     def split_extras(self, split: str, ctx: ListContext) -> dict:
         """Token counts of a pre-tokenised split, for its manifest section."""
@@ -342,6 +410,14 @@ class OpenWebTextSource(Source):
         meta = {k: item.meta.get(k) for k in ("slice", "member", "document", "file", "row")}
         meta["chars"] = len(text)
         return {"txt": text.encode("utf-8"), "json": _json(meta)}
+
+
+_PACKING_RULES = {
+    "stream": "documents concatenated in source order, cut into blocks of {body} ids + [CLS]/[SEP]; "
+              "last block padded with [PAD]",
+    "lines": "whole cleaned lines packed greedily in source order into blocks of at most {body} ids + "
+             "[CLS]/[SEP], the rest [PAD]; a line of {body} ids or more is cut into blocks of its own",
+}
 
 
 def _json(obj: dict) -> bytes:

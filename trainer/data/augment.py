@@ -32,12 +32,14 @@ _DRAW_JITTER = 41  # 41..43: brightness, contrast, saturation
 
 
 class Draws:
-    """Uniform [0, 1) numbers for one sample in one epoch, addressed by index."""
+    """Uniform [0, 1) numbers for one sample in one epoch, addressed by index. `view` picks an
+    independent stream for a second augmented view of the same sample (the multimodal teacher's
+    view is 1); view 0 is the stream every single-view loader has always used."""
 
     __slots__ = ("base",)
 
-    def __init__(self, seed: int, epoch: int, source: int, uid: int):
-        self.base = mix64(3, seed, epoch, source, uid)
+    def __init__(self, seed: int, epoch: int, source: int, uid: int, view: int = 0):
+        self.base = mix64(3, seed, epoch, source, uid) if view == 0 else mix64(3, seed, epoch, source, uid, view)
 
     def u(self, k: int) -> float:
         return (_mix_int(self.base ^ (k + 1)) >> 11) * (1.0 / (1 << 53))
@@ -76,8 +78,9 @@ class ImageParams:
     jitter: np.ndarray | None  # [B, 3] float32 brightness, contrast, saturation factors; None: off
 
 
-def draw_params(seed: int, epoch: int, sources, uids, sizes, aug) -> ImageParams:
-    """Parameters for a batch: sizes = [(H, W)]; aug = AugmentConfig."""
+def draw_params(seed: int, epoch: int, sources, uids, sizes, aug, view: int = 0) -> ImageParams:
+    """Parameters for a batch: sizes = [(H, W)]; aug = AugmentConfig; view: the draw stream
+    (0: the student's / only view, 1: the multimodal teacher's own view)."""
     B = len(uids)
     box = np.zeros((B, 4), dtype=np.int64)
     flip = np.zeros(B, dtype=bool)
@@ -87,7 +90,7 @@ def draw_params(seed: int, epoch: int, sources, uids, sizes, aug) -> ImageParams
         if not aug.train:  # validation: the whole image, resized to S x S
             box[b] = (0, 0, H, W)
             continue
-        d = Draws(seed, epoch, int(sources[b]), int(uids[b]))
+        d = Draws(seed, epoch, int(sources[b]), int(uids[b]), view)
         box[b] = sample_crop(d, H, W, tuple(aug.scale), tuple(aug.ratio))
         flip[b] = d.u(_DRAW_FLIP) < aug.hflip
         if jit is not None:

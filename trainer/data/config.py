@@ -44,4 +44,9 @@ class DataConfig:
     text_max_len: int = field(default=64, metadata=between(2))  # caption length in tokens (padded) for image-text data
     tokenizer: str = ""  # tokenizer.json / vocab.txt path or directory, for on-the-fly text tokenisation
     block_size: int = field(default=256, metadata=between(3))  # OpenWebText block length in tokens, incl. [CLS] and [SEP]
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the (student's) view
+    # image_text only: a second, independently augmented view of every image for the teacher
+    # (batch key image_teacher), cut from the same decoded image with its own per-sample draws;
+    # augment.train (the validation switch) applies to both views
+    teacher_view: bool = False
+    teacher_augment: AugmentConfig = field(default_factory=AugmentConfig)  # the teacher's view, when teacher_view

@@ -11,7 +11,9 @@
 step takes the next B*W positions of that order, it is all a resume needs. The device stage
 runs in the calling process: for the GPU path it decodes the batch with nvJPEG and crops,
 resizes and flips it in batched ops; for the CPU path it moves the uint8 batch over. Both then
-apply colour jitter and normalisation and cast to cfg.output_dtype.
+apply colour jitter and normalisation and cast to cfg.output_dtype. With `data.teacher_view`
+(image_text), each batch also holds `image_teacher`: a second view of the same decoded images
+with its own draws and augmentation (`data.teacher_augment`, views.py).
 
 On a CUDA device the device stage runs ahead in a helper thread, on its own stream: batch k+1
 is decoded and augmented while the trainer's step k runs (`lookahead` finished batches wait,
@@ -39,6 +41,7 @@ from .augment import finish, resized_crops, to_device
 from .decode import decode_cuda
 from .order import Deal, epoch_counts, epoch_steps, load_source
 from .stream import BatchStream
+from .views import check_teacher_view, teacher_augment
 
 log = logging.getLogger(__name__)
 
@@ -212,10 +215,13 @@ class StreamingLoader:
             out["padding_mask"] = to_device(wb["padding_mask"], dev)
             return out
         if self.gpu_decode:
-            x, jitter = self._gpu_images(wb, out)
+            x, jitter, teacher = self._gpu_images(wb, out)
         else:
             x, jitter = to_device(wb["image"], dev), wb["jitter"]
+            teacher = (to_device(wb["image_teacher"], dev), wb["jitter_teacher"]) if "image_teacher" in wb else None
         out["image"] = finish(x, jitter, aug, self.dtype)
+        if teacher is not None:  # the multimodal teacher's own view (views.py)
+            out["image_teacher"] = finish(teacher[0], teacher[1], teacher_augment(self.cfg), self.dtype)
         if self.kind == "image":
             out["label"] = to_device(wb["label"], dev)
         else:
@@ -224,31 +230,41 @@ class StreamingLoader:
             out["image_id"] = wb["image_id"]
         return out
 
-    def _gpu_images(self, wb: dict, out: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """nvJPEG decode, replacement of what it refuses, crop/resize/flip: (images 0..255, jitter)."""
+    def _gpu_images(self, wb: dict, out: dict):
+        """nvJPEG decode, replacement of what it refuses, crop/resize/flip: (images 0..255, jitter,
+        teacher) with teacher = (its view 0..255, its jitter) or None, both views from one decode."""
         buf, offs = wb["jpeg"], wb["jpeg_offsets"].tolist()  # host tensors from the worker
         datas = [buf[offs[b]:offs[b + 1]] for b in range(len(offs) - 1)]
         sizes = wb["hw"].tolist() if "hw" in wb else None
         imgs, errs = decode_cuda(datas, self.device, sizes)
-        box, flip, jitter = wb["box"], wb["flip"], wb["jitter"]
+        # per-sample host parameters of every view: (box, flip, jitter)
+        views = [[wb["box"], wb["flip"], wb["jitter"]]]
+        if "box_teacher" in wb:
+            views.append([wb["box_teacher"], wb["flip_teacher"], wb["jitter_teacher"]])
         bad = [b for b, e in enumerate(errs) if e]
         if bad:  # the decoder refused a sample the header check passed: replace it like a worker would
             good = [b for b in range(len(imgs)) if not errs[b]]
             if not good:
                 raise RuntimeError(f"every image of a batch failed to decode ({wb['key'][0]}: {errs[0]})")
-            box, flip = box.clone(), flip.clone()
-            jitter = None if jitter is None else jitter.clone()
+            views = [[None if t is None else t.clone() for t in v] for v in views]
             pad = wb["is_pad"].clone()
             keys = list(wb["key"])
             for b in bad:
                 out["_corrupt"].append((keys[b], errs[b]))
                 g = min(good, key=lambda k: (abs(k - b), k))
-                imgs[b], box[b], flip[b], keys[b] = imgs[g], box[g], flip[g], keys[g]
-                if jitter is not None:
-                    jitter[b] = jitter[g]
+                imgs[b], keys[b] = imgs[g], keys[g]
+                for v in views:
+                    for t in v:
+                        if t is not None:
+                            t[b] = t[g]
                 pad[b] = True
             out["key"], out["is_pad"] = keys, to_device(pad, self.device)
-        return resized_crops(imgs, box, flip, self.cfg.augment.size, self.cfg.augment.interpolation), jitter
+        aug = self.cfg.augment
+        (box, flip, jitter), teacher = views[0], None
+        if len(views) > 1:
+            taug, (tbox, tflip, tjit) = teacher_augment(self.cfg), views[1]
+            teacher = (resized_crops(imgs, tbox, tflip, taug.size, taug.interpolation), tjit)
+        return resized_crops(imgs, box, flip, aug.size, aug.interpolation), jitter, teacher
 
 
 class _Failure:
@@ -301,6 +317,7 @@ def _check(cfg, rank: int, world_size: int, kind: str) -> None:
         raise ValueError(f"data.output_dtype must be float32 or bfloat16, got {cfg.output_dtype!r}")
     if cfg.augment.interpolation not in ("bilinear", "bicubic"):
         raise ValueError(f"augment.interpolation must be bilinear or bicubic, got {cfg.augment.interpolation!r}")
+    check_teacher_view(cfg, kind)
     if kind == "image_text" and not cfg.tokenizer:
         raise ValueError("data.tokenizer is empty: image_text batches need it to tokenise captions")
 

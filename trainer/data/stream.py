@@ -10,7 +10,9 @@ The read path, per worker, is a flat list of stages:
 3. build  per step: the B samples of this rank's slice; padding positions (>= N) repeat the
           epoch's first samples and are flagged
 4. decode image kinds: JPEG header -> random parameters (per sample hash) -> either the CPU
-          decode-crop-resize to uint8, or the raw bytes plus parameters for the GPU
+          decode-crop-resize to uint8, or the raw bytes plus parameters for the GPU;
+          image_text with data.teacher_view: a second view per image for the teacher, from
+          the same decode and its own draws (views.py)
           text kinds: token ids (pre-tokenised npy, or tokenised here)
 5. repair a corrupt sample is replaced by a copy of the nearest good sample of the batch,
           flagged like padding, and reported (key, reason) for the main process to log/count
@@ -30,6 +32,7 @@ from .decode import cpu_decode_crop, jpeg_size
 from .order import Deal, EpochPlan, Source
 from .shards import Corrupt, ShardReader
 from .text import TextEncoder, load_npy_ids
+from .views import cpu_decode_views, teacher_augment
 
 # members read per kind: (required, optional)
 FIELDS = {
@@ -172,19 +175,17 @@ class BatchStream(IterableDataset):
                 raw[b] = Corrupt(r[0], f"jpg: {e}")
         ok = [not isinstance(r, Corrupt) for r in raw]
         ids = [(r[2], r[3]) if o else (0, 0) for r, o in zip(raw, ok)]
-        par = draw_params(c.seed, self.epoch, [s for s, _ in ids], [u for _, u in ids],
-                          [sz if sz else (1, 1) for sz in sizes], aug)
+        srcs, uids, hws = [s for s, _ in ids], [u for _, u in ids], [sz if sz else (1, 1) for sz in sizes]
+        par = draw_params(c.seed, self.epoch, srcs, uids, hws, aug)
+        # the multimodal teacher's own view: the same image, its own draw stream (views.py)
+        taug = teacher_augment(c) if self.kind == "image_text" and c.teacher_view else None
+        tpar = draw_params(c.seed, self.epoch, srcs, uids, hws, taug, view=1) if taug else None
         imgs: list = [None] * B
+        timgs: list = [None] * B
         if not self.gpu_decode:
             for b in range(B):
-                if not ok[b]:
-                    continue
-                try:
-                    imgs[b] = cpu_decode_crop(raw[b][1]["jpg"], *sizes[b], par.box[b], bool(par.flip[b]),
-                                              aug.size, aug.interpolation)
-                except (ValueError, RuntimeError) as e:  # simplejpeg raises ValueError on bad data
-                    raw[b] = Corrupt(raw[b][0], f"jpg decode: {e}")
-                    ok[b] = False
+                if ok[b]:
+                    ok[b] = self._cpu_decode(raw, b, sizes[b], par, tpar, taug, imgs, timgs)
         for r in raw:
             if isinstance(r, Corrupt):
                 corrupt.append((r.key, r.reason))
@@ -195,6 +196,10 @@ class BatchStream(IterableDataset):
         out["box"] = torch.from_numpy(par.box[fill])
         out["flip"] = torch.from_numpy(par.flip[fill])
         out["jitter"] = None if par.jitter is None else torch.from_numpy(par.jitter[fill])
+        if tpar is not None:
+            out["box_teacher"] = torch.from_numpy(tpar.box[fill])
+            out["flip_teacher"] = torch.from_numpy(tpar.flip[fill])
+            out["jitter_teacher"] = None if tpar.jitter is None else torch.from_numpy(tpar.jitter[fill])
         if self.gpu_decode:
             # one flat buffer + offsets: a single shared-memory tensor instead of B of them
             blobs = [s[1]["jpg"] for s in src]
@@ -209,12 +214,34 @@ class BatchStream(IterableDataset):
             for b in range(B):
                 batch[b].copy_(imgs[fill[b]])
             out["image"] = batch
+            if tpar is not None:
+                tb = torch.empty((B, 3, taug.size, taug.size), dtype=torch.uint8)
+                for b in range(B):
+                    tb[b].copy_(timgs[fill[b]])
+                out["image_teacher"] = tb
         if self.kind == "image":
             out["label"] = torch.tensor([_label(s[1].get("cls")) for s in src], dtype=torch.int64)
         else:
             ids_, mask = self._captions([s[1]["txt"] for s in src])
             out["input_ids"], out["padding_mask"] = ids_, mask
             out["image_id"] = [_image_id(s[0], s[1].get("json")) for s in src]
+
+    def _cpu_decode(self, raw: list, b: int, hw, par, tpar, taug, imgs: list, timgs: list) -> bool:
+        """The CPU path for sample b: imgs[b] (and timgs[b], the teacher's view) as uint8 crops;
+        False, with raw[b] replaced by a Corrupt, when the JPEG does not decode."""
+        aug = self.cfg.augment
+        try:
+            if tpar is None:
+                imgs[b] = cpu_decode_crop(raw[b][1]["jpg"], *hw, par.box[b], bool(par.flip[b]), aug.size,
+                                          aug.interpolation)
+            else:  # one decode, two views
+                imgs[b], timgs[b] = cpu_decode_views(raw[b][1]["jpg"], *hw,
+                                                     [(par.box[b], par.flip[b], aug.size, aug.interpolation),
+                                                      (tpar.box[b], tpar.flip[b], taug.size, taug.interpolation)])
+        except (ValueError, RuntimeError) as e:  # simplejpeg raises ValueError on bad data
+            raw[b] = Corrupt(raw[b][0], f"jpg decode: {e}")
+            return False
+        return True
 
     def _captions(self, texts: list[bytes]) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.cfg.text_max_len

@@ -37,9 +37,10 @@ from trainer.models.vit import Data2Vec2ViT, ViTShape, load_data2vec2
 NORM_EPS = 1e-6
 
 
-def trunc_normal_1sigma_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
-    """Truncated normal cut at one standard deviation (the thesis' init of new weights)."""
-    return nn.init.trunc_normal_(t, mean=0.0, std=std, a=-std, b=std)
+def bert_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """normal(0, 0.02), untruncated: fairseq's `init_bert_params`, which the thesis's S-SMKE
+    run applied to its new modules (`self.apply(init_bert_params)` in Sx3HRe)."""
+    return nn.init.normal_(t, mean=0.0, std=std)
 
 
 class LayerScale(nn.Module):
@@ -153,7 +154,7 @@ class SMKEStudent(nn.Module):
         for m in (self.token_type_embeddings, self.shared, self.fc_norm, self.head):
             for sub in m.modules():
                 if isinstance(sub, (nn.Linear, nn.Embedding)):
-                    trunc_normal_1sigma_(sub.weight)
+                    bert_normal_(sub.weight)
                     if getattr(sub, "bias", None) is not None:
                         nn.init.zeros_(sub.bias)
                 elif isinstance(sub, nn.LayerNorm):

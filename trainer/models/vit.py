@@ -316,8 +316,23 @@ def checkpoint_cfg(ckpt: dict):
     return {"model": args} if isinstance(args, dict) else None
 
 
+# fairseq's data2vec_multi defaults for the target flags (data2vec2.py's Data2VecMultiConfig)
+TARGET_FLAG_DEFAULTS = {"end_of_block_targets": False, "layer_norm_target_layer": False,
+                        "instance_norm_target_layer": False}
+
+
+def target_flags(cfg) -> dict[str, bool] | None:
+    """What the checkpoint's cfg says about its layer targets (`model.end_of_block_targets`,
+    `model.layer_norm_target_layer`, `model.instance_norm_target_layer`), fairseq's defaults for
+    flags it leaves out; None when the file has no cfg at all."""
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        return None
+    return {k: bool(v if (v := cfg_get(cfg, "model", k)) is not None else d) for k, d in TARGET_FLAG_DEFAULTS.items()}
+
+
 def load_data2vec2(path: str | Path, num_heads: int = 0, norm_eps: float = 0.0) -> Data2Vec2ViT:
-    """Build the teacher from a fairseq checkpoint; every tensor must land somewhere."""
+    """Build the teacher from a fairseq checkpoint; every tensor must land somewhere. The
+    model's `target_flags` hold what the checkpoint's cfg says about its targets (`target_flags`)."""
     ckpt = read_checkpoint(path)
     model_sd = ckpt.get("model", ckpt)
     if not isinstance(model_sd, dict):
@@ -346,6 +361,7 @@ def load_data2vec2(path: str | Path, num_heads: int = 0, norm_eps: float = 0.0) 
         if missing:
             parts.append(f"missing: {names(missing)}")
         raise UserError(f"teacher checkpoint {path} does not match a Data2Vec2 ViT: {'; '.join(parts)}")
+    model.target_flags = target_flags(checkpoint_cfg(ckpt))
     return model
 
 
@@ -369,7 +385,8 @@ def fairseq_cfg(shape: ViTShape) -> dict:
         "model": {
             "_name": "data2vec_multi", "embed_dim": shape.dim, "depth": shape.depth, "num_heads": shape.num_heads,
             "mlp_ratio": shape.mlp_ratio, "norm_eps": shape.norm_eps, "layer_norm_first": False,
-            "end_of_block_targets": False,
+            # the target flags of the released base_imagenet.pt (fairseq's base_images_only_task.yaml)
+            "end_of_block_targets": False, "instance_norm_target_layer": True, "layer_norm_target_layer": False,
             "modalities": {"image": {"patch_size": shape.patch_size, "input_size": shape.img_size,
                                      "num_extra_tokens": 1, "prenet_depth": shape.prenet_depth}},
         },

@@ -63,10 +63,12 @@ class LossConfig:
     # by default, [CLS] excluded); the student regresses them from its last block through a
     # linear head.
     variant: str = field(default="layer_avg", metadata=choice("layer_avg", "d2v2_topk"))
-    # the tensor taken from every block, teacher and student alike: "ffn" = the feed-forward
-    # output before the residual add and norm2 (fairseq's layer results, the thesis run);
-    # "block" = the block output (the later public port)
-    layer_tensor: str = field(default="ffn", metadata=choice(*LAYER_TENSORS))
+    # the tensor taken from every block, teacher and student alike: "auto" = what the teacher
+    # checkpoint's cfg says (`end_of_block_targets`: false -> ffn, true -> block), as fairseq
+    # built the thesis's targets; "ffn" = the feed-forward output before the residual add and
+    # norm2 (the thesis run); "block" = the block output (the later public port). An explicit
+    # value that disagrees with the checkpoint is used, with one warning line.
+    layer_tensor: str = field(default="auto", metadata=choice("auto", *LAYER_TENSORS))
     top_k: int = field(default=10, metadata=between(1))  # layers averaged by "d2v2_topk"
     final_layer_norm: bool = True  # parameter-free LayerNorm over features after averaging (images: yes)
 
@@ -110,6 +112,27 @@ def usable_autocast_dtype(device: torch.device, dtype_name: str) -> str:
     except (RuntimeError, TypeError, NotImplementedError):
         ok = False
     return dtype_name if ok else "float32"
+
+
+def resolve_targets(lcfg: LossConfig, flags: dict[str, bool] | None) -> tuple[str, dict[str, bool]]:
+    """(layer tensor, per-layer norms for d2v2_topk) from `loss` and the checkpoint's target flags.
+
+    The tensor follows `end_of_block_targets` under `layer_tensor: auto` (ffn when the file has no
+    cfg: the thesis run). The per-layer norm flags apply to the original data2vec 2.0 recipe only:
+    the thesis's layer_avg instance-normalises every layer whatever the checkpoint says (its
+    `prepare_output`), and so do we."""
+    if flags is None:
+        if lcfg.layer_tensor == "auto":
+            log.warning("loss.layer_tensor auto: the teacher checkpoint has no cfg; using ffn (the thesis run)")
+        tensor = "ffn" if lcfg.layer_tensor == "auto" else lcfg.layer_tensor
+        return tensor, {"instance_norm": True, "layer_norm": False}
+    says = "block" if flags["end_of_block_targets"] else "ffn"
+    tensor = says if lcfg.layer_tensor == "auto" else lcfg.layer_tensor
+    if tensor != says:
+        log.warning("loss.layer_tensor %s: the teacher checkpoint says end_of_block_targets=%s (its targets are %s "
+                    "outputs); using %s as configured", tensor, flags["end_of_block_targets"], says, tensor)
+    norms = {"instance_norm": flags["instance_norm_target_layer"], "layer_norm": flags["layer_norm_target_layer"]}
+    return tensor, norms
 
 
 class KDStudent(nn.Module):
@@ -185,7 +208,8 @@ class ImageKDTask(Task):
         # the student copies the teacher's fp32 weights before the teacher moves to its device
         torch.manual_seed(cfg.seed)
         vit = build_student(teacher, tc.student)
-        self.student = KDStudent(vit, tc.loss.variant, tc.loss.final_layer_norm, tc.loss.layer_tensor).to(device)
+        self.layer_tensor, self.target_norms = resolve_targets(tc.loss, getattr(teacher, "target_flags", None))
+        self.student = KDStudent(vit, tc.loss.variant, tc.loss.final_layer_norm, self.layer_tensor).to(device)
         teacher.requires_grad_(False)
         self.teacher = teacher.to(device).eval()
         if tc.loss.variant == "d2v2_topk" and tc.loss.top_k > teacher.shape.depth:
@@ -223,12 +247,12 @@ class ImageKDTask(Task):
         lcfg = self.cfg.task_cfg.loss
         self.teacher.eval()  # guards against a stray .train() on a parent module
         with torch.inference_mode(), autocast(self.device, self.teacher_dtype):
-            layers = self.teacher(img_BCHW, tensor=lcfg.layer_tensor)
+            layers = self.teacher(img_BCHW, tensor=self.layer_tensor)
             if lcfg.variant == "layer_avg":
                 target = layer_average_target(layers, final_layer_norm=lcfg.final_layer_norm)
-            else:  # data2vec 2.0: the top K layers, [CLS] left out
+            else:  # data2vec 2.0: the top K layers, [CLS] left out, normed as the checkpoint says
                 target = layer_average_target([t[:, 1:] for t in layers], top_k=lcfg.top_k,
-                                              final_layer_norm=lcfg.final_layer_norm)
+                                              final_layer_norm=lcfg.final_layer_norm, **self.target_norms)
         # inference tensors cannot be saved for backward; a clone outside the mode is a normal one
         return target.clone()
 

@@ -7,13 +7,18 @@ distillation from a frozen image teacher (BEiTv2) with a memory bank of earlier 
            each with its own learnable logit scale, features gathered over ranks with gradients
     KD   = for the image and the caption embedding (`encoder_out`) of every sample: cross-entropy
            of "which teacher target is my image's?" over the teacher's [CLS] targets of the
-           global batch plus the memory bank, with its own learnable temperature
+           global batch plus the memory bank, at a fixed temperature (0.07, as the thesis ran
+           it; `loss.learn_kd_temperature: true` learns it)
+
+The teacher sees its own view of each image when the loader cuts one (`data.teacher_view`,
+batch key `image_teacher`: the thesis's BEiTv2 view with colour jitter), else the student's.
+Validation reports the thesis's validation loss as `loss` (KD over the global batch alone: no
+bank, no ITC), which decides best.pt; ITC and the KD with bank negatives are logged beside it.
 
 Differences from the reference code, on purpose (each has a test): the bank works on one
-process and on many; the distillation temperature is a parameter of the student (it learns;
-`loss.learn_kd_temperature: false` freezes it); negatives are the global batch, not the local
-one; the bank starts empty and only filled rows are negatives; its size need not be a multiple
-of the global batch. The bank is task state: it is saved in and restored from checkpoints.
+process and on many; negatives are the global batch, not the local one; the bank starts empty
+and only filled rows are negatives; its size need not be a multiple of the global batch. The
+bank is task state: it is saved in and restored from checkpoints.
 """
 
 from __future__ import annotations
@@ -87,7 +92,7 @@ class MultimodalLossConfig:
     temperature: float = field(default=0.07, metadata=between(0.01, 1.0))  # ITC logit scales start at ln(1/t)
     kd_weight: float = field(default=1.0, metadata=between(0.0))  # weight of the contrastive distillation
     kd_temperature: float = field(default=0.07, metadata=between(0.01, 1.0))  # distillation logit scale starts at ln(1/t)
-    learn_kd_temperature: bool = True  # False freezes the distillation temperature (the reference never trained it)
+    learn_kd_temperature: bool = False  # fixed at kd_temperature, as in the thesis run (never optimised); True learns it
     memory_bank_size: int = field(default=65536, metadata=between(0))  # earlier teacher targets kept as negatives; 0: none
 
 
@@ -186,8 +191,10 @@ class MultimodalTask(Task):
             raise ConfigError(f"config key 'data.augment.size': {size} px, but the image tower has positions "
                               f"for {img_size} px images")
         t_size, _, _ = image_geometry(t.teacher.kind, t.teacher.checkpoint, "teacher.checkpoint")
-        if size != t_size:
-            raise ConfigError(f"config key 'data.augment.size': {size} px, but the {t.teacher.kind} teacher "
+        t_key = "data.teacher_augment.size" if cfg.data.teacher_view else "data.augment.size"
+        t_view = cfg.data.teacher_augment.size if cfg.data.teacher_view else size
+        if t_view != t_size:
+            raise ConfigError(f"config key '{t_key}': {t_view} px, but the {t.teacher.kind} teacher "
                               f"has positions for {t_size} px images")
         if not Path(t.text_tower.path).is_dir():
             raise ConfigError(f"config key 'text_tower.path': not a directory: {t.text_tower.path}")
@@ -259,7 +266,9 @@ class MultimodalTask(Task):
         img = batch["image"]
         if self.cfg.precision == "fp32":
             img = img.float()
-        target = self.teacher_targets(img)
+        # the teacher's own view when the loader cuts one (data.teacher_view), else the same image
+        timg = batch.get("image_teacher", img)
+        target = self.teacher_targets(timg.float() if self.cfg.precision == "fp32" else timg)
         with autocast(self.device, self.cfg.precision):
             out = model(img, batch["input_ids"], batch["padding_mask"])
         valid = ~batch["is_pad"].to(img.device) if "is_pad" in batch else None
@@ -272,8 +281,9 @@ class MultimodalTask(Task):
         bank = self.bank.entries() if self.bank.count else None
         kd = contrastive_kd_loss(out["encoder_out_image"], out["encoder_out_text"], target, bank,
                                  out["kd_logit_scale"], valid)
-        if model.training:  # validation batches never enter the bank
-            self._pending.append((kd["targets_global"], kd.get("valid_global")))
+        if not model.training:
+            return self._validation_losses(out, target, valid, itc, itc_total, kd)
+        self._pending.append((kd["targets_global"], kd.get("valid_global")))  # validation never enters the bank
         losses = {
             "loss": lcfg.itc_weight * itc_total + lcfg.kd_weight * kd["loss"],
             "itc_loss": itc_total.detach(),
@@ -286,6 +296,26 @@ class MultimodalTask(Task):
             "kd_temperature": (-out["kd_logit_scale"].detach().float()).exp(),
         }
         return losses
+
+    def _validation_losses(self, out: dict, target: torch.Tensor, valid, itc: dict, itc_total: torch.Tensor,
+                           kd_bank: dict) -> dict[str, torch.Tensor]:
+        """The thesis's validation loss (Sx3HRe `validation_step`): the contrastive distillation
+        over the global batch's targets alone, no bank and no ITC. It is `loss` here, so it
+        decides best.pt; the ITC loss and the distillation with the bank's negatives are logged
+        beside it."""
+        kd = contrastive_kd_loss(out["encoder_out_image"], out["encoder_out_text"], target, None,
+                                 out["kd_logit_scale"], valid)
+        return {
+            "loss": kd["loss"],
+            "kd_loss": kd["loss"],
+            "kd_image_loss": kd["image_loss"],
+            "kd_text_loss": kd["text_loss"],
+            "kd_acc": kd["acc"],
+            "kd_bank_loss": kd_bank["loss"],
+            "kd_bank_acc": kd_bank["acc"],
+            "itc_loss": itc_total,
+            "itc_acc": itc["acc"],
+        }
 
     @torch.no_grad()
     def after_step(self, step: int) -> None:

@@ -58,6 +58,10 @@ class TextLossConfig:
     # "all": the embedding output and every layer's output (13 teacher / 7 student tensors), as
     # the thesis code did; "1..L": the layer outputs only (12 / 6), as the thesis formula writes
     layers: str = field(default="all", metadata=choice(*LAYER_CHOICES))
+    # the thesis's targets are built on line-packed blocks (`shardify openwebtext --packing lines`):
+    # their padding enters every target through the instance norm. True also trains on
+    # stream-packed (contiguous, unpadded) blocks, which give other targets.
+    allow_stream_blocks: bool = False
 
 
 @dataclass
@@ -198,6 +202,10 @@ class TextKDTask(Task):
             if vocab is not None and tok.get("vocab_size") not in (None, vocab):
                 raise ConfigError(f"config key 'data.manifests': {mpath} was tokenised with a vocabulary of "
                                   f"{tok['vocab_size']} ({tok.get('name', '?')}), the teacher has {vocab}")
+            if tok.get("packing") != "lines" and not tcfg.loss.allow_stream_blocks:
+                raise ConfigError(f"config key 'data.manifests': {mpath} holds stream-packed blocks, the thesis "
+                                  "recipe trains on line-packed ones (shardify openwebtext --packing lines); "
+                                  "loss.allow_stream_blocks=true uses them anyway")
             bs = tok.get("block_size")
             if isinstance(bs, int) and bs > cfg.data.block_size:
                 raise ConfigError(f"config key 'data.block_size': {cfg.data.block_size} would cut the "
