@@ -2,7 +2,7 @@
 calls one function of trainer/eval/benchmarks.py, which writes the JSON record and prints a
 one-line summary.
 
-    trainer eval probe MODEL --train-shards DIR --val-shards DIR      linear probe + k-NN
+    trainer eval probe MODEL --train-shards DIR --val-shards DIR      fast probe + k-NN (health check)
     trainer eval retrieval MODEL --shards DIR [--split test]           image<->text Recall@k
     trainer eval zero-shot MODEL --val-shards DIR                      80-template zero-shot
     trainer eval glue MODEL ...                                        GLUE fine-tuning (text)
@@ -12,6 +12,8 @@ Data2Vec2 fairseq checkpoint instead (the teacher).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -91,8 +93,8 @@ def eval_group() -> None:
 def probe_cmd(model, train_shards, val_shards, train_split, val_split, pool, data2vec2, image_size, label, epochs,
               lr, weight_decay, probe_batch_size, knn_k, knn_temperature, cache_dir, out, device, batch_size,
               workers) -> None:
-    """Linear probe (LayerNorm + linear head on frozen features) and k-NN accuracy of MODEL's image
-    encoder. Features are extracted once and cached."""
+    """Fast probe: a LayerNorm + linear head on cached frozen features, and k-NN accuracy of MODEL's
+    image encoder (a quick health check; the thesis's linear probe is `finetune --linear`)."""
     from .benchmarks import run_probe
     from .linear_probe import ProbeConfig
     from .models import load_eval_model
@@ -124,8 +126,9 @@ def retrieval_cmd(model, shards, split, name, tokenizer, max_len, out, device, b
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--val-shards", required=True, help="ImageNet validation shards")
 @click.option("--val-split", default="validation", show_default=True)
-@click.option("--class-names", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="one name per line or synset<TAB>name [default: the manifest's class_names]")
+@click.option("--class-names", default="openclip", show_default=True,
+              help="openclip (the CLIP/open_clip ImageNet names the thesis used), wordnet (the manifest's "
+                   "first WordNet lemmas), or a file: one name per line or synset<TAB>name")
 @click.option("--max-tokens", type=int, default=22, show_default=True, help="prompt length in tokens")
 @click.option("--tokenizer", default=None, help="tokenizer.json or vocab.txt [default: the model's]")
 @click.option("--present-classes-only", is_flag=True,
@@ -136,6 +139,10 @@ def zero_shot_cmd(model, val_shards, val_split, class_names, max_tokens, tokeniz
                   out, device, batch_size, workers) -> None:
     """ImageNet zero-shot top-1/top-5 with the 80 CLIP prompt templates (multimodal students)."""
     from .benchmarks import run_zero_shot
+    from .zero_shot import CLASS_NAME_SOURCES
+
+    if class_names not in CLASS_NAME_SOURCES and not Path(class_names).is_file():
+        raise click.BadParameter(f"not openclip, wordnet or a file: {class_names}", param_hint="--class-names")
     from .models import load_eval_model
 
     run_zero_shot(load_eval_model(model), model, val_shards, val_split, class_names, max_tokens, tokenizer,
