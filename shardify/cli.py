@@ -25,7 +25,8 @@ class _Commands(FriendlyGroup):
     modules pull in the downloader and the tokenizer's helpers, which an ImageNet job does not
     need: every import is start-up time that a 2-worker run cannot share)."""
 
-    lazy = {"openwebtext": "shardify.cli_openwebtext", "pairs": "shardify.cli_pairs"}
+    lazy = {"openwebtext": "shardify.cli_openwebtext", "pairs": "shardify.cli_pairs",
+            "hf-images": "shardify.cli_hf_images"}
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *self.lazy])
