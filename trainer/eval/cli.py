@@ -5,7 +5,9 @@ one-line summary.
     trainer eval probe MODEL --train-shards DIR --val-shards DIR      fast probe + k-NN (health check)
     trainer eval retrieval MODEL --shards DIR [--split test]           image<->text Recall@k
     trainer eval zero-shot MODEL --val-shards DIR                      80-template zero-shot
-    trainer eval glue MODEL ...                                        GLUE fine-tuning (text)
+    trainer eval glue MODEL --task all --data DIR                      GLUE, the thesis's per-task recipes
+    trainer eval finetune MODEL --train-shards DIR [--linear]          image classification (thesis protocol)
+    trainer eval retrieval-finetune MODEL --shards DIR                 retrieval after fine-tuning (thesis)
 
 MODEL is an exported student, a checkpoint or a run directory; `probe --data2vec2` takes a
 Data2Vec2 fairseq checkpoint instead (the teacher).
@@ -181,3 +183,29 @@ def finetune_cmd(model, train_shards, val_shards, train_split, val_split, linear
                            max_eval_samples=max_eval_samples)
     run_finetune(load_eval_model(model, data2vec2=data2vec2), model, train_shards, val_shards or train_shards,
                  train_split, val_split, opts, workers, device, out)
+
+
+@eval_group.command("retrieval-finetune")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--shards", required=True, help="image-text pair shards with a train and a test split (COCO / Flickr30k)")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--split", "test_split", default="test", show_default=True, help="the split scored after training")
+@click.option("--tokenizer", default=None, help="tokenizer.json or vocab.txt [default: the model's]")
+@click.option("--epochs", type=float, default=None, help="[default: the thesis's 20]")
+@click.option("--batch-size", type=int, default=None, help="[default: the thesis's 1024]")
+@click.option("--lr", type=float, default=None, help="peak learning rate [default: the thesis's 3e-5]")
+@click.option("--seed", type=int, default=None, help="[default: 42]")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON to write [default: <run dir>/eval/retrieval_finetune_<dataset>.json]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="loader worker processes")
+def retrieval_finetune_cmd(model, shards, train_split, test_split, tokenizer, epochs, batch_size, lr, seed, out,
+                           device, workers) -> None:
+    """Fine-tune a multimodal MODEL on a retrieval data set's train split with the contrastive loss (the
+    thesis's recipe), then score image<->text Recall@1/5/10 on its test split."""
+    from .models import load_eval_model
+    from .retrieval_finetune import RetrievalFinetuneOptions, run_retrieval_finetune
+
+    opts = RetrievalFinetuneOptions(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    run_retrieval_finetune(load_eval_model(model), model, shards, train_split, test_split, opts, workers, device,
+                           out, tokenizer)
