@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardify.format import SpecialIds
-from shardify.records import UserError
+from shardify.tokenization import SpecialIds
+from shardify.format import ShardifyError
 
 PACKINGS = ("lines", "stream")
 
@@ -35,7 +35,7 @@ class LinePacker:
 
     def __init__(self, block_size: int, special: SpecialIds):
         if block_size < 3:
-            raise UserError("--block-size must be at least 3 ([CLS], one token, [SEP])")
+            raise ShardifyError("--block-size must be at least 3 ([CLS], one token, [SEP])")
         self.block_size = block_size
         self.body = block_size - 2
         self.sp = special

@@ -207,8 +207,10 @@ def test_zero_shot_averages_normalised_template_embeddings():
 def test_zero_shot_templates_and_class_names(tmp_path):
     assert len(TEMPLATES) == 80 and len(set(TEMPLATES)) == 80 and all("{}" in t for t in TEMPLATES)
     m = {"classes": ["n1", "n2"], "class_names": ["tench", "goldfish"]}
-    assert class_names(m) == ["tench", "goldfish"]
-    assert class_names({"classes": ["n1", "n2"]}) == ["n1", "n2"]
+    assert class_names(m, "wordnet") == ["tench", "goldfish"]
+    assert class_names({"classes": ["n1", "n2"]}, "wordnet") == ["n1", "n2"]
+    with pytest.raises(ValueError, match="ImageNet-1k's 1000"):
+        class_names(m)  # the open_clip names need the 1,000 ImageNet classes
     f = tmp_path / "names.tsv"
     f.write_text("# header\nn1\ttinca tinca\nn2\tcarassius\n")
     assert class_names(m, str(f)) == ["tinca tinca", "carassius"]
@@ -226,12 +228,50 @@ def test_linear_probe_sees_small_variation_on_a_large_offset():
     assert out["top1"] == 100.0  # without the standardisation: chance (the LayerNorm sees the offset)
 
 
-def test_published_figures_are_matched_by_benchmark_dataset_and_split():
-    from trainer.eval.published import published
+def test_thesis_figures_need_benchmark_dataset_split_and_protocol():
+    from trainer.eval.results import EVALUATIONS, thesis_figure
 
-    assert published("linear_probe", "imagenet")["metrics"]["top1"] == 71.1
-    assert published("retrieval", "coco-karpathy", "test")["metrics"]["i2t_R@1"] == 53.54
-    assert published("retrieval", "coco-karpathy", "train") is None  # seen pairs: no thesis figure
-    assert published("retrieval", "flickr30k", "test")["metrics"]["t2i_R@10"] == 87.46
-    assert published("zero_shot", "imagenet", "validation")["metrics"]["top1"] == 37.0
-    assert published("linear_probe", "cifar10") is None
+    assert thesis_figure("linear", "imagenet", "validation", "thesis-linear")["metrics"]["top1"] == 71.1
+    assert thesis_figure("finetune", "cifar100", "test", "thesis-finetune")["metrics"]["top1"] == 87.2
+    assert thesis_figure("linear", "imagenet", "validation", "custom (thesis-linear with lr changed)") is None
+    # the fast probe on cached features is a health check: never beside the thesis's 71.1
+    assert thesis_figure("probe", "imagenet", "validation", "fast-probe") is None and not EVALUATIONS["probe"].thesis
+    assert thesis_figure("retrieval", "coco-karpathy", "test", "zero-shot")["metrics"]["i2t_R@1"] == 53.54
+    assert thesis_figure("retrieval", "coco-karpathy", "train", "zero-shot") is None  # seen pairs
+    assert thesis_figure("retrieval_finetune", "flickr30k", "test", "thesis-retrieval-finetune")[
+        "metrics"]["t2i_R@1"] == 64.6
+    assert thesis_figure("zero_shot", "imagenet", "validation", "clip-80-templates-openclip-names")[
+        "metrics"]["top1"] == 37.0
+    glue = EVALUATIONS["glue"]
+    # the thesis's per-task F-DistilBERT figures average to its GLUE score (WNLI included)
+    per_task = [glue.thesis[t]["metrics"]["score"] for t in glue.combined.members]
+    assert len(per_task) == 9 and round(sum(per_task) / 9, 1) == glue.thesis["glue"]["metrics"]["score"] == 76.9
+
+
+def test_protocol_name_lists_what_changed():
+    from trainer.eval.results import protocol_name
+
+    recipe = {"lr": 1e-3, "epochs": 15}
+    assert protocol_name("thesis-x", recipe, {"lr": 1e-3, "epochs": 15, "device": "cpu"}) == "thesis-x"
+    assert protocol_name("thesis-x", recipe, {"lr": 1e-3, "epochs": 2}) == "custom (thesis-x with epochs changed)"
+
+
+def test_openclip_class_names_are_the_default_and_the_thesis_list():
+    """The CLIP/open_clip names the thesis used (open_clip IMAGENET_CLASSNAMES, verbatim)."""
+    from shardify.sources.imagenet import imagenet_classes
+    from trainer.eval.zero_shot import OPENCLIP_NAMES, openclip_imagenet_names
+
+    synsets, wordnet = imagenet_classes()
+    names = class_names({"classes": synsets, "class_names": wordnet})
+    assert names == openclip_imagenet_names() and len(names) == 1000
+    assert "open_clip" in OPENCLIP_NAMES.read_text().splitlines()[3] and "MIT" in OPENCLIP_NAMES.read_text()
+    # known entries, in label order
+    assert (names[0], names[1], names[134], names[517], names[999]) == (
+        "tench", "goldfish", "crane bird", "construction crane", "toilet paper")
+    assert (names[638], names[639]) == ("tights", "one-piece bathing suit")
+    # the source repeats exactly two names; WordNet's first lemmas repeat "crane" and "maillot"
+    dupes = {n: [i for i, m in enumerate(names) if m == n] for n in set(names) if names.count(n) > 1}
+    assert dupes == {"missile": [657, 744], "sunglasses": [836, 837]} and len(set(names)) == 998
+    assert wordnet.count("crane") == 2 and wordnet.count("maillot") == 2 and "crane" not in names
+    assert sum(a.lower() != b.lower() for a, b in zip(names, wordnet)) == 297  # 363 counting case
+    assert class_names({"classes": synsets, "class_names": wordnet}, "wordnet") == wordnet

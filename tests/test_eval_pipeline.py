@@ -123,7 +123,7 @@ def test_probe_cli_on_a_teacher_writes_the_record_and_caches(shards, tmp_path, c
     main(args)
     first = capsys.readouterr().out
     rec = json.loads(out.read_text())
-    assert rec["kind"] == "shardify-kd-eval" and rec["benchmark"] == "linear_probe"
+    assert rec["kind"] == "shardify-kd-eval" and rec["benchmark"] == "probe" and rec["protocol"] == "fast-probe"
     assert rec["model"]["sha256"] == file_sha256(teacher) and rec["model"]["kind"] == "data2vec2"
     assert rec["data"]["train"]["split"] == "train" and rec["data"]["validation"]["split"] == "validation"
     assert rec["data"]["train"]["manifest"]["splits"]["train"]["samples"] == 24
@@ -215,9 +215,10 @@ def test_report_plots_and_summary(tmp_path):
     (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
     (run / "config.yaml").write_text("task: image_kd\nseed: 0\n")
     split = {"split": "validation", "sha256": "abc"}
-    probe = {"kind": "shardify-kd-eval", "benchmark": "linear_probe", "dataset": "imagenet",
+    chance = {"top1": 25.0, "top5": 100.0, "knn.top1": 25.0, "knn.top5": 100.0}
+    probe = {"kind": "shardify-kd-eval", "benchmark": "probe", "dataset": "imagenet", "protocol": "fast-probe",
              "metrics": {"top1": 50.0, "top5": 90.0, "linear_probe": {"classes_with_samples": 4},
-                         "knn": {"top1": 40.0, "top5": 80.0, "classes_with_samples": 4}},
+                         "knn": {"top1": 40.0, "top5": 80.0, "classes_with_samples": 4}, "chance": chance},
              "model": {"kind": "student", "task": "image_kd", "step": 40}, "data": {"validation": split},
              "options": {"label": ""}}
     teacher = probe | {"metrics": probe["metrics"] | {"top1": 62.5}, "model": {"kind": "data2vec2"},
@@ -225,6 +226,14 @@ def test_report_plots_and_summary(tmp_path):
     (run / "eval" / "probe.json").write_text(json.dumps(probe))
     (run / "eval" / "probe-teacher.json").write_text(json.dumps(teacher))
     (run / "eval" / "other.json").write_text("{}")  # not an evaluation record: ignored
+    # the thesis's linear probe, once with its protocol and once with a changed recipe
+    lin = {"kind": "shardify-kd-eval", "benchmark": "linear", "dataset": "cifar10", "protocol": "thesis-linear",
+           "metrics": {"top1": 91.0, "top5": 99.5}, "model": {"kind": "student", "task": "image_kd", "step": 40},
+           "data": {"validation": {"split": "test", "sha256": "c10"}}, "options": {"label": ""}}
+    (run / "eval" / "linear.json").write_text(json.dumps(lin))
+    (run / "eval" / "linear-short.json").write_text(json.dumps(
+        lin | {"protocol": "custom (thesis-linear with epochs changed)", "data": {"test": {"split": "test",
+                                                                                           "sha256": "other"}}}))
 
     assert [p[1] for p in panels(["loss", "lr", "val_loss", "loss_kd", "val_loss_kd"])] == \
         [["loss", "val_loss"], ["loss_kd", "val_loss_kd"], ["lr"]]
@@ -238,13 +247,20 @@ def test_report_plots_and_summary(tmp_path):
         with Image.open(md_path.parent / p) as im:
             assert im.format == "PNG" and im.size == (600, 320)
         assert f"]({p})" in md
-    table = md[md.index("**linear probe**, imagenet validation"):].splitlines()
+    table = md[md.index("**fast probe (cached features"):].splitlines()
+    assert table[0].endswith(", imagenet validation")
     assert table[2] == "| model | top-1 | top-5 | k-NN top-1 | k-NN top-5 |"
     assert table[4] == "| student (image_kd), step 40 | 50.00 | 90.00 | 40.00 | 80.00 |"  # students first
     assert table[5] == "| teacher | 62.50 | 90.00 | 40.00 | 80.00 |"
     assert table[6] == "| *chance* | 25.00 | 100.00 | 25.00 | 100.00 |"  # 4 classes present
-    assert table[7].startswith("| *thesis: DistilData2Vec2*") and table[7].endswith("| 71.10 |  |  |  |")
-    assert "student 50.00 vs teacher 62.50 (80% of it)" in md
+    assert table[7] == "" and table[8] == "Protocol: fast-probe"  # never beside the thesis's 71.1
+    assert "71.10" not in md and "student 50.00 vs teacher 62.50 (80% of it)" in md
+    lin_tables = md[md.index("**image classification, linear probe"):].split("**image classification")[1:]
+    lin_tables.sort(key=lambda t: "changed" in t)  # the thesis protocol's table first
+    assert "| *thesis: DistilData2Vec2* (CIFAR-10) | 93.20 |  |" in lin_tables[0]
+    assert "Protocol: thesis-linear\n" in lin_tables[0] + "\n"
+    assert "*thesis" not in lin_tables[1] and "with epochs changed)" in lin_tables[1]
+    assert "not set beside these" in lin_tables[1]
     assert "task: image_kd" in md
 
 
@@ -312,8 +328,12 @@ def test_zero_shot_end_to_end_with_an_oracle_text_tower(shards, tmp_path, capsys
         table[ids[0]] = [float(x) for x in v]
     model = EvalModel("student", "toy", {"image": _ColourImage(), "text": _ColourWords(table)}, "toy.pt", "0" * 64,
                       augment=AugmentConfig(size=16, train=False), tokenizer=tok_path)
-    rec = run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", None, 22, None, 4, 0, "cpu",
-                        None, str(tmp_path / "zs.json"))
+    with pytest.raises(Exception, match="ImageNet-1k's 1000"):  # the default names are ImageNet's
+        run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", None, 22, None, 4, 0, "cpu",
+                      None, str(tmp_path / "zs.json"))
+    rec = run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", "wordnet", 22, None, 4, 0,
+                        "cpu", None, str(tmp_path / "zs.json"))
+    assert rec["protocol"] == "custom (clip-80-templates-openclip-names with class_names changed)"
     m = rec["metrics"]
     assert m["top1"] == 100.0 and m["val_images"] == 6 and m["classes"] == 4 and m["templates"] == 80
     assert m["classes_without_samples"] == 1  # yellow: no validation image
@@ -324,10 +344,10 @@ def test_zero_shot_end_to_end_with_an_oracle_text_tower(shards, tmp_path, capsys
     rec = run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", str(names), 22, None, 4, 0,
                         "cpu", None, str(tmp_path / "zs2.json"))
     assert rec["metrics"]["top1"] == pytest.approx(100 / 3)
-    assert rec["options"]["class_names"] == str(names)
+    assert rec["options"]["class_names"] == f"file {names}"
     # only the 3 classes with validation images named: labels remapped, yellow gone
-    rec = run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", None, 22, None, 4, 0, "cpu",
-                        None, str(tmp_path / "zs3.json"), present_only=True)
+    rec = run_zero_shot(model, str(tmp_path / "toy.pt"), str(shards), "validation", "wordnet", 22, None, 4, 0,
+                        "cpu", None, str(tmp_path / "zs3.json"), present_only=True)
     assert rec["metrics"]["top1"] == 100.0 and rec["metrics"]["classes"] == 3
     assert rec["metrics"]["classes_without_samples"] == 0 and rec["options"]["present_only"] is True
 
@@ -358,6 +378,7 @@ def test_retrieval_benchmark_end_to_end_writes_its_record(tmp_path, capsys):
     # an all-zero text tower ties every caption with every image: ties count against -> 0 at R@1
     assert m["i2t_R@1"] == 0.0 and m["t2i_R@1"] == 0.0 and m["t2i_R@10"] == 100.0
     assert rec["data"]["test"]["split"] == "test" and rec["dataset"] == "coco-karpathy"
+    assert rec["protocol"] == "zero-shot" and rec["version"] == 2
     assert "retrieval [toy, coco-karpathy test] text R@1/5/10" in capsys.readouterr().out
 
 
@@ -386,17 +407,32 @@ def test_prompt_tokenisation_matches_the_loaders_captions():
     assert torch.equal(seen[0][0], torch.from_numpy(ids)) and torch.equal(seen[0][1], torch.from_numpy(pad))
 
 
-def test_report_shows_glue_results_beside_the_thesis(tmp_path):
+def test_report_shows_the_glue_score_beside_the_thesis_only_for_all_nine_tasks_on_its_protocol(tmp_path):
+    from trainer.eval.results import EVALUATIONS
     from trainer.report import write_report
 
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     (run / "log.jsonl").write_text(json.dumps({"step": 1, "total_steps": 1, "loss": 1.0}) + "\n")
-    for task, score, name in (("sst2", 0.9, "validation accuracy"), ("cola", 0.4, "validation mcc")):
+    tasks = EVALUATIONS["glue"].combined.members
+
+    def write(task, score, protocol="thesis-glue"):
         (run / "eval" / f"glue_{task}.json").write_text(json.dumps(
-            {"task": task, "score": score, "score_name": name, "metrics": {"validation": {}},
-             "student": {"kind": "shardify-kd-student"}}))
+            {"kind": "shardify-kd-eval", "benchmark": "glue", "dataset": task, "protocol": protocol,
+             "metrics": {"score": score}, "model": {"kind": "student", "task": "text_kd"},
+             "data": {"validation": {"split": "validation"}}, "options": {}}))
+
+    write("sst2", 90.0)
+    write("cola", 40.0)
     md = write_report(run).read_text()
-    assert "| cola | validation mcc | 40.00 |\n| sst2 | validation accuracy | 90.00 |" in md
-    assert "| *mean of the 2 task(s) above* | | 65.00 |" in md
-    assert "| *thesis: F-DistilBERT*" in md and "| GLUE score | 76.90 |" in md
+    assert "| student (text_kd) | cola | 40.00 | 55.10 |\n| student (text_kd) | sst2 | 90.00 | 91.40 |" in md
+    assert "| student (text_kd) | *GLUE score (mean over the 9 tasks): 2 of 9* | 65.00 | |" in md
+    assert "76.90" not in md and "needs all 9 members measured with `thesis-glue`" in md
+    for i, t in enumerate(tasks):
+        write(t, 50.0 + i)
+    md = write_report(run).read_text()
+    assert "*GLUE score (mean over the 9 tasks): 9 of 9* | 54.00 | |" in md
+    assert "| *thesis: F-DistilBERT* | GLUE score, 9 tasks (DistilBERT 77.0, BERT 79.5) | | 76.90 |" in md
+    write("wnli", 50.0, "custom (thesis-glue with epochs changed)")
+    md = write_report(run).read_text()
+    assert "76.90" not in md and "Protocol: custom (thesis-glue with epochs changed), thesis-glue" in md

@@ -24,35 +24,82 @@ MINILM = Path(gt.__file__).parent / "model"
 
 
 def test_metrics_on_hand_computed_cases():
-    assert glue.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 0.5
-    pred, label = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]  # tp 2, fp 1, fn 1, tn 1
-    assert glue.f1_binary(pred, label) == pytest.approx(4 / 6)
-    assert glue.matthews(pred, label) == pytest.approx((2 * 1 - 1 * 1) / 6)  # sqrt(3*3*2*2) = 6
-    assert glue.matthews([1, 1, 1], [1, 0, 1]) == 0.0  # constant prediction
-    assert glue.f1_binary([0, 0], [0, 0]) == 0.0
-    # ties share their mean rank: x ranks 1, 2.5, 2.5, 4
-    assert glue.average_ranks([1, 2, 2, 3]).tolist() == [1, 2.5, 2.5, 4]
-    assert glue.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(4.5 / np.sqrt(4.5 * 5))
-    assert glue.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
-    t = glue.GLUE_TASKS["stsb"]
-    m = glue.task_metrics(t, np.array([[0.1], [0.5], [0.3]]), np.array([1.0, 3.0, 2.0]))
-    assert m["spearman"] == pytest.approx(1.0) and set(m) == {"spearman", "pearson"}
-    m = glue.task_metrics(glue.GLUE_TASKS["mrpc"], np.array([[0.0, 1.0], [2.0, 1.0]]), np.array([1, 1]))
-    assert m == {"f1": pytest.approx(2 / 3), "accuracy": 0.5}
+    """The wiring to scikit-learn / SciPy: which metric, which class counts as positive, in %."""
+    t = glue.GLUE_TASKS
+    pred, label = np.array([1, 1, 0, 0, 1]), np.array([1, 0, 0, 1, 1])  # tp 2, fp 1, fn 1, tn 1
+    logits = np.eye(2)[pred]
+    assert glue.task_metrics(t["mrpc"], logits, label) == {"f1": pytest.approx(100 * 4 / 6), "accuracy": 60.0}
+    assert glue.task_metrics(t["cola"], logits, label) == {"matthews": pytest.approx(100 * (2 * 1 - 1 * 1) / 6)}
+    assert glue.task_metrics(t["cola"], np.eye(2)[[1, 1, 1]], np.array([1, 0, 1])) == {"matthews": 0.0}
+    m = glue.task_metrics(t["stsb"], np.array([[0.1], [0.5], [0.3]]), np.array([1.0, 3.0, 2.0]))
+    assert m["spearman"] == pytest.approx(100.0) and set(m) == {"spearman", "pearson"}
+    # ties share their mean rank: 4.5 / sqrt(4.5 * 5)
+    m = glue.task_metrics(t["stsb"], np.array([[1.0], [2.0], [2.0], [3.0]]), np.array([1.0, 3.0, 2.0, 4.0]))
+    assert m["spearman"] == pytest.approx(100 * 4.5 / np.sqrt(4.5 * 5))
+    # a constant prediction has no correlation: 0, not NaN
+    assert glue.task_metrics(t["stsb"], np.ones((3, 1)), np.array([1.0, 3.0, 2.0])) == {"spearman": 0.0, "pearson": 0.0}
+    assert glue.task_metrics(t["mnli"], np.eye(3)[[0, 1, 2, 2]], np.array([0, 1, 2, 0])) == {"accuracy": 75.0}
 
 
 def test_metrics_agree_with_sklearn_and_scipy():
-    sk = pytest.importorskip("sklearn.metrics", reason="scikit-learn (test extra) is the reference scorer")
-    stats = pytest.importorskip("scipy.stats", reason="SciPy (test extra) is the reference scorer")
+    from scipy import stats
+    from sklearn import metrics as sk
+
     rng = np.random.default_rng(0)
     for _ in range(5):
         y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
-        assert glue.f1_binary(p, y) == pytest.approx(sk.f1_score(y, p))
-        assert glue.matthews(p, y) == pytest.approx(sk.matthews_corrcoef(y, p))
-        assert glue.accuracy(p, y) == pytest.approx(sk.accuracy_score(y, p))
+        m = glue.task_metrics(glue.GLUE_TASKS["qqp"], np.eye(2)[p], y)
+        assert m == {"f1": pytest.approx(100 * sk.f1_score(y, p)), "accuracy": pytest.approx(100 * sk.accuracy_score(y, p))}
+        assert glue.task_metrics(glue.GLUE_TASKS["cola"], np.eye(2)[p], y)["matthews"] == pytest.approx(
+            100 * sk.matthews_corrcoef(y, p))
         a, b = rng.integers(0, 6, 100).astype(float), rng.normal(size=100)  # many ties in a
-        assert glue.spearman(a, b) == pytest.approx(stats.spearmanr(a, b)[0])
-        assert glue.pearson(a, b) == pytest.approx(stats.pearsonr(a, b)[0])
+        m = glue.task_metrics(glue.GLUE_TASKS["stsb"], b[:, None], a)
+        assert m == {"spearman": pytest.approx(100 * stats.spearmanr(a, b)[0]),
+                     "pearson": pytest.approx(100 * stats.pearsonr(a, b)[0])}
+
+
+def test_recipes_are_the_thesis_configs():
+    """RECIPES against the thesis's configs/fine_tuning/<task>.yaml (excerpts in tests/data)."""
+    import yaml
+
+    thesis = yaml.safe_load((Path(__file__).parent / "data" / "thesis_glue_recipes.yaml").read_text())
+    metric = {"mcc": "matthews", "accuracy": "accuracy", "f1": "f1", "spearman": "spearman"}
+    assert sorted(glue.RECIPES) == sorted(glue.GLUE_TASKS) and len(glue.RECIPES) == 9  # WNLI included
+    for name, r in glue.RECIPES.items():
+        y = thesis[r.source.removesuffix(".yaml")]
+        task = glue.GLUE_TASKS[name]
+        assert (r.epochs, r.batch_size, r.lr) == (y["max_epochs"], y["data"]["batch_size"], float(y["optimizer"]["lr"]))
+        assert (r.weight_decay, r.betas, r.eps) == (y["optimizer"]["weight_decay"], tuple(y["optimizer"]["betas"]),
+                                                     float(y["optimizer"]["eps"]))
+        assert (r.max_len, r.dropout, r.seed) == (y["data"]["num_max_bpe_tokens"], y["model"]["dropout"], y["seed"])
+        assert task.metrics[0] == metric[y["metric"]] and task.num_labels == y["model"]["num_classes"]
+        assert (task.num_labels == 1) == y["regression"]
+
+
+def test_optimizer_decays_every_parameter_and_schedule_is_transformers_polynomial():
+    import torch
+    from transformers.optimization import get_polynomial_decay_schedule_with_warmup
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    r = glue.RECIPES["sst2"]
+    opt, sched = glue.optimizer_and_schedule(model, r, 50)
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 0.1  # biases and norms too
+    assert opt.param_groups[0]["betas"] == (0.9, 0.98) and opt.param_groups[0]["eps"] == 1e-6
+    ref_opt = torch.optim.AdamW(torch.nn.Linear(1, 1).parameters(), lr=r.lr)
+    ref = get_polynomial_decay_schedule_with_warmup(ref_opt, 5, 50)
+    for _ in range(50):
+        assert opt.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        ref_opt.step()
+        ref.step()
+    lrs = []
+    opt, sched = glue.optimizer_and_schedule(model, r, 50)
+    for _ in range(50):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(r.lr) and lrs.index(max(lrs)) == 5  # 10% warmup
 
 
 # -- encoding and data -------------------------------------------------------------------------
@@ -145,26 +192,30 @@ def test_fine_tune_minilm_on_sst2_through_the_command(tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.startswith("glue sst2: validation accuracy") and str(out) in res.output
     r = json.loads(out.read_text())
-    assert r["score_name"] == "validation accuracy" and r["score"] >= 0.9, r["metrics"]
-    assert r["examples"] == {"train": 48, "validation": 12}
-    assert r["student"]["kind"] == "hf-bert" and r["student"]["source"] == str(MINILM)
-    assert r["config"]["lr"] == 1e-4 and r["config"]["steps"] == 18
-    f = r["data_files"]["train"][0]
+    assert r["kind"] == "shardify-kd-eval" and r["benchmark"] == "glue" and r["dataset"] == "sst2"
+    assert r["metrics"]["score_name"] == "validation accuracy" and r["metrics"]["score"] >= 90, r["metrics"]
+    assert r["protocol"] == "custom (thesis-glue with batch_size, epochs, lr, max_len changed)"
+    assert r["options"]["examples"] == {"train": 48, "validation": 12}
+    assert r["model"]["kind"] == "hf-bert" and r["model"]["source"] == str(MINILM)
+    assert r["config"]["recipe"]["lr"] == 1e-4 and r["options"]["steps"] == 18 and r["options"]["pooler"] == str(MINILM)
+    f = r["data"]["train"]["files"][0]
     assert f["path"].endswith("sst2/train-00000-of-00001.parquet") and len(f["sha256"]) == 64
-    assert r["history"][0]["train_loss"] > r["history"][-1]["train_loss"]
+    h = r["options"]["history"]
+    assert h[0]["train_loss"] > h[-1]["train_loss"] and len(h) == 3 and "accuracy" in h[0]["validation"]
 
 
 def test_regression_and_two_split_tasks_run(tmp_path):
     root = make_glue(tmp_path / "glue")
     r = glue.run_glue(glue.GlueOptions(student=str(MINILM), task="stsb", data=str(root), out=str(tmp_path / "s.json"),
                                        epochs=1, batch_size=6, device="cpu", max_len=16))
-    assert set(r["metrics"]["validation"]) == {"spearman", "pearson"} and r["score_name"] == "validation spearman"
-    assert -1.0 <= r["score"] <= 1.0
+    m = r["metrics"]
+    assert set(m["validation"]) == {"spearman", "pearson"} and m["score_name"] == "validation spearman"
+    assert -100.0 <= m["score"] <= 100.0
     r = glue.run_glue(glue.GlueOptions(student=str(MINILM), task="mnli", data=str(root), out=str(tmp_path / "m.json"),
                                        epochs=1, batch_size=6, device="cpu", max_len=16))
-    assert set(r["metrics"]) == {"validation_matched", "validation_mismatched"}
-    assert r["examples"] == {"train": 6, "validation_matched": 6, "validation_mismatched": 6}
-    assert json.loads((tmp_path / "m.json").read_text())["score_name"] == "validation_matched accuracy"
+    assert set(r["metrics"]) == {"validation_matched", "validation_mismatched", "score", "score_name"}
+    assert r["options"]["examples"] == {"train": 6, "validation_matched": 6, "validation_mismatched": 6}
+    assert json.loads((tmp_path / "m.json").read_text())["metrics"]["score_name"] == "validation_matched accuracy"
     with pytest.raises(UserError, match="student not found"):
         glue.run_glue(glue.GlueOptions(student=str(tmp_path / "none"), task="sst2", data=str(root)))
 
@@ -186,7 +237,27 @@ def test_an_exported_text_student_is_fine_tuned_with_its_teachers_tokenizer(tmp_
     r = glue.run_glue(glue.GlueOptions(student=str(tmp_path / "student.pt"), task="sst2", data=str(root),
                                        out=str(tmp_path / "r.json"), epochs=1, batch_size=16, device="cpu",
                                        max_len=16, max_train_samples=16))
-    assert r["student"] == {"source": str(tmp_path / "student.pt"), "kind": "shardify-kd-student",
-                            "task": "text_kd", "step": 7}
-    assert r["tokenizer"] == str(MINILM / "tokenizer.json")  # found in the teacher's directory
-    assert r["examples"]["train"] == 16 and 0.0 <= r["score"] <= 1.0
+    assert r["model"] == {"source": str(tmp_path / "student.pt"), "kind": "student", "task": "text_kd", "step": 7}
+    assert r["options"]["tokenizer"] == str(MINILM / "tokenizer.json")  # found in the teacher's directory
+    assert r["options"]["pooler"] == str(MINILM)  # the teacher's pretrained pooler starts the head
+    assert r["options"]["examples"]["train"] == 16 and 0.0 <= r["metrics"]["score"] <= 100.0
+
+
+def test_the_head_starts_from_the_pretrained_bert_pooler():
+    import torch
+    from safetensors.torch import load_file
+
+    class Tokens(torch.nn.Module):  # an encoder whose token states are its input
+        def forward(self, states, pad):
+            return states
+
+    sd = load_file(str(MINILM / "model.safetensors"))
+    pooler = glue.pretrained_pooler(str(MINILM), 384)
+    assert torch.equal(pooler.weight, sd["pooler.dense.weight"]) and torch.equal(pooler.bias, sd["pooler.dense.bias"])
+    with pytest.raises(UserError, match="384 wide, the student 768"):
+        glue.pretrained_pooler(str(MINILM), 768)
+    head = glue.GlueModel(Tokens(), pooler, 2).eval()
+    x = torch.randn(2, 384)
+    with torch.no_grad():  # [CLS] -> pooler dense + tanh -> (dropout) -> classifier
+        expect = head.classifier(torch.tanh(x @ sd["pooler.dense.weight"].T + sd["pooler.dense.bias"]))
+        assert torch.allclose(head(torch.stack([x, -x], 1), None, None), expect, atol=1e-6)

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from shardify import tokenize as tk
-from shardify.format import SpecialIds
-from shardify.inspect_cmd import summary
+from shardify import tokenization as tk
+from shardify.tokenization import SpecialIds
+from shardify.cli.inspect_cmd import summary
 from shardify.job import JobOptions, run_job
 from shardify.line_packing import LinePacker
 from shardify.sources.openwebtext import OpenWebTextSource

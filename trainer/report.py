@@ -6,7 +6,8 @@ the evaluation records in `RUN_DIR/eval/*.json` (trainer/eval/results.py). Write
 `RUN_DIR/report/report.md` with one PNG per logged quantity beside it: every loss (with its
 validation counterpart on the same axes), the learning rate, throughput, the share of time spent
 waiting for data and peak memory; any other numeric key gets its own plot too. The summary sets
-each evaluation beside the thesis's published figure for the same benchmark and beside chance.
+each evaluation beside chance and, when it was measured with the thesis's protocol, beside the
+thesis's published figure (the registry in trainer/eval/results.py says which).
 """
 
 from __future__ import annotations
@@ -126,28 +127,8 @@ def plot_panels(data: dict, out_dir: Path) -> list[tuple[str, str]]:
 
 
 # -- the evaluation table ----------------------------------------------------------------------
-
-def _chance(rec: dict, metric: str) -> float | None:
-    m = rec.get("metrics", {})
-    if metric.startswith(("i2t_R@", "t2i_R@")):
-        return (m.get("chance") or {}).get(metric)
-    part = m.get("knn", m) if metric.startswith("knn_") else m.get("linear_probe", m)
-    # zero-shot scores every class name; a probe or k-NN can only answer classes it was trained on
-    c = m.get("classes") if rec.get("benchmark") == "zero_shot" else part.get("classes_with_samples")
-    if not c or not metric.removeprefix("knn_").startswith("top"):
-        return None
-    return min(100.0, 100.0 * int(metric.removeprefix("knn_").removeprefix("top")) / c)
-
-
-def _rows(rec: dict) -> list[tuple[str, float]]:
-    m, b = rec.get("metrics", {}), rec.get("benchmark")
-    if b == "linear_probe":
-        return [("top1", m["top1"]), ("top5", m["top5"]), ("knn_top1", m["knn"]["top1"]),
-                ("knn_top5", m["knn"]["top5"])]
-    if b == "retrieval":
-        return [(k, m[k]) for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10") if k in m]
-    return [(k, v) for k, v in m.items() if isinstance(v, (int, float)) and (k.startswith("top") or k == "score")]
-
+# Everything benchmark-specific (which metrics, which protocol, which thesis figures) comes from the
+# registry in trainer/eval/results.py: this code has no branch per benchmark.
 
 def _model_name(rec: dict) -> str:
     label = (rec.get("options") or {}).get("label")
@@ -158,89 +139,116 @@ def _model_name(rec: dict) -> str:
     return name
 
 
-_METRIC_NAMES = {"top1": "top-1", "top5": "top-5", "knn_top1": "k-NN top-1", "knn_top5": "k-NN top-5",
-                 "i2t_R@1": "text R@1", "i2t_R@5": "text R@5", "i2t_R@10": "text R@10",
-                 "t2i_R@1": "image R@1", "t2i_R@5": "image R@5", "t2i_R@10": "image R@10", "score": "score"}
-
-
 def _data_of(rec: dict) -> dict:
     sets = rec.get("data") or {}
     return sets.get("validation") or sets.get("test") or next(iter(sets.values()), {})
 
 
-def eval_table(records: list[dict]) -> list[str]:
-    """One table per benchmark and data: a row per evaluated model, then chance and the thesis."""
-    from trainer.eval.published import published
+def _fmt(v) -> str:
+    return f"{v:.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else ""
 
-    groups: dict[tuple, list[dict]] = {}
-    for rec in records:
-        d = _data_of(rec)
-        groups.setdefault((rec.get("benchmark", ""), rec.get("dataset", ""), d.get("split", ""),
-                           d.get("sha256", "")), []).append(rec)
-    lines: list[str] = []
-    # held-out splits first: a figure on training data is a sanity check, not the benchmark
-    order = sorted(groups, key=lambda g: (g[0], g[1], g[2] not in ("validation", "test"), g[2]))
-    for (bench, dataset, split, sha) in order:
-        recs = groups[(bench, dataset, split, sha)]
-        # students first, then the teachers they are compared with
-        recs = sorted(recs, key=lambda r: (r.get("model", {}).get("kind") != "student", _model_name(r)))
-        metrics = [m for m, _ in _rows(recs[0])]
-        pub = published(bench, dataset, split)  # no thesis row beside a train-split figure
-        lines += [f"**{bench.replace('_', ' ')}**, {dataset} {split}", "",
-                  "| model | " + " | ".join(_METRIC_NAMES.get(m, m) for m in metrics) + " |",
-                  "|---|" + "---:|" * len(metrics)]
-        for rec in recs:
-            vals = dict(_rows(rec))
-            lines.append(f"| {_model_name(rec)} | " + " | ".join(
-                f"{vals[m]:.2f}" if m in vals else "" for m in metrics) + " |")
-        chance = [_chance(recs[0], m) for m in metrics]
-        lines.append("| *chance* | " + " | ".join("" if c is None else f"{c:.2f}" for c in chance) + " |")
-        if pub:
-            lines.append(f"| *thesis: {pub['model']}* ({pub['setting']}) | " + " | ".join(
-                f"{pub['metrics'][m]:.2f}" if m in pub["metrics"] else "" for m in metrics) + " |")
-        lines.append("")
+
+def _protocols(recs: list[dict]) -> str:
+    return ", ".join(sorted({r.get("protocol") or "not recorded" for r in recs}))
+
+
+def _thesis_row(entry: dict, label: str, keys: list[str]) -> str:
+    return f"| *thesis: {entry['model']}* ({entry['setting']}) | {label}" + " | ".join(
+        _fmt(entry["metrics"].get(k)) for k in keys) + " |"
+
+
+def _dataset_table(ev, dataset: str, split: str, recs: list[dict]) -> list[str]:
+    """One benchmark on one data set: a row per evaluated model, chance, and the thesis's figure
+    when a model was measured with the thesis's protocol."""
+    from trainer.eval.results import metric_value, thesis_figure
+
+    keys, labels = [k for k, _ in ev.metrics], [lbl for _, lbl in ev.metrics]
+    # students first, then the teachers they are compared with
+    recs = sorted(recs, key=lambda r: (r.get("model", {}).get("kind") != "student", _model_name(r)))
+    lines = [f"**{ev.title}**, {dataset} {split}", "", "| model | " + " | ".join(labels) + " |",
+             "|---|" + "---:|" * len(keys)]
+    for rec in recs:
+        lines.append(f"| {_model_name(rec)} | " + " | ".join(_fmt(metric_value(rec, k)) for k in keys) + " |")
+    chance = [(metric_value(recs[0], "chance") or {}).get(k) for k in keys]  # keyed by the metric's dotted key
+    if any(c is not None for c in chance):
+        lines.append("| *chance* | " + " | ".join(_fmt(c) for c in chance) + " |")
+    pub = next((p for r in recs if (p := thesis_figure(ev.name, dataset, split, r.get("protocol")))), None)
+    if pub:
+        lines.append(_thesis_row(pub, "", keys))
+    lines += ["", f"Protocol: {_protocols(recs)}" + ("" if pub or not ev.thesis else
+              f" (the thesis's figures were measured with `{ev.protocol}`: not set beside these)."), ""]
     return lines
 
 
-def read_glue_results(directory: Path) -> list[dict]:
-    """The result files of `trainer eval glue` (trainer/eval/glue.py) in a directory."""
-    out = []
-    for p in sorted(directory.glob("*.json")):
-        try:
-            doc = json.loads(p.read_text())
-        except (OSError, ValueError):
+def _combined_table(ev, recs: list[dict]) -> list[str]:
+    """An evaluation whose figure combines several data sets (the GLUE score): a row per data set
+    and model, then the mean over the members present, beside the thesis's when the protocol and
+    the set of members match."""
+    from trainer.eval.results import metric_value, thesis_figure
+
+    comb, lines = ev.combined, []
+    lines += [f"**{ev.title}**", "", "| model | data set | " + " | ".join(lbl for _, lbl in ev.metrics)
+              + " | thesis |", "|---|---|" + "---:|" * (len(ev.metrics) + 1)]
+    by_model: dict[str, dict[str, dict]] = {}
+    for rec in sorted(recs, key=lambda r: (_model_name(r), r.get("dataset", ""))):
+        by_model.setdefault(_model_name(rec), {})[rec.get("dataset", "")] = rec
+        pub = thesis_figure(ev.name, rec.get("dataset", ""), None, rec.get("protocol"))
+        lines.append(f"| {_model_name(rec)} | {rec.get('dataset', '')} | " + " | ".join(
+            _fmt(metric_value(rec, k)) for k, _ in ev.metrics) + f" | {_fmt(pub['metrics'].get(comb.metric)) if pub else ''} |")
+    thesis = None
+    for model, per in by_model.items():
+        present = [d for d in comb.members if d in per]
+        vals = [metric_value(per[d], comb.metric) for d in present]
+        vals = [v for v in vals if isinstance(v, (int, float))]
+        if vals:
+            lines.append(f"| {model} | *{comb.label}: {len(vals)} of {len(comb.members)}* | "
+                         f"{sum(vals) / len(vals):.2f} | |")
+        complete = len(vals) == len(comb.members)
+        if complete and all(thesis_figure(ev.name, d, None, per[d].get("protocol")) for d in present):
+            thesis = ev.thesis.get(ev.name)
+    if thesis:
+        lines.append(f"| *thesis: {thesis['model']}* | {thesis['setting']} | | {_fmt(thesis['metrics'][comb.metric])} |")
+    lines += ["", f"Protocol: {_protocols(recs)}" + ("" if thesis else
+              f" (the thesis's {comb.label.split(' (')[0]} needs all {len(comb.members)} members measured "
+              f"with `{ev.protocol}`)."), ""]
+    return lines
+
+
+def eval_table(records: list[dict]) -> list[str]:
+    """One table per benchmark and data (or one per combined benchmark), in registry order."""
+    from trainer.eval.results import EVALUATIONS
+
+    lines: list[str] = []
+    for ev in EVALUATIONS.values():
+        mine = [r for r in records if r.get("benchmark") == ev.name]
+        if not mine:
             continue
-        if isinstance(doc, dict) and {"task", "score", "score_name", "metrics", "student"} <= doc.keys():
-            out.append(doc)
-    return out
-
-
-def glue_table(results: list[dict]) -> list[str]:
-    """GLUE: one row per task (its score in %), their mean, and the thesis's GLUE score."""
-    from trainer.eval.published import published
-
-    lines = ["**GLUE** (validation; fine-tuned per task)", "", "| task | metric | score |", "|---|---|---:|"]
-    scores = []
-    for r in sorted(results, key=lambda r: r["task"]):
-        scores.append(100.0 * float(r["score"]))
-        lines.append(f"| {r['task']} | {r['score_name']} | {scores[-1]:.2f} |")
-    lines.append(f"| *mean of the {len(scores)} task(s) above* | | {sum(scores) / len(scores):.2f} |")
-    pub = published("glue", "glue")
-    if pub:
-        lines.append(f"| *thesis: {pub['model']}* ({pub['setting']}) | GLUE score | {pub['metrics']['score']:.2f} |")
-    return lines + [""]
+        if ev.combined:
+            lines += _combined_table(ev, mine)
+            continue
+        groups: dict[tuple, list[dict]] = {}
+        for rec in mine:
+            d = _data_of(rec)
+            groups.setdefault((rec.get("dataset", ""), d.get("split", ""), d.get("sha256", "")), []).append(rec)
+        # held-out splits first: a figure on training data is a sanity check, not the benchmark
+        for key in sorted(groups, key=lambda g: (g[0], g[1] not in ("validation", "test"), g[1])):
+            lines += _dataset_table(ev, key[0], key[1], groups[key])
+    unknown = sorted({r.get("benchmark", "?") for r in records} - set(EVALUATIONS))
+    if unknown:
+        lines += [f"(records of unknown evaluations not shown: {', '.join(unknown)})", ""]
+    return lines
 
 
 def _probe_comparison(records: list[dict]) -> list[str]:
     """A sentence per student probe that has a teacher probe on the same data beside it."""
-    probes = [r for r in records if r.get("benchmark") == "linear_probe"]
+    probes = [r for r in records if r.get("benchmark") == "probe"]
     teachers = [r for r in probes if r.get("model", {}).get("kind") != "student"]
     out = []
     for s in (r for r in probes if r.get("model", {}).get("kind") == "student"):
         for t in teachers:
             if t["data"]["validation"]["sha256"] == s["data"]["validation"]["sha256"]:
                 ratio = s["metrics"]["top1"] / t["metrics"]["top1"] if t["metrics"]["top1"] else float("nan")
-                out.append(f"- Linear probe top-1: student {s['metrics']['top1']:.2f} vs "
+                out.append(f"- Fast probe top-1: student {s['metrics']['top1']:.2f} vs "
                            f"{_model_name(t)} {t['metrics']['top1']:.2f} ({100 * ratio:.0f}% of it); "
                            f"k-NN top-1: {s['metrics']['knn']['top1']:.2f} vs {t['metrics']['knn']['top1']:.2f}.")
     return out
@@ -263,7 +271,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     plots = plot_panels(data, out) if data else []
     dirs = [d for d in (run / "eval", *map(Path, eval_dirs)) if d.is_dir()]
     evals = [r for d in dirs for r in read_results(d)]
-    glue = [r for d in dirs for r in read_glue_results(d)]
 
     last = records[-1] if records else {}
     md = [f"# Run report: `{run.name}`", ""]
@@ -276,11 +283,12 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
     if finals:
         md.append(f"Last logged: {', '.join(finals)}.")
     md += ["", "## Evaluation", ""]
-    if evals or glue:
+    if evals:
         md += _probe_comparison(evals)
-        md += ["", *eval_table(evals), *(glue_table(glue) if glue else []),
-               "Chance: top-k = k / classes present (zero-shot: k / classes named); R@k: a random ranking. Thesis: the published figure for "
-               "the same benchmark (full datasets, full training; see docs/methods.md)."]
+        md += ["", *eval_table(evals),
+               "Chance: top-k = k / classes present (zero-shot: k / classes named); R@k: a random ranking. Thesis: the "
+               "published figure for the same benchmark, shown only beside a result measured with the same protocol "
+               "(full datasets, full training; see docs/evaluation.md)."]
     else:
         md.append(f"No evaluation records in `{run / 'eval'}` (run `trainer eval ... {run}`).")
     md += ["", "## Training curves", ""]

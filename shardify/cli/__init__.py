@@ -28,7 +28,8 @@ class _Commands(FriendlyGroup):
     modules pull in the downloader and the tokenizer's helpers, which an ImageNet job does not
     need: every import is start-up time that a 2-worker run cannot share)."""
 
-    lazy = {"openwebtext": "shardify.cli.openwebtext", "pairs": "shardify.cli.pairs"}
+    lazy = {"openwebtext": "shardify.cli.openwebtext", "pairs": "shardify.cli.pairs",
+            "hf-images": "shardify.cli.hf_images"}
 
     def list_commands(self, ctx):
         return sorted([*super().list_commands(ctx), *self.lazy])

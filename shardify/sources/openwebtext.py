@@ -264,7 +264,7 @@ class OpenWebTextSource(Source):
 
     def __post_init__(self):
         if self.packing not in lp.PACKINGS:
-            raise UserError(f"--packing {self.packing!r}: use one of {', '.join(lp.PACKINGS)}")
+            raise ShardifyError(f"--packing {self.packing!r}: use one of {', '.join(lp.PACKINGS)}")
         self.layout, self.slice_files = detect_layout(self.loc.files)
         seen: dict[int, str] = {}
         for split, slices in self.split_slices.items():

@@ -11,8 +11,8 @@ the training loop. Modules, from pure maths to the command line:
     zero_shot.py     the 80 CLIP prompt templates, class text embeddings, zero-shot logits
     features.py      pooling, feature extraction through the loader, the on-disk feature cache
     models.py        what is evaluated: encoders, preprocessing and provenance of a model file
-    results.py       the JSON each evaluation writes (numbers, checkpoint, config, manifests)
-    published.py     the thesis's figures, which `trainer report` sets beside ours
+    results.py       the one record every evaluation writes, and the registry of evaluations (metric
+                     keys, protocol, the thesis figures `trainer report` may set beside a result)
     benchmarks.py    one function per benchmark, gluing the above (the CLI calls these)
     glue.py          GLUE fine-tuning of text students (its own command and record)
     cli.py           `trainer eval probe|retrieval|zero-shot|glue`

@@ -21,9 +21,9 @@ from .features import (FeatureCache, eval_data_config, extract_image_features, e
 from .knn import knn_eval
 from .linear_probe import ProbeConfig, probe_eval
 from .models import EvalModel
-from .results import manifest_record, write_result
+from .results import manifest_record, protocol_name, write_result
 from .retrieval import retrieval_metrics
-from .zero_shot import TEMPLATES, class_embeddings, class_names, zero_shot_eval
+from .zero_shot import CLASS_NAME_SOURCES, TEMPLATES, class_embeddings, class_names, zero_shot_eval
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,6 +68,17 @@ def _num_classes(manifest: dict, *label_sets: torch.Tensor) -> int:
     return max(len(manifest.get("classes") or []), top)
 
 
+def topk_chance(classes: int, ks=(1, 5)) -> dict[str, float]:
+    """What a uniform random guess scores: top-k = k / classes (in %)."""
+    return {f"top{k}": min(100.0, 100.0 * k / classes) if classes else 0.0 for k in ks}
+
+
+def _write(out: Path, benchmark: str, dataset: str, metrics: dict, model: EvalModel, data: dict, options: dict,
+           t0: float, protocol: str) -> dict:
+    return write_result(out, benchmark, dataset, metrics, model.describe(), model.config, data, options,
+                        time.perf_counter() - t0, protocol)
+
+
 def _default_out(model_path: str, name: str) -> Path:
     p = Path(model_path)
     if p.is_dir():
@@ -82,7 +93,7 @@ def run_probe(model: EvalModel, model_path: str, train_shards: str, val_shards: 
     """Linear probe and k-NN on frozen image features of the train and validation splits."""
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    out_path = Path(out) if out else _default_out(model_path, "linear_probe")
+    out_path = Path(out) if out else _default_out(model_path, "probe")
     cache = FeatureCache(cache_dir if cache_dir is not None else out_path.parent / "features")
     manifest = _manifest(train_shards, train_split)
     _manifest(val_shards, val_split)
@@ -91,14 +102,17 @@ def run_probe(model: EvalModel, model_path: str, train_shards: str, val_shards: 
     C = _num_classes(manifest, train["labels"], val["labels"])
     probe = probe_eval(train[pool], train["labels"], val[pool], val["labels"], C, probe_cfg, dev)
     knn = knn_eval(train[pool], train["labels"], val[pool], val["labels"], C, knn_k, knn_t, device=dev)
+    # a probe or k-NN can only answer classes it was trained on: chance counts those
+    chance = topk_chance(probe["classes_with_samples"])
     metrics = {"top1": probe["top1"], "top5": probe["top5"], "linear_probe": probe, "knn": knn,
-               "train_images": len(train["labels"]), "val_images": len(val["labels"]), "classes": C}
+               "train_images": len(train["labels"]), "val_images": len(val["labels"]), "classes": C,
+               "chance": chance | {f"knn.{k}": v for k, v in chance.items()}}
     data = {"train": manifest_record(train_shards, train_split),
             "validation": manifest_record(val_shards, val_split)}
     options = {"pool": pool, "label": label, "knn_k": knn_k, "knn_temperature": knn_t,
                "augment": asdict(model.augment)}
-    rec = write_result(out_path, "linear_probe", manifest.get("dataset", ""), metrics, model, data, options,
-                       time.perf_counter() - t0)
+    # the fast probe is a health check on cached features, never the thesis's linear probe
+    rec = _write(out_path, "probe", manifest.get("dataset", ""), metrics, model, data, options, t0, "fast-probe")
     name = label or model.task
     print(f"linear probe [{name}, {pool}] top-1 {probe['top1']:.2f} top-5 {probe['top5']:.2f} | "
           f"k-NN (k={knn['k']}) top-1 {knn['top1']:.2f} top-5 {knn['top5']:.2f} | "
@@ -136,7 +150,11 @@ def _text_embedder(model: EvalModel, tokenizer: str, max_len: int, device: torch
     return embed
 
 
-def run_zero_shot(model: EvalModel, model_path: str, val_shards: str, val_split: str, names_file: str | None,
+# what the thesis's zero-shot figure used (src/callbacks/zero_shot.py): open_clip's names, every class
+ZERO_SHOT_RECIPE = {"class_names": "openclip", "present_only": False, "max_tokens": 22}
+
+
+def run_zero_shot(model: EvalModel, model_path: str, val_shards: str, val_split: str, names_file: str,
                   max_tokens: int, tokenizer: str | None, batch_size: int, workers: int, device: str,
                   cache_dir: str | None, out: str | None, present_only: bool = False) -> dict:
     """Zero-shot classification with the 80 prompt templates (multimodal students).
@@ -147,8 +165,10 @@ def run_zero_shot(model: EvalModel, model_path: str, val_shards: str, val_split:
     out_path = Path(out) if out else _default_out(model_path, "zero_shot")
     cache = FeatureCache(cache_dir if cache_dir is not None else out_path.parent / "features")
     manifest = _manifest(val_shards, val_split)
+    names_file = names_file or "openclip"
     try:
         names = class_names(manifest, names_file)
+        names_source = names_file if names_file in CLASS_NAME_SOURCES else f"file {names_file}"
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
     embed = _text_embedder(model, tokenizer or model.tokenizer, max_tokens, dev)
@@ -164,11 +184,15 @@ def run_zero_shot(model: EvalModel, model_path: str, val_shards: str, val_split:
         labels = torch.searchsorted(present, labels)  # label -> position among the present classes
     classes = class_embeddings(embed, names, TEMPLATES)
     metrics = zero_shot_eval(val["cls"], labels, classes)
-    metrics |= {"val_images": len(val["labels"]), "classes": len(names), "templates": len(TEMPLATES)}
-    options = {"max_tokens": max_tokens, "class_names": names_file or "manifest", "present_only": present_only,
+    # zero-shot scores every class name
+    metrics |= {"val_images": len(val["labels"]), "classes": len(names), "templates": len(TEMPLATES),
+                "chance": topk_chance(len(names))}
+    options = {"max_tokens": max_tokens, "class_names": names_source, "present_only": present_only,
                "tokenizer": tokenizer or model.tokenizer, "augment": asdict(model.augment)}
-    rec = write_result(out_path, "zero_shot", manifest.get("dataset", ""), metrics, model,
-                       {"validation": manifest_record(val_shards, val_split)}, options, time.perf_counter() - t0)
+    protocol = protocol_name("clip-80-templates-openclip-names", ZERO_SHOT_RECIPE,
+                             {"class_names": names_source, "present_only": present_only, "max_tokens": max_tokens})
+    rec = _write(out_path, "zero_shot", manifest.get("dataset", ""), metrics, model,
+                 {"validation": manifest_record(val_shards, val_split)}, options, t0, protocol)
     print(f"zero-shot [{model.task}] top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} | "
           f"{len(val['labels'])} images, {len(names)} classes x {len(TEMPLATES)} templates -> {out_path}")
     return rec
@@ -195,8 +219,8 @@ def run_retrieval(model: EvalModel, model_path: str, shards: str, split: str, to
         raise UserError(f"retrieval: {e}") from None
     metrics = retrieval_metrics(emb["images"], emb["image_ids"], emb["texts"], emb["caption_image_ids"])
     options = {"tokenizer": tok, "text_max_len": cfg.text_max_len, "augment": asdict(model.augment)}
-    rec = write_result(out_path, "retrieval", dataset, metrics, model, {"test": manifest_record(shards, split)},
-                       options, time.perf_counter() - t0)
+    rec = _write(out_path, "retrieval", dataset, metrics, model, {"test": manifest_record(shards, split)},
+                 options, t0, "zero-shot")
     print(f"retrieval [{model.task}, {dataset} {split}] text R@1/5/10 "
           f"{metrics['i2t_R@1']:.2f}/{metrics['i2t_R@5']:.2f}/{metrics['i2t_R@10']:.2f} | image R@1/5/10 "
           f"{metrics['t2i_R@1']:.2f}/{metrics['t2i_R@5']:.2f}/{metrics['t2i_R@10']:.2f} | "

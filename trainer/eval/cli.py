@@ -2,16 +2,20 @@
 calls one function of trainer/eval/benchmarks.py, which writes the JSON record and prints a
 one-line summary.
 
-    trainer eval probe MODEL --train-shards DIR --val-shards DIR      linear probe + k-NN
+    trainer eval probe MODEL --train-shards DIR --val-shards DIR      fast probe + k-NN (health check)
     trainer eval retrieval MODEL --shards DIR [--split test]           image<->text Recall@k
     trainer eval zero-shot MODEL --val-shards DIR                      80-template zero-shot
-    trainer eval glue MODEL ...                                        GLUE fine-tuning (text)
+    trainer eval glue MODEL --task all --data DIR                      GLUE, the thesis's per-task recipes
+    trainer eval finetune MODEL --train-shards DIR [--linear]          image classification (thesis protocol)
+    trainer eval retrieval-finetune MODEL --shards DIR                 retrieval after fine-tuning (thesis)
 
 MODEL is an exported student, a checkpoint or a run directory; `probe --data2vec2` takes a
 Data2Vec2 fairseq checkpoint instead (the teacher).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
@@ -91,8 +95,8 @@ def eval_group() -> None:
 def probe_cmd(model, train_shards, val_shards, train_split, val_split, pool, data2vec2, image_size, label, epochs,
               lr, weight_decay, probe_batch_size, knn_k, knn_temperature, cache_dir, out, device, batch_size,
               workers) -> None:
-    """Linear probe (LayerNorm + linear head on frozen features) and k-NN accuracy of MODEL's image
-    encoder. Features are extracted once and cached."""
+    """Fast probe: a LayerNorm + linear head on cached frozen features, and k-NN accuracy of MODEL's
+    image encoder (a quick health check; the thesis's linear probe is `finetune --linear`)."""
     from .benchmarks import run_probe
     from .linear_probe import ProbeConfig
     from .models import load_eval_model
@@ -124,8 +128,9 @@ def retrieval_cmd(model, shards, split, name, tokenizer, max_len, out, device, b
 @click.argument("model", type=click.Path(exists=True))
 @click.option("--val-shards", required=True, help="ImageNet validation shards")
 @click.option("--val-split", default="validation", show_default=True)
-@click.option("--class-names", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="one name per line or synset<TAB>name [default: the manifest's class_names]")
+@click.option("--class-names", default="openclip", show_default=True,
+              help="openclip (the CLIP/open_clip ImageNet names the thesis used), wordnet (the manifest's "
+                   "first WordNet lemmas), or a file: one name per line or synset<TAB>name")
 @click.option("--max-tokens", type=int, default=22, show_default=True, help="prompt length in tokens")
 @click.option("--tokenizer", default=None, help="tokenizer.json or vocab.txt [default: the model's]")
 @click.option("--present-classes-only", is_flag=True,
@@ -136,7 +141,71 @@ def zero_shot_cmd(model, val_shards, val_split, class_names, max_tokens, tokeniz
                   out, device, batch_size, workers) -> None:
     """ImageNet zero-shot top-1/top-5 with the 80 CLIP prompt templates (multimodal students)."""
     from .benchmarks import run_zero_shot
+    from .zero_shot import CLASS_NAME_SOURCES
+
+    if class_names not in CLASS_NAME_SOURCES and not Path(class_names).is_file():
+        raise click.BadParameter(f"not openclip, wordnet or a file: {class_names}", param_hint="--class-names")
     from .models import load_eval_model
 
     run_zero_shot(load_eval_model(model), model, val_shards, val_split, class_names, max_tokens, tokenizer,
                   batch_size, workers, device, cache_dir, out, present_only=present_classes_only)
+
+
+@eval_group.command("finetune")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--train-shards", required=True, help="image-classification shards to train on (ImageNet, CIFAR, ...)")
+@click.option("--val-shards", default=None, help="shards of the held-out images [default: --train-shards]")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--val-split", default="validation", show_default=True, help="CIFAR: test")
+@click.option("--linear", is_flag=True, help="linear probe: freeze the encoder, train LayerNorm + head only")
+@click.option("--data2vec2", is_flag=True, help="MODEL is a Data2Vec2 fairseq checkpoint (evaluate the teacher)")
+@click.option("--epochs", type=float, default=None, help="[default: the thesis's 15]")
+@click.option("--batch-size", type=int, default=None, help="[default: the thesis's 256]")
+@click.option("--lr", type=float, default=None, help="peak learning rate [default: the thesis's 1e-3]")
+@click.option("--layer-decay", type=float, default=None, help="[default: 0.75 on CIFAR, 0.81 otherwise]")
+@click.option("--image-size", type=int, default=None, help="[default: the thesis's 224]")
+@click.option("--seed", type=int, default=None, help="[default: 42]")
+@click.option("--max-train-samples", type=int, default=0, show_default=True, help="0: all (quick checks)")
+@click.option("--max-eval-samples", type=int, default=0, show_default=True, help="0: all")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON to write [default: <run dir>/eval/<finetune|linear>_<dataset>.json]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="loader worker processes")
+def finetune_cmd(model, train_shards, val_shards, train_split, val_split, linear, data2vec2, epochs, batch_size, lr,
+                 layer_decay, image_size, seed, max_train_samples, max_eval_samples, out, device, workers) -> None:
+    """Image classification as the thesis measured it: full fine-tuning (or, with --linear, the linear
+    probe) of MODEL's image encoder with timm's RandAugment, Mixup/CutMix, random erasing and layer decay."""
+    from .finetune import FinetuneOptions, run_finetune
+    from .models import load_eval_model
+
+    opts = FinetuneOptions(linear=linear, epochs=epochs, batch_size=batch_size, lr=lr, layer_decay=layer_decay,
+                           image_size=image_size, seed=seed, max_train_samples=max_train_samples,
+                           max_eval_samples=max_eval_samples)
+    run_finetune(load_eval_model(model, data2vec2=data2vec2), model, train_shards, val_shards or train_shards,
+                 train_split, val_split, opts, workers, device, out)
+
+
+@eval_group.command("retrieval-finetune")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--shards", required=True, help="image-text pair shards with a train and a test split (COCO / Flickr30k)")
+@click.option("--train-split", default="train", show_default=True)
+@click.option("--split", "test_split", default="test", show_default=True, help="the split scored after training")
+@click.option("--tokenizer", default=None, help="tokenizer.json or vocab.txt [default: the model's]")
+@click.option("--epochs", type=float, default=None, help="[default: the thesis's 20]")
+@click.option("--batch-size", type=int, default=None, help="[default: the thesis's 1024]")
+@click.option("--lr", type=float, default=None, help="peak learning rate [default: the thesis's 3e-5]")
+@click.option("--seed", type=int, default=None, help="[default: 42]")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="JSON to write [default: <run dir>/eval/retrieval_finetune_<dataset>.json]")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--workers", type=int, default=2, show_default=True, help="loader worker processes")
+def retrieval_finetune_cmd(model, shards, train_split, test_split, tokenizer, epochs, batch_size, lr, seed, out,
+                           device, workers) -> None:
+    """Fine-tune a multimodal MODEL on a retrieval data set's train split with the contrastive loss (the
+    thesis's recipe), then score image<->text Recall@1/5/10 on its test split."""
+    from .models import load_eval_model
+    from .retrieval_finetune import RetrievalFinetuneOptions, run_retrieval_finetune
+
+    opts = RetrievalFinetuneOptions(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    run_retrieval_finetune(load_eval_model(model), model, shards, train_split, test_split, opts, workers, device,
+                           out, tokenizer)

@@ -1,18 +1,26 @@
-"""GLUE fine-tuning of a text student: `trainer eval glue --task sst2 --data DIR STUDENT`.
+"""GLUE fine-tuning of a text student as the thesis ran it: `trainer eval glue --task sst2 --data DIR STUDENT`.
 
 Fine-tunes a text encoder (an exported student, a checkpoint or run directory of a text task, or
-a Hugging Face BERT directory) on one GLUE task from local parquet files laid out as the hub's
+a Hugging Face BERT directory) on GLUE tasks from local parquet files laid out as the hub's
 `nyu-mll/glue` (`<task>/train-*.parquet`, `<task>/validation-*.parquet`; MNLI has
-`validation_matched-*` and `validation_mismatched-*`), then scores its validation split(s) with the
-task's metric. The head is BERT's: a tanh-activated dense layer on the [CLS] token (the student's
-pooler was dropped), dropout, and a linear classifier (one output for STS-B, a regression).
+`validation_matched-*` and `validation_mismatched-*`), then scores the validation split(s).
 
-Metrics: accuracy (SST-2, QNLI, RTE, MNLI matched/mismatched), F1 of class 1 and accuracy (MRPC,
-QQP), Matthews correlation (CoLA), Spearman and Pearson correlation (STS-B). `score` is the
-first-named metric of the task (for MNLI: matched accuracy).
+The recipe per task is the thesis's (`TimCares/MasterThesis:configs/fine_tuning/<task>.yaml`,
+`src/models/text_classification.py`), in `RECIPES`: epochs, batch size and peak lr per task;
+AdamW with betas (0.9, 0.98), eps 1e-6 and weight decay 0.1 on every parameter; 10% linear
+warmup, then linear decay (transformers' polynomial schedule, power 1); at most 256 tokens, pairs
+cut longest-first by the `tokenizers` library itself; the head is the pretrained BERT pooler
+(dense + tanh on [CLS], from the student's teacher or `--pooler`), dropout 0.1 and a linear
+classifier (one output for STS-B, a regression with MSE). Any value changed on the command line
+makes the record's protocol `custom (...)`, which `trainer report` never sets beside the thesis.
 
-The result JSON holds the metrics, the student's source and step, the options, and every data
-file used with its size and sha256.
+Metrics come from scikit-learn and SciPy (what the thesis called): Matthews correlation (CoLA),
+F1 of class 1 (MRPC, QQP, with accuracy beside), Spearman (STS-B, Pearson beside), accuracy
+(SST-2, MNLI matched and mismatched, QNLI, RTE, WNLI). `score` is the thesis's metric for the task
+in % (MNLI: matched); the GLUE score is the mean over the 9 tasks (`trainer report`).
+
+Each task writes one evaluation record through trainer/eval/results.py, with every data file
+used (size and SHA-256) and per-epoch validation figures.
 """
 
 from __future__ import annotations
@@ -20,19 +28,23 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 import torch
+from scipy import stats
+from sklearn import metrics as skm
 from torch import nn
 
 from trainer.errors import UserError
+
+PROTOCOL = "thesis-glue"
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ class GlueTask:
     name: str
     columns: tuple[str, ...]  # one text column, or the two of a pair
     num_labels: int  # 1: regression
-    metrics: tuple[str, ...]  # the first is the score
+    metrics: tuple[str, ...]  # the first is the thesis's metric, the score
     eval_splits: tuple[str, ...]
 
 
@@ -50,77 +62,76 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in (
     GlueTask("mrpc", ("sentence1", "sentence2"), 2, ("f1", "accuracy"), ("validation",)),
     GlueTask("qqp", ("question1", "question2"), 2, ("f1", "accuracy"), ("validation",)),
     GlueTask("stsb", ("sentence1", "sentence2"), 1, ("spearman", "pearson"), ("validation",)),
+    GlueTask("mnli", ("premise", "hypothesis"), 3, ("accuracy",), ("validation_matched", "validation_mismatched")),
     GlueTask("qnli", ("question", "sentence"), 2, ("accuracy",), ("validation",)),
     GlueTask("rte", ("sentence1", "sentence2"), 2, ("accuracy",), ("validation",)),
-    GlueTask("mnli", ("premise", "hypothesis"), 3, ("accuracy",), ("validation_matched", "validation_mismatched")),
+    GlueTask("wnli", ("sentence1", "sentence2"), 2, ("accuracy",), ("validation",)),
 )}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One task's fine-tuning hyper-parameters (the thesis's yaml, file named in `source`)."""
+    epochs: int
+    batch_size: int
+    lr: float
+    source: str
+    weight_decay: float = 0.1  # on every parameter (the thesis's AdamW over model.parameters())
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_frac: float = 0.1
+    max_len: int = 256
+    dropout: float = 0.1
+    seed: int = 42
+
+
+RECIPES: dict[str, Recipe] = {
+    "cola": Recipe(20, 16, 1e-5, "cola.yaml"),
+    "sst2": Recipe(10, 32, 2e-5, "sst.yaml"),
+    "mrpc": Recipe(20, 16, 2e-5, "mrpc.yaml"),
+    "qqp": Recipe(10, 128, 2e-5, "qqp.yaml"),
+    "stsb": Recipe(20, 16, 4e-5, "stsb.yaml"),
+    "mnli": Recipe(10, 64, 2e-5, "mnli.yaml"),
+    "qnli": Recipe(10, 32, 2e-5, "qnli.yaml"),
+    "rte": Recipe(20, 16, 2e-5, "rte.yaml"),
+    "wnli": Recipe(20, 8, 1e-5, "wnli.yaml"),
+}
 
 
 def task_named(name: str) -> GlueTask:
     key = name.lower().replace("-", "").replace("_", "")
     if key not in GLUE_TASKS:
-        raise UserError(f"unknown GLUE task {name!r} (one of {', '.join(GLUE_TASKS)})")
+        raise UserError(f"unknown GLUE task {name!r} (one of {', '.join(GLUE_TASKS)}, or all)")
     return GLUE_TASKS[key]
 
 
-# -- metrics -----------------------------------------------------------------------------------
+# -- metrics (scikit-learn and SciPy, as the thesis's scorer) ----------------------------------
 
 
-def accuracy(pred: np.ndarray, label: np.ndarray) -> float:
-    return float(np.mean(np.asarray(pred) == np.asarray(label))) if len(label) else 0.0
+def _spearman(label: np.ndarray, pred: np.ndarray) -> float:
+    return float(stats.spearmanr(pred, label)[0])
 
 
-def f1_binary(pred: np.ndarray, label: np.ndarray) -> float:
-    """F1 of class 1; 0 when there is no true and no predicted positive."""
-    pred, label = np.asarray(pred), np.asarray(label)
-    tp = int(np.sum((pred == 1) & (label == 1)))
-    fp = int(np.sum((pred == 1) & (label != 1)))
-    fn = int(np.sum((pred != 1) & (label == 1)))
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+def _pearson(label: np.ndarray, pred: np.ndarray) -> float:
+    return float(stats.pearsonr(pred, label)[0])
 
 
-def matthews(pred: np.ndarray, label: np.ndarray) -> float:
-    """Matthews correlation of two binary labellings; 0 when one of them is constant."""
-    pred, label = np.asarray(pred) == 1, np.asarray(label) == 1
-    tp, tn = float(np.sum(pred & label)), float(np.sum(~pred & ~label))
-    fp, fn = float(np.sum(pred & ~label)), float(np.sum(~pred & label))
-    den = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return (tp * tn - fp * fn) / den if den else 0.0
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    xc, yc = x - x.mean(), y - y.mean()
-    den = math.sqrt(float(np.sum(xc * xc)) * float(np.sum(yc * yc)))
-    return float(np.sum(xc * yc)) / den if den else 0.0
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing the mean of their ranks (as Spearman's rho needs)."""
-    x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=np.float64)
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return pearson(average_ranks(x), average_ranks(y))
-
-
-METRICS = {"accuracy": accuracy, "f1": f1_binary, "matthews": matthews, "pearson": pearson, "spearman": spearman}
+# metric name -> f(true labels, predictions), in sklearn's argument order
+METRICS = {"accuracy": skm.accuracy_score, "f1": skm.f1_score, "matthews": skm.matthews_corrcoef,
+           "spearman": _spearman, "pearson": _pearson}
 
 
 def task_metrics(task: GlueTask, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The task's metrics from raw model outputs ([N, num_labels] logits, or [N] scores)."""
+    """The task's metrics in % from raw model outputs ([N, num_labels] logits, or [N] scores);
+    a correlation that is undefined (a constant prediction) counts as 0."""
     pred = outputs.reshape(-1) if task.num_labels == 1 else outputs.argmax(-1)
-    return {m: METRICS[m](pred, labels) for m in task.metrics}
+    out = {}
+    for m in task.metrics:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # SciPy warns on a constant input; it scores 0 here
+            v = float(METRICS[m](labels, pred)) if len(labels) else 0.0
+        out[m] = 100.0 * (v if math.isfinite(v) else 0.0)
+    return out
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -163,42 +174,16 @@ def read_split(files: list[Path], task: GlueTask) -> tuple[list[tuple[str, ...]]
     return texts, y
 
 
-def pair_lengths(n1: int, n2: int, budget: int) -> tuple[int, int]:
-    """How many tokens of each text of a pair to keep: the "longest first" rule exactly as the
-    `tokenizers` library (transformers' fast BERT tokenizer) applies it; the second text gets
-    the odd token when both are cut to half."""
-    if n1 + n2 <= budget:
-        return n1, n2
-    swap = n1 > n2
-    if swap:
-        n1, n2 = n2, n1
-    n2 = n1 if n1 > budget else max(n1, budget - n1)
-    if n1 + n2 > budget:
-        n1 = budget // 2
-        n2 = n1 + budget % 2
-    return (n2, n1) if swap else (n1, n2)
-
-
 def encode_examples(tok, texts: list[tuple[str, ...]], max_len: int) -> list[tuple[list[int], list[int]]]:
-    """[CLS] a [SEP] (b [SEP]) ids and their segment ids, cut to max_len (pairs longest first),
-    as transformers' BERT tokenizer encodes GLUE examples."""
-    from shardify.tokenization import special_ids
-
-    sp = special_ids(tok)
-    n_text = len(texts[0]) if texts else 1
-    enc = [[e.ids for e in tok.encode_batch([t[i] for t in texts], add_special_tokens=False)]
-           for i in range(n_text)] if texts else []
-    out = []
-    for k in range(len(texts)):
-        a = enc[0][k]
-        if n_text == 1:
-            a = a[: max_len - 2]
-            out.append(([sp.cls, *a, sp.sep], [0] * (len(a) + 2)))
-            continue
-        b = enc[1][k]
-        la, lb = pair_lengths(len(a), len(b), max_len - 3)
-        out.append(([sp.cls, *a[:la], sp.sep, *b[:lb], sp.sep], [0] * (la + 2) + [1] * (lb + 1)))
-    return out
+    """[CLS] a [SEP] (b [SEP]) ids and their segment ids, at most max_len tokens: the tokenizer's
+    own post-processor adds the special tokens and its "longest_first" truncation cuts pairs (the
+    `tokenizers` library, which transformers' fast BERT tokenizer is)."""
+    if tok.post_processor is None:
+        raise UserError("the tokenizer has no post-processor to add [CLS]/[SEP]: give a BERT tokenizer.json")
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_len, strategy="longest_first")
+    inputs = [t if len(t) == 2 else t[0] for t in texts]
+    return [(e.ids, e.type_ids) for e in tok.encode_batch(inputs, add_special_tokens=True)]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
@@ -222,6 +207,7 @@ class TextStudent:
     encoder: nn.Module
     tokenizer: str  # path of the tokenizer it reads
     info: dict  # source, kind, task, step
+    bert: str = ""  # the BERT (directory or hub id) whose pretrained pooler the head starts from
 
 
 def _tokenizer_in(path: str | None) -> str | None:
@@ -248,6 +234,7 @@ def load_text_student(path: str, tokenizer: str = "") -> TextStudent:
         enc = BertTextEncoder(load_bert(str(p)))
         tok = tokenizer or _tokenizer_in(str(p))
         info = {"source": str(p), "kind": "hf-bert", "task": None, "step": None}
+        bert = str(p)
     else:
         from trainer.export import load_student
 
@@ -256,27 +243,48 @@ def load_text_student(path: str, tokenizer: str = "") -> TextStudent:
             raise UserError(f"{p}: the {loaded.task} student has no text encoder")
         enc = loaded.encoders["text"]
         cfg = loaded.config or {}
+        teacher = str((cfg.get("teacher") or {}).get("path") or "")
         # the run's own tokenizer, else the one shipped with its teacher
-        tok = (tokenizer or _tokenizer_in((cfg.get("data") or {}).get("tokenizer"))
-               or _tokenizer_in((cfg.get("teacher") or {}).get("path")))
-        info = {"source": str(loaded.source), "kind": "shardify-kd-student", "task": loaded.task, "step": loaded.step}
+        tok = tokenizer or _tokenizer_in((cfg.get("data") or {}).get("tokenizer")) or _tokenizer_in(teacher)
+        info = {"source": str(loaded.source), "kind": "student", "task": loaded.task, "step": loaded.step}
+        bert = teacher if loaded.task == "text_kd" else ""
     if not tok:
         raise UserError(f"no tokenizer found for {p}: give --tokenizer (tokenizer.json or vocab.txt)")
-    return TextStudent(enc, str(tok), info)
+    return TextStudent(enc, str(tok), info, bert)
+
+
+def pretrained_pooler(source: str, dim: int) -> nn.Linear:
+    """BERT's pooler dense layer (its weights from `source`, a BERT directory or hub id)."""
+    from trainer.models.text import _offline, _quiet_transformers
+
+    transformers = _quiet_transformers()
+    try:
+        bert = transformers.BertModel.from_pretrained(source, add_pooling_layer=True, local_files_only=_offline())
+    except Exception as exc:  # hub and file errors come in many types; the user needs one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--pooler {source}: no BERT with a pooler loadable there ({first})") from None
+    dense = bert.pooler.dense
+    if dense.in_features != dim:
+        raise UserError(f"--pooler {source}: its pooler is {dense.in_features} wide, the student {dim}")
+    layer = nn.Linear(dim, dim)
+    layer.load_state_dict(dense.state_dict())
+    return layer
 
 
 class GlueModel(nn.Module):
-    """Encoder + BERT-style head on the [CLS] token."""
+    """Encoder, then the thesis's head on [CLS]: BERT's pooler (dense + tanh), dropout, linear."""
 
-    def __init__(self, encoder: nn.Module, dim: int, num_labels: int, dropout: float = 0.1):
+    def __init__(self, encoder: nn.Module, pooler: nn.Linear, num_labels: int, dropout: float = 0.1):
         super().__init__()
         self.encoder = encoder
         self.takes_types = "token_type_ids_BT" in inspect.signature(encoder.forward).parameters
-        self.head = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Dropout(dropout), nn.Linear(dim, num_labels))
+        self.pooler = pooler
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(pooler.out_features, num_labels)
 
     def forward(self, ids: torch.Tensor, pad: torch.Tensor, types: torch.Tensor) -> torch.Tensor:
         tokens = self.encoder(ids, pad, token_type_ids_BT=types) if self.takes_types else self.encoder(ids, pad)
-        return self.head(tokens[:, 0].float())
+        return self.classifier(self.dropout(torch.tanh(self.pooler(tokens[:, 0].float()))))
 
 
 # -- fine-tuning -------------------------------------------------------------------------------
@@ -284,21 +292,29 @@ class GlueModel(nn.Module):
 
 @dataclass
 class GlueOptions:
+    """What the command line may change; None keeps the task's recipe value."""
     student: str
     task: str
     data: str
-    out: str = ""  # result JSON; default glue_<task>.json in the current directory
+    out: str = ""  # result JSON [default: <the model's eval dir>/glue_<task>.json]
     tokenizer: str = ""
-    epochs: float = 3.0
-    batch_size: int = 32
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.1
-    max_len: int = 128
-    seed: int = 0
+    pooler: str = ""  # BERT whose pooler starts the head [default: the student's teacher]
+    epochs: float | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    max_len: int | None = None
+    seed: int | None = None
     device: str = "auto"
     max_train_samples: int = 0  # 0: all
     max_eval_samples: int = 0  # 0: all
+
+
+def effective_recipe(task: GlueTask, opts: GlueOptions) -> Recipe:
+    """The task's recipe with the options the user set."""
+    changes = {k: getattr(opts, k) for k in ("epochs", "batch_size", "lr", "weight_decay", "max_len", "seed")
+               if getattr(opts, k) is not None}
+    return replace(RECIPES[task.name], **changes)
 
 
 def _sha256(p: Path) -> str:
@@ -331,134 +347,159 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def run_glue(opts: GlueOptions) -> dict[str, Any]:
-    """Fine-tune and score; writes the result JSON and returns it."""
-    from trainer.data.text import load_tokenizer
-    from shardify.tokenization import special_ids
+def optimizer_and_schedule(model: nn.Module, r: Recipe, total_steps: int):
+    """The thesis's AdamW over every parameter (weight decay included) and transformers'
+    polynomial decay (power 1) after a linear warmup over the first 10% of the steps."""
+    from transformers.optimization import get_polynomial_decay_schedule_with_warmup
 
-    task = task_named(opts.task)
-    for name, ok in (("--epochs must be above 0", opts.epochs > 0), ("--batch-size must be at least 1", opts.batch_size >= 1),
-                     ("--lr must be above 0", opts.lr > 0), ("--max-len must be at least 8", opts.max_len >= 8)):
+    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, betas=r.betas, eps=r.eps, weight_decay=r.weight_decay)
+    sched = get_polynomial_decay_schedule_with_warmup(opt, num_warmup_steps=int(total_steps * r.warmup_frac),
+                                                      num_training_steps=total_steps)
+    return opt, sched
+
+
+def _check(r: Recipe) -> None:
+    for msg, ok in (("--epochs must be above 0", r.epochs > 0), ("--batch-size must be at least 1", r.batch_size >= 1),
+                    ("--lr must be above 0", r.lr > 0), ("--max-len must be at least 8", r.max_len >= 8)):
         if not ok:
-            raise UserError(name)
+            raise UserError(msg)
+
+
+def _default_out(student: str, task: str) -> Path:
+    p = Path(student).expanduser()
+    return (p if p.is_dir() and not (p / "config.json").is_file() else p.parent) / "eval" / f"glue_{task}.json"
+
+
+def _read_data(opts: GlueOptions, task: GlueTask, tok, max_len: int):
     files = {"train": split_files(opts.data, task, "train")}
     for s in task.eval_splits:
         files[s] = split_files(opts.data, task, s)
-    out_path = Path(opts.out or f"glue_{task.name}.json")
-    student = load_text_student(opts.student, opts.tokenizer)
-    try:
-        tok = load_tokenizer(student.tokenizer)
-    except (ValueError, FileNotFoundError) as exc:
-        raise UserError(f"tokenizer {student.tokenizer}: {exc}") from None
-    pad_id = special_ids(tok).pad
-
     train_texts, train_y = read_split(files["train"], task)
     if opts.max_train_samples:
         train_texts, train_y = train_texts[: opts.max_train_samples], train_y[: opts.max_train_samples]
     if not train_texts:
         raise UserError(f"{files['train'][0]}: no training examples")
-    train = encode_examples(tok, train_texts, opts.max_len)
     evals = {}
     for s in task.eval_splits:
         texts, y = read_split(files[s], task)
         if opts.max_eval_samples:
             texts, y = texts[: opts.max_eval_samples], y[: opts.max_eval_samples]
-        evals[s] = (encode_examples(tok, texts, opts.max_len), y)
+        evals[s] = (encode_examples(tok, texts, max_len), y)
+    return files, (encode_examples(tok, train_texts, max_len), train_y), evals
+
+
+def run_glue(opts: GlueOptions) -> dict[str, Any]:
+    """Fine-tune and score one task; writes its evaluation record and returns it."""
+    from trainer.data.text import TextEncoder, load_tokenizer
+
+    from .results import protocol_name, write_result
+
+    task = task_named(opts.task)
+    r = effective_recipe(task, opts)
+    _check(r)
+    student = load_text_student(opts.student, opts.tokenizer)
+    try:
+        tok = load_tokenizer(student.tokenizer)
+        pad_id = TextEncoder(student.tokenizer).pad_id()
+    except (ValueError, FileNotFoundError) as exc:
+        raise UserError(f"tokenizer {student.tokenizer}: {exc}") from None
+    files, (train, train_y), evals = _read_data(opts, task, tok, r.max_len)
+    out_path = Path(opts.out) if opts.out else _default_out(opts.student, task.name)
 
     device = _device(opts.device)
-    torch.manual_seed(opts.seed)
+    torch.manual_seed(r.seed)
     enc = student.encoder.float()
     with torch.no_grad():
         dim = enc(*collate([([0, 0], [0, 0])], pad_id)[:2]).shape[-1]
-    model = GlueModel(enc, dim, task.num_labels).to(device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and not n.endswith(".bias")]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and not n.endswith(".bias"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": opts.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr)
-    steps_per_epoch = math.ceil(len(train) / opts.batch_size)
-    total = max(1, round(steps_per_epoch * opts.epochs))
-    warmup = int(opts.warmup_frac * total)
-    # linear warmup, then linear decay to 0 (BERT's GLUE schedule)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
-    gen = torch.Generator().manual_seed(opts.seed)
+    pooler_src = opts.pooler or student.bert
+    if pooler_src:
+        pooler = pretrained_pooler(pooler_src, dim)
+    else:
+        print(f"glue {task.name}: no BERT to take the pretrained pooler from (give --pooler): a new one is trained")
+        pooler = nn.Linear(dim, dim)
+    model = GlueModel(enc, pooler, task.num_labels, r.dropout).to(device)
+    steps_per_epoch = max(1, len(train) // r.batch_size)  # the thesis drops the last partial batch
+    total = max(1, round(steps_per_epoch * r.epochs))
+    opt, sched = optimizer_and_schedule(model, r, total)
+    gen = torch.Generator().manual_seed(r.seed)
     labels = torch.as_tensor(train_y)
     t0 = time.perf_counter()
-    step, history, epoch = 0, [], 0
+    step, history = 0, []
     while step < total:
         model.train()
         order = torch.randperm(len(train), generator=gen).tolist()
         losses = []
-        for i in range(0, len(order), opts.batch_size):
+        for i in range(0, max(1, len(order) - r.batch_size + 1), r.batch_size):
             if step >= total:
                 break
-            idx = order[i:i + opts.batch_size]
+            idx = order[i:i + r.batch_size]
             ids, pad, types = (t.to(device) for t in collate([train[j] for j in idx], pad_id))
             y = labels[idx].to(device)
             with _autocast(device):
                 out = model(ids, pad, types)
-            loss = (nn.functional.mse_loss(out.float().squeeze(-1), y.float()) if task.num_labels == 1
+            loss = (nn.functional.mse_loss(out.float().view(-1), y.float()) if task.num_labels == 1
                     else nn.functional.cross_entropy(out.float(), y))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
             step += 1
             losses.append(loss.item())
-        epoch += 1
-        history.append({"epoch": epoch, "step": step, "train_loss": float(np.mean(losses)) if losses else None})
-    metrics = {s: task_metrics(task, _predict(model, data, pad_id, opts.batch_size * 2, device), y)
-               for s, (data, y) in evals.items()}
-    seconds = time.perf_counter() - t0
+        val = {s: task_metrics(task, _predict(model, d, pad_id, r.batch_size * 2, device), y)
+               for s, (d, y) in evals.items()}
+        history.append({"epoch": len(history) + 1, "step": step,
+                        "train_loss": float(np.mean(losses)) if losses else None, **val})
+    metrics = {s: history[-1][s] for s in task.eval_splits}
     first = task.eval_splits[0]
-    result = {
-        "task": task.name,
-        "score": metrics[first][task.metrics[0]],
-        "score_name": f"{first} {task.metrics[0]}",
-        "metrics": metrics,
-        "examples": {"train": len(train), **{s: len(d) for s, (d, _) in evals.items()}},
-        "student": student.info,
-        "tokenizer": student.tokenizer,
-        "config": asdict(opts) | {"steps": total, "device": str(device)},
-        "data_files": {s: [{"path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in fs]
-                       for s, fs in files.items()},
-        "history": history,
-        "seconds": round(seconds, 2),
-    }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out_path)
-    result["out"] = str(out_path)
-    return result
+    metrics["score"] = metrics[first][task.metrics[0]]
+    metrics["score_name"] = f"{first} {task.metrics[0]}"
+    used = asdict(r) | {"train_samples": opts.max_train_samples, "eval_samples": opts.max_eval_samples,
+                        "pooler": "pretrained" if pooler_src else "new"}
+    thesis = asdict(RECIPES[task.name]) | {"train_samples": 0, "eval_samples": 0, "pooler": "pretrained"}
+    thesis.pop("seed")  # the seed changes the figure's noise, not the protocol
+    data = {s: {"split": s, "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in fs]}
+            for s, fs in files.items()}
+    options = {"label": "", "tokenizer": student.tokenizer, "pooler": pooler_src, "device": str(device),
+               "steps": total, "examples": {"train": len(train), **{s: len(d) for s, (d, _) in evals.items()}},
+               "history": history}
+    rec = write_result(out_path, "glue", task.name, metrics, student.info, {"recipe": used}, data, options,
+                       time.perf_counter() - t0, protocol_name(PROTOCOL, thesis, used))
+    return rec | {"out": str(out_path)}
 
 
-def summary(result: dict) -> str:
-    parts = ", ".join(f"{s} " + " ".join(f"{k} {v:.4f}" for k, v in m.items()) for s, m in result["metrics"].items())
-    return (f"glue {result['task']}: {parts} ({result['examples']['train']} train examples, "
-            f"{result['config']['steps']} steps, {result['seconds']:.0f} s) -> {result['out']}")
+def summary(rec: dict) -> str:
+    m = rec["metrics"]
+    parts = ", ".join(f"{s} " + " ".join(f"{k} {v:.2f}" for k, v in m[s].items()) for s in GLUE_TASKS[rec["dataset"]].eval_splits)
+    o = rec["options"]
+    return (f"glue {rec['dataset']}: {parts} ({o['examples']['train']} train examples, {o['steps']} steps, "
+            f"{rec['seconds']:.0f} s; protocol {rec['protocol']}) -> {rec['out']}")
 
 
 @click.command("glue")
 @click.argument("student", type=str)
-@click.option("--task", "task_name", required=True, help=f"GLUE task: {', '.join(GLUE_TASKS)}")
+@click.option("--task", "task_names", required=True, multiple=True,
+              help=f"GLUE task ({', '.join(GLUE_TASKS)}) or all; repeatable")
 @click.option("--data", required=True, type=click.Path(file_okay=False),
               help="folder with <task>/train-*.parquet and <task>/validation*.parquet (nyu-mll/glue layout)")
-@click.option("--out", default="", help="result JSON  [default: glue_<task>.json]")
+@click.option("--out", default="", help="result JSON (one task) or folder (several) [default: the model's eval/]")
 @click.option("--tokenizer", default="", help="tokenizer.json / vocab.txt  [default: the student's]")
-@click.option("--epochs", default=3.0, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--lr", default=2e-5, show_default=True)
-@click.option("--weight-decay", default=0.01, show_default=True)
-@click.option("--warmup-frac", default=0.1, show_default=True)
-@click.option("--max-len", default=128, show_default=True, help="tokens per example, incl. [CLS]/[SEP]")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--pooler", default="", help="BERT directory or hub id whose pretrained pooler starts the head "
+                                           "[default: the student's teacher]")
+@click.option("--epochs", type=float, default=None, help="[default: the task's thesis recipe]")
+@click.option("--batch-size", type=int, default=None, help="[default: the task's thesis recipe]")
+@click.option("--lr", type=float, default=None, help="peak learning rate [default: the task's thesis recipe]")
+@click.option("--weight-decay", type=float, default=None, help="[default: 0.1, on every parameter]")
+@click.option("--max-len", type=int, default=None, help="tokens per example, incl. [CLS]/[SEP] [default: 256]")
+@click.option("--seed", type=int, default=None, help="[default: 42]")
 @click.option("--device", default="auto", type=click.Choice(["auto", "cpu", "cuda"]), show_default=True)
 @click.option("--max-train-samples", default=0, show_default=True, help="0: all (a smaller number for quick checks)")
 @click.option("--max-eval-samples", default=0, show_default=True, help="0: all")
-def glue_command(student: str, task_name: str, **kw) -> None:
-    """Fine-tune a text STUDENT (exported file, checkpoint, run dir or HF BERT dir) on one GLUE
-    task and score its validation split."""
-    result = run_glue(GlueOptions(student=student, task=task_name, **kw))
-    click.echo(summary(result))
+def glue_command(student: str, task_names: tuple[str, ...], out: str, **kw) -> None:
+    """Fine-tune a text STUDENT (exported file, checkpoint, run dir or HF BERT dir) on GLUE tasks with
+    the thesis's per-task recipes, and score their validation splits (one record per task)."""
+    names = list(GLUE_TASKS) if "all" in task_names else [task_named(t).name for t in task_names]
+    for name in dict.fromkeys(names):
+        target = out
+        if out and len(names) > 1:
+            target = str(Path(out) / f"glue_{name}.json")
+        click.echo(summary(run_glue(GlueOptions(student=student, task=name, out=target, **kw))))

@@ -6,8 +6,10 @@ used with the BERT tokenizer), embedded by the text tower and L2-normalised; a c
 embedding is the mean of its 80, normalised again (as CLIP and the thesis code do). Logits are
 100 x the dot product of the normalised image embedding with each class embedding.
 
-Class names: the manifest's `class_names` (shardify writes the first WordNet lemma of each
-synset, from shardify/data/imagenet_classes.tsv), or a file given by the user.
+Class names: by default the CLIP/open_clip ImageNet names the thesis used (data/
+imagenet_openclip_classnames.txt, source and licence in its header); `wordnet` takes the
+manifest's `class_names` (shardify writes the first WordNet lemma of each synset: 297 of the
+1,000 differ from CLIP's, and "crane" and "maillot" appear twice), or a file given by the user.
 """
 
 from __future__ import annotations
@@ -52,16 +54,35 @@ TEMPLATES: tuple[str, ...] = (
 assert len(TEMPLATES) == 80
 
 
-def class_names(manifest: dict, names_file: str | None = None) -> list[str]:
-    """Readable class names in label order: from `names_file` (one per line, or
-    `synset<TAB>name` lines as in shardify's imagenet_classes.tsv; `#` lines skipped), else the
-    manifest's `class_names`, else its `classes`."""
+OPENCLIP_NAMES = Path(__file__).parent / "data" / "imagenet_openclip_classnames.txt"
+CLASS_NAME_SOURCES = ("openclip", "wordnet")
+
+
+def openclip_imagenet_names() -> list[str]:
+    """The CLIP/open_clip ImageNet-1k names (the thesis's), label order; see the file's header."""
+    text = OPENCLIP_NAMES.read_text(encoding="utf-8")
+    return [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+
+
+def class_names(manifest: dict, source: str | None = "openclip") -> list[str]:
+    """Readable class names in label order. `source`: "openclip" (the default: the CLIP/open_clip
+    ImageNet names the thesis used; needs a manifest with the 1,000 ImageNet classes), "wordnet"
+    (the manifest's `class_names`, the first WordNet lemma of each synset, else its `classes`), or a
+    file: one name per line, or `synset<TAB>name` lines as in shardify's imagenet_classes.tsv
+    (`#` lines skipped)."""
     classes = manifest.get("classes") or []
-    if names_file:
-        lines = [ln.rstrip("\n") for ln in Path(names_file).read_text(encoding="utf-8").splitlines()]
+    source = source or "openclip"
+    if source == "openclip":
+        names = openclip_imagenet_names()
+        if len(classes) != len(names):
+            raise ValueError(f"the CLIP/open_clip class names are ImageNet-1k's {len(names)}, the shards have "
+                             f"{len(classes)} classes: give --class-names wordnet or a file")
+        return names
+    if source not in CLASS_NAME_SOURCES:
+        lines = [ln.rstrip("\n") for ln in Path(source).read_text(encoding="utf-8").splitlines()]
         names = [ln.split("\t")[-1].strip() for ln in lines if ln.strip() and not ln.startswith("#")]
         if classes and len(names) != len(classes):
-            raise ValueError(f"{names_file} has {len(names)} names, the shards have {len(classes)} classes")
+            raise ValueError(f"{source} has {len(names)} names, the shards have {len(classes)} classes")
         return names
     names = manifest.get("class_names") or classes
     if not names:
