@@ -181,7 +181,7 @@ class BatchStream(IterableDataset):
                     continue
                 try:
                     imgs[b] = cpu_decode_crop(raw[b][1]["jpg"], *sizes[b], par.box[b], bool(par.flip[b]),
-                                              aug.size, aug.interpolation)
+                                              aug.size, aug.interpolation, aug.decode_scale == "dct")
                 except (ValueError, RuntimeError) as e:  # simplejpeg raises ValueError on bad data
                     raw[b] = Corrupt(raw[b][0], f"jpg decode: {e}")
                     ok[b] = False
