@@ -1,7 +1,7 @@
 """JPEG decoding: header sizes, the CPU path's crop-driven decode, and batched nvJPEG on the GPU.
 
 CPU path (DataLoader workers): the crop decides the decode. With `augment.decode_scale: dct`
-(the default), when the crop box is at least 2x (4x, 8x) the output size on both sides,
+(`exact`, the default, turns it off), when the crop box is at least 2x (4x, 8x) the output size on both sides,
 libjpeg-turbo decodes at 1/2 (1/4, 1/8) scale in the DCT domain, which skips most of the IDCT
 and colour-conversion work, as Pillow's draft mode and FFCV do; `exact` always decodes at full
 scale. Only these power-of-two scales are used: libjpeg-turbo's other M/8 scales (3/8, 5/8, ...)
@@ -95,7 +95,8 @@ def cpu_decode_crop(data: bytes, H: int, W: int, box, flip: bool, S: int, mode: 
     """The CPU path for one image: crop-driven decode, crop, resize, flip -> [3, S, S] uint8.
 
     reduce: decode at a DCT scale where the crop allows (`augment.decode_scale: dct`); False
-    decodes at full scale (`exact`)."""
+    decodes at full scale (`exact`, the config's default; the loader always passes the config's
+    choice)."""
     i, j, h, w = (int(v) for v in box)
     f = reduction(h, w, S) if reduce else 1
     Hs, Ws = -(-H // f), -(-W // f)  # the scaled image's size (libjpeg rounds up)
