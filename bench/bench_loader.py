@@ -49,7 +49,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -304,8 +303,8 @@ def main() -> None:
         print(f"  {k:26s} {v:8.1f} images/s")
     print(f"  ours+norm vs classic: {rate['ours+norm'] / rate['classic']:.2f}x")
     tj = tjregion.load()
-    print(f"  decoder: {'libturbojpeg 3 region decode, ' + tj.path if tj else 'whole-image simplejpeg: ' + tjregion.why_not()}; "
-          f"region vs whole-image decode: {rate['ours'] / rate['ours, whole-image decode']:.2f}x")
+    decoder = "libturbojpeg 3 region decode, " + tj.path if tj else "whole-image simplejpeg: " + tjregion.why_not()
+    print(f"  decoder: {decoder}; region vs whole-image decode: {rate['ours'] / rate['ours, whole-image decode']:.2f}x")
     print(f"  resident memory after 3 more loader epochs: {', '.join(f'{m:.0f}' for m in rss)} MiB "
           f"({(rss[2] / rss[0] - 1) * 100:+.1f}% from the first)")
     n_px = 3 * args.size * args.size
@@ -314,7 +313,8 @@ def main() -> None:
           f"{n_red} of them decoded at a reduced DCT scale), grey levels:")
     for name, label in (("dct", "decode_scale dct vs exact"), ("interp", "bilinear vs bicubic (both exact)"),
                         ("idct", "fast vs accurate IDCT (both exact)")):
-        print(f"    {label:36s} all: {describe(diffs[name])}; reduced-scale crops: {describe(diffs[name + ' reduced'])}")
+        print(f"    {label:36s} all: {describe(diffs[name])}; "
+              f"reduced-scale crops: {describe(diffs[name + ' reduced'])}")
     # the rule for dct as the default: on the crops it changes, no further from exact than the
     # two interpolations are from each other (mean and p99)
     d, ref = diffs["dct reduced"], diffs["interp reduced"]

@@ -112,6 +112,7 @@ def test_bench_loader_runs_at_tiny_size(tmp_path):
                         rf"mean {num}, p99 \d+", lines[-2]), r.stdout
     assert re.fullmatch(rf"cpu loader vs DALI: not run \(--no-dali\); vs classic: {num}x; vs bare decode: {num}x",
                         lines[-1]), r.stdout
-    m = re.search(r"decode_scale dct vs exact +all: mean ([\d.]+), p99 \d+; reduced-scale crops: mean ([\d.]+)", r.stdout)
+    m = re.search(r"decode_scale dct vs exact +all: mean ([\d.]+), p99 \d+; reduced-scale crops: mean ([\d.]+)",
+                  r.stdout)
     assert m and float(m.group(2)) > 0, r.stdout  # the tiny set has crops that dct reduces
     assert np.isfinite(float(m.group(1)))
