@@ -1,14 +1,14 @@
 """JPEG decoding: header sizes, the CPU path's crop-driven decode, and batched nvJPEG on the GPU.
 
 CPU path (DataLoader workers): the crop decides the decode. With `augment.decode_scale: dct`
-(`exact`, the default, turns it off), when the crop box is at least 2x (4x, 8x) the output size on both sides,
-libjpeg-turbo decodes at 1/2 (1/4, 1/8) scale in the DCT domain, which skips most of the IDCT
-and colour-conversion work, as Pillow's draft mode and FFCV do; `exact` always decodes at full
-scale. Only these power-of-two scales are used: libjpeg-turbo's other M/8 scales (3/8, 5/8, ...)
-have no SIMD IDCT and measured slower than a full decode (docs/benchmarks.md). The fast integer
-IDCT and fast upsampling are used throughout. Only the box's rows and columns are decoded
-(libturbojpeg 3's cropping region, `tjregion.py`); where that library cannot be loaded, simplejpeg decodes
-the whole image at the same scale, with a note in the log, and the pixels are the same. The
+(`exact`, the default, turns it off), when the crop box is at least 2x (4x, 8x) the output size
+on both sides, libjpeg-turbo decodes at 1/2 (1/4, 1/8) scale in the DCT domain, which skips most
+of the IDCT and colour-conversion work, as Pillow's draft mode and FFCV do; `exact` always
+decodes at full scale. Only these power-of-two scales are used: libjpeg-turbo's other M/8
+scales have no SIMD IDCT and measured no faster than a full decode (docs/benchmarks.md). The
+fast integer IDCT and fast upsampling are used throughout. Only the box's rows and columns are
+decoded (libturbojpeg 3's cropping region, `tjregion.py`); where that library cannot be loaded,
+simplejpeg decodes the whole image at the same scale, with a note in the log, and the pixels are the same. The
 crop is then resized to S x S with the shared uint8 antialiased kernel. Downscaled decoding is
 the one place where the CPU path departs from the exact maths: the box is mapped to the
 nearest pixel of the smaller image (`decode_scale: exact` removes it; the GPU path always
