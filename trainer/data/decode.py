@@ -8,11 +8,11 @@ decodes at full scale. Only these power-of-two scales are used: libjpeg-turbo's 
 scales have no SIMD IDCT and measured no faster than a full decode (docs/benchmarks.md). The
 fast integer IDCT and fast upsampling are used throughout. Only the box's rows and columns are
 decoded (libturbojpeg 3's cropping region, `tjregion.py`); where that library cannot be loaded,
-simplejpeg decodes the whole image at the same scale, with a note in the log, and the pixels are the same. The
-crop is then resized to S x S with the shared uint8 antialiased kernel. Downscaled decoding is
-the one place where the CPU path departs from the exact maths: the box is mapped to the
-nearest pixel of the smaller image (`decode_scale: exact` removes it; the GPU path always
-decodes at full scale).
+simplejpeg decodes the whole image at the same scale, with a note in the log, and the pixels
+are the same. The crop is then resized to S x S with the shared uint8 antialiased kernel.
+Downscaled decoding is the one place where the CPU path departs from the exact maths: the box
+is mapped to the nearest pixel of the smaller image (`decode_scale: exact` removes it; the GPU
+path always decodes at full scale).
 
 GPU path: workers ship the raw bytes; `decode_cuda` decodes the whole batch with nvJPEG
 (`torchvision.io.decode_jpeg(list, device="cuda:N")`), grey images come out as RGB.
