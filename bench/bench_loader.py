@@ -95,8 +95,11 @@ def install_dali(venv: Path) -> Path:
     if not (py.exists() and subprocess.run([str(py), "-c", "import nvidia.dali"], capture_output=True).returncode == 0):
         print(f"installing {DALI} into {venv} (once)", flush=True)
         base = getattr(sys, "_base_executable", sys.executable)
-        subprocess.run([base, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", DALI], check=True)
+        try:
+            subprocess.run([base, "-m", "venv", str(venv)], check=True)
+            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", DALI], check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            sys.exit(f"cannot install {DALI} into {venv} ({e}); --no-dali leaves DALI out")
     return py
 
 
