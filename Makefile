@@ -46,7 +46,7 @@ bench-shardify: $(VENV)/.installed ## Time shardify against tar and a bare Shard
 bench-tokenize: $(VENV)/.installed ## Tokenise-and-pack throughput per core against datasets.map
 	$(OFFLINE) $(PY) bench/bench_tokenize.py --docs 2000 --repeats 7
 
-bench-loader: $(VENV)/.installed ## CPU loader path against the classic torchvision pipeline and a bare decode (IMAGES=dir)
+bench-loader: $(VENV)/.installed ## CPU loader path against DALI's CPU pipeline (own venv), the classic torchvision pipeline and a bare decode (IMAGES=dir)
 	$(OFFLINE) $(PY) bench/bench_loader.py --images $(IMAGES)
 
 bench-download: $(VENV)/.installed ## URL-list download against img2dataset from a local 127.0.0.1 server (IMAGES=dir)

@@ -11,15 +11,18 @@ Hosts answer after 50 ms (even hosts) or 200 ms (odd ones); of the URLs, chosen 
 Contenders, each as its own process, runs interleaved (the order alternates every repeat):
 - `shardify pairs urls` with its default downloader options (--concurrency, --host-rate,
   --timeout, --retries, --lookahead-mb) and --workers W;
+- the same with `--host-rate 0` (no per-host limit: what the downloader itself can do; the
+  default limit stays on for politeness, and bounds the first figure on this 8-host list);
 - img2dataset (installed by this script from PyPI into its own venv under bench_out/) with
   `--resize_mode no --skip_reencode True`, W processes x the same threads, timeout and retries,
   webdataset output, shards of the same size.
 
 Every row must be accounted for in both: written + failed = --urls, read from the outputs (our
 manifest and tars; img2dataset's per-shard stats and tars). Prints a row per run, the medians
-and, last: `download vs img2dataset: T x images/s, C x CPU` (T: images written per second,
-ours over theirs; C: CPU seconds per image written, ours over theirs; CPU from wait4 of each
-process tree).
+and, last: `download vs img2dataset: T x images/s, C x CPU; with --host-rate 0: T0 x images/s,
+C0 x CPU` (T: images written per second, ours with the defaults over theirs; C: CPU seconds per
+image written, ours over theirs; T0 and C0 the same for ours with --host-rate 0; CPU from wait4
+of each process tree).
 """
 
 from __future__ import annotations
@@ -255,7 +258,7 @@ def main() -> None:
                              "PYTHONPATH": os.getcwd()},  # this checkout's shardify
                 "img2dataset": base_env}
 
-        def ours(out: Path) -> list[str]:
+        def ours(out: Path, extra: tuple[str, ...] = ()) -> list[str]:
             cmd = [sys.executable, "-m", "shardify", "pairs", "urls", "--source", str(url_list), "--out", str(out),
                    "--workers", str(args.workers), "--samples-per-shard", str(args.samples_per_shard),
                    "--no-progress"]
@@ -263,7 +266,7 @@ def main() -> None:
                                                               defaults.retries):
                 cmd += ["--concurrency", str(args.threads), "--timeout", str(args.timeout),
                         "--retries", str(args.retries)]
-            return cmd
+            return cmd + list(extra)
 
         def theirs(out: Path) -> list[str]:
             return [str(img2dataset), "--url_list", str(url_list), "--input_format", "csv", "--url_col", "url",
@@ -273,9 +276,12 @@ def main() -> None:
                     "--skip_reencode", "True", "--number_sample_per_shard", str(args.samples_per_shard),
                     "--enable_wandb", "False"]
 
-        contenders = {"shardify": (ours, account_shardify), "img2dataset": (theirs, account_img2dataset)}
+        contenders = {"shardify": (ours, account_shardify),
+                      "shardify-rate0": (lambda out: ours(out, ("--host-rate", "0")), account_shardify),
+                      "img2dataset": (theirs, account_img2dataset)}
+        envs["shardify-rate0"] = envs["shardify"]
         rows: dict[str, list[tuple[float, float, int]]] = {name: [] for name in contenders}
-        print(f"{'run':>3} {'tool':<12} {'wall s':>7} {'images/s':>9} {'CPU s':>6} {'CPU ms/img':>10} "
+        print(f"{'run':>3} {'tool':<14} {'wall s':>7} {'images/s':>9} {'CPU s':>6} {'CPU ms/img':>10} "
               f"{'written':>7} {'failed':>6} {'total':>5} {'requests':>8}")
         for rep in range(args.repeats):
             names = list(contenders) if rep % 2 == 0 else list(reversed(contenders))
@@ -290,7 +296,7 @@ def main() -> None:
                 if written + failed != args.urls:
                     sys.exit(f"{name}: {written} written + {failed} failed != {args.urls} rows")
                 rows[name].append((wall, cpu, written))
-                print(f"{rep:>3} {name:<12} {wall:>7.2f} {written / wall:>9.1f} {cpu:>6.2f} "
+                print(f"{rep:>3} {name:<14} {wall:>7.2f} {written / wall:>9.1f} {cpu:>6.2f} "
                       f"{1e3 * cpu / max(written, 1):>10.2f} {written:>7} {failed:>6} {written + failed:>5} "
                       f"{hosts.requests - before:>8}", flush=True)
     finally:
@@ -306,7 +312,10 @@ def main() -> None:
         print(f"median {name}: {median_rate(name):.1f} images/s, {1e3 * median_cpu(name):.2f} CPU ms/image")
     t = median_rate("shardify") / median_rate("img2dataset")
     c = median_cpu("shardify") / median_cpu("img2dataset")
-    print(f"download vs img2dataset: {t:.2f} x images/s, {c:.2f} x CPU")
+    t0 = median_rate("shardify-rate0") / median_rate("img2dataset")
+    c0 = median_cpu("shardify-rate0") / median_cpu("img2dataset")
+    print(f"download vs img2dataset: {t:.2f} x images/s, {c:.2f} x CPU; "
+          f"with --host-rate 0: {t0:.2f} x images/s, {c0:.2f} x CPU")
 
 
 if __name__ == "__main__":

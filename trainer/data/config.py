@@ -24,6 +24,11 @@ class AugmentConfig:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet std, RGB
     interpolation: str = field(default="bilinear", metadata=choice("bilinear", "bicubic"))  # "bilinear" or "bicubic" (the reference used bicubic)
     train: bool = True  # False: validation transform (resize whole image to size x size)
+    # CPU path only: "exact" decodes at full scale; "dct" decodes at 1/2, 1/4 or 1/8 scale in the
+    # JPEG's DCT domain when the crop is at least 2x (4x, 8x) the output on both sides, then
+    # resizes. exact is the default: on the crops it changes, dct differs from exact by more
+    # than bilinear differs from bicubic (measured, docs/loader.md)
+    decode_scale: str = field(default="exact", metadata=choice("dct", "exact"))
 
 
 @dataclass

@@ -1,14 +1,18 @@
 """JPEG decoding: header sizes, the CPU path's crop-driven decode, and batched nvJPEG on the GPU.
 
-CPU path (DataLoader workers): the crop decides the decode. When the crop box is at least 2x
-(4x, 8x) the output size on both sides, libjpeg-turbo decodes at 1/2 (1/4, 1/8) scale in the
-DCT domain, which skips most of the IDCT and colour-conversion work; the fast integer IDCT and
-fast upsampling are used throughout. Only the box's rows and columns are decoded (libturbojpeg
-3's cropping region, `tjregion.py`); where that library cannot be loaded, simplejpeg decodes
-the whole image at the same scale, with a note in the log, and the pixels are the same. The
-crop is then resized to S x S with the shared uint8 antialiased kernel. Downscaled decoding is
-the one place where the CPU path departs from the exact maths: the box is mapped to the
-nearest pixel of the smaller image.
+CPU path (DataLoader workers): the crop decides the decode. With `augment.decode_scale: dct`
+(`exact`, the default, turns it off), when the crop box is at least 2x (4x, 8x) the output size
+on both sides, libjpeg-turbo decodes at 1/2 (1/4, 1/8) scale in the DCT domain, which skips most
+of the IDCT and colour-conversion work, as Pillow's draft mode and FFCV do; `exact` always
+decodes at full scale. Only these power-of-two scales are used: libjpeg-turbo's other M/8
+scales have no SIMD IDCT and measured no faster than a full decode (docs/benchmarks.md). The
+fast integer IDCT and fast upsampling are used throughout. Only the box's rows and columns are
+decoded (libturbojpeg 3's cropping region, `tjregion.py`); where that library cannot be loaded,
+simplejpeg decodes the whole image at the same scale, with a note in the log, and the pixels
+are the same. The crop is then resized to S x S with the shared uint8 antialiased kernel.
+Downscaled decoding is the one place where the CPU path departs from the exact maths: the box
+is mapped to the nearest pixel of the smaller image (`decode_scale: exact` removes it; the GPU
+path always decodes at full scale).
 
 GPU path: workers ship the raw bytes; `decode_cuda` decodes the whole batch with nvJPEG
 (`torchvision.io.decode_jpeg(list, device="cuda:N")`), grey images come out as RGB.
@@ -87,7 +91,11 @@ def decode_rgb(data: bytes, H: int, W: int, f: int = 1) -> np.ndarray:
 
 def cpu_decode_crop(data: bytes, H: int, W: int, box, flip: bool, S: int, mode: str = "bilinear",
                     reduce: bool = True) -> torch.Tensor:
-    """The CPU path for one image: crop-driven decode, crop, resize, flip -> [3, S, S] uint8."""
+    """The CPU path for one image: crop-driven decode, crop, resize, flip -> [3, S, S] uint8.
+
+    reduce: decode at a DCT scale where the crop allows (`augment.decode_scale: dct`); False
+    decodes at full scale (`exact`, the config's default; the loader always passes the config's
+    choice)."""
     i, j, h, w = (int(v) for v in box)
     f = reduction(h, w, S) if reduce else 1
     Hs, Ws = -(-H // f), -(-W // f)  # the scaled image's size (libjpeg rounds up)

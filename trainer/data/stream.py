@@ -233,11 +233,12 @@ class BatchStream(IterableDataset):
         try:
             if tpar is None:
                 imgs[b] = cpu_decode_crop(raw[b][1]["jpg"], *hw, par.box[b], bool(par.flip[b]), aug.size,
-                                          aug.interpolation)
+                                          aug.interpolation, aug.decode_scale == "dct")
             else:  # one decode, two views
                 imgs[b], timgs[b] = cpu_decode_views(raw[b][1]["jpg"], *hw,
                                                      [(par.box[b], par.flip[b], aug.size, aug.interpolation),
-                                                      (tpar.box[b], tpar.flip[b], taug.size, taug.interpolation)])
+                                                      (tpar.box[b], tpar.flip[b], taug.size, taug.interpolation)],
+                                                     aug.decode_scale == "dct")
         except (ValueError, RuntimeError) as e:  # simplejpeg raises ValueError on bad data
             raw[b] = Corrupt(raw[b][0], f"jpg decode: {e}")
             return False
