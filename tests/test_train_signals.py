@@ -148,10 +148,10 @@ print("main thread came back", flush=True)
 
 def test_a_second_signal_ends_a_process_whose_main_thread_is_stuck_in_c():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-c", _STUCK_IN_C], capture_output=True, text=True, env=env, timeout=120)
+    # ended by the second signal: had it waited for the main thread, the C call would return
+    # after 60 s, print, and exit with 0
     assert r.returncode == 128 + signal.SIGTERM, (r.stdout, r.stderr)
-    assert time.monotonic() - t0 < 40  # the second signal, not the end of the 60 s C call
     assert r.stdout == "" and "received SIGTERM: stopping" in r.stderr and "received SIGTERM again" in r.stderr
 
 
