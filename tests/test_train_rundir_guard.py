@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -99,13 +98,12 @@ def test_stale_temporaries_of_dead_writers_are_removed_at_start(tmp_path, teache
     assert remove_stale_tmp(ckpts, tmp_path / "run") == []
 
 
-def test_refused_lock_takes_no_time_to_report(tmp_path):
+def test_a_refused_lock_never_waits_for_the_holder(tmp_path):
     holder = hold_lock(tmp_path / "run", 30)
     try:
-        t0 = time.monotonic()
+        # a blocking lock would wait for the holder to end and then succeed: no error
         with pytest.raises(UserError, match=f"pid {holder.pid}"):
             RunLock(tmp_path / "run").acquire()
-        assert time.monotonic() - t0 < 5  # non-blocking: never waits for the holder
     finally:
         holder.kill()
         holder.wait()

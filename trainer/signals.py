@@ -50,14 +50,22 @@ class GracefulStop:
     """Records the first stop request; `install()` routes the signals here (main thread only).
 
     `requested` is the name of the first signal (or another reason given to `request`), None
-    while nobody asked. `verbose` prints the one-line notices (rank 0 only, to keep logs short)."""
+    while nobody asked. `verbose` prints the one-line notices (rank 0 only, to keep logs short).
+
+    Why a watcher thread: Python runs a signal handler in the main thread, and only once that
+    thread runs Python again; a rank blocked in a collective (waiting for a slow or stuck peer)
+    or in a long C++ call would not even see a second signal. So the Python handlers do nothing,
+    and the C-level handler's wakeup fd (`signal.set_wakeup_fd`) feeds a thread that acts at once."""
 
     def __init__(self, verbose: bool = True):
         self.verbose = verbose
         self.requested: str | None = None
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
-        self._pid = os.getpid()
+        self._previous_fd = -1
+        self._pipe: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     @property
     def installed(self) -> bool:
@@ -66,18 +74,32 @@ class GracefulStop:
     def install(self) -> GracefulStop:
         global _current
         if self.installed or threading.current_thread() is not threading.main_thread():
-            return self  # Python routes signals to the main thread only: a loop elsewhere polls nothing
-        self._pid = os.getpid()
+            return self  # signal handlers can only be set from the main thread
+        r, w = os.pipe()
+        os.set_blocking(w, False)  # the C handler must never block
+        self._pipe = (r, w)
+        self._previous_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         for sig in HANDLED:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            # a Python handler must be set for the signal to reach the wakeup fd; the thread acts
+            self._previous[sig] = signal.signal(sig, _ignore_here)
+        self._thread = threading.Thread(target=self._watch, args=(r,), name="graceful-stop", daemon=True)
+        self._thread.start()
         _current = self
         return self
 
     def restore(self) -> None:
         global _current
+        if not self.installed:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        signal.set_wakeup_fd(self._previous_fd)
+        r, w = self._pipe
+        os.close(w)  # the watcher reads EOF and ends
+        self._thread.join(timeout=5)
+        os.close(r)
+        self._pipe = self._thread = None
         if _current is self:
             _current = None
 
@@ -94,27 +116,57 @@ class GracefulStop:
                 self.restore()
 
     def request(self, reason: str) -> None:
-        if self.requested is None:
-            self.requested, self._first_at = reason, time.monotonic()
+        with self._lock:
+            if self.requested is None:
+                self.requested, self._first_at = reason, time.monotonic()
 
-    def _handle(self, signum: int, frame) -> None:
-        if os.getpid() != self._pid:
-            # a forked DataLoader worker inherits this handler; SLURM signals every process of the
-            # step, workers included: they keep serving batches until the loop stops with them
-            return
+    def _watch(self, r: int) -> None:
+        while True:
+            try:
+                data = os.read(r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:  # the C handler writes one byte per signal: its number
+                if signum in _HANDLED_NUMBERS:
+                    self._on_signal(signum)
+
+    def _on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
-        if self.requested is None:
-            self.request(name)
+        with self._lock:
+            first = self.requested is None
+            if first:
+                self.requested, self._first_at = name, time.monotonic()
+            elif time.monotonic() - self._first_at < REPEAT_WINDOW_S:
+                return  # the same event delivered again (SLURM and torchrun both signal the ranks)
+        if first:
             if self.verbose:
                 _say(f"received {name}: stopping at the next step boundary with a checkpoint "
                      f"(send it again to exit at once, without one)")
             return
-        if time.monotonic() - self._first_at < REPEAT_WINDOW_S:
-            return  # the same event delivered again (SLURM and torchrun both signal the ranks)
         if self.verbose:
             _say(f"received {name} again: exiting now, without a checkpoint")
-        signal.signal(signum, signal.SIG_DFL)
-        os.kill(os.getpid(), signum)  # end by the signal itself: the status a shell expects
+        os._exit(128 + signum)  # the status a shell gives a process ended by that signal
+
+
+def _ignore_here(signum: int, frame) -> None:
+    """The Python-level handler: the watcher thread of GracefulStop does the work."""
+
+
+_HANDLED_NUMBERS = {int(s) for s in HANDLED}
+
+
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) inherits the wakeup fd but not the watcher thread:
+    its signals must not land in the parent's pipe. It keeps ignoring the stop signals: SLURM
+    signals every process of a job step, and a worker serves batches until the loop ends it."""
+    if _current is not None:
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def current() -> GracefulStop | None:
