@@ -9,9 +9,6 @@ never in checkpoints), is kept in eval mode and runs under `torch.inference_mode
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -23,10 +20,8 @@ from trainer.errors import UserError
 from trainer.fields import between, choice
 from trainer.losses import layer_average_target, mse_over_tokens
 from trainer.models.vit import LAYER_TENSORS, Data2Vec2ViT, ViTShape, load_data2vec2
+from trainer.precision import autocast, usable_autocast_dtype
 from trainer.tasks.base import Task
-
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class TeacherConfig:
@@ -78,39 +73,6 @@ class ImageKDConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def autocast(device: torch.device, dtype_name: str):
-    """Autocast to the named dtype, or nothing for fp32."""
-    dtype = _DTYPES[dtype_name]
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def usable_autocast_dtype(device: torch.device, dtype_name: str) -> str:
-    """`dtype_name` if autocast in it works on `device`, else "float32". Checked by running a
-    matmul, a LayerNorm and attention under it: where a PyTorch build lacks the dtype for a device,
-    autocast warns and disables itself, or the op raises."""
-    if _DTYPES[dtype_name] == torch.float32:
-        return "float32"
-    if not torch.amp.is_autocast_available(device.type):
-        return "float32"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.inference_mode(), autocast(device, dtype_name):
-                x = torch.ones(1, 2, 4, 8, device=device)
-                y = torch.nn.functional.linear(torch.nn.functional.layer_norm(x, (8,)), torch.ones(8, 8, device=device))
-                y = torch.nn.functional.scaled_dot_product_attention(y, y, y)
-        ok = y.dtype == _DTYPES[dtype_name] and bool(torch.isfinite(y).all())
-    except (RuntimeError, TypeError, NotImplementedError):
-        ok = False
-    return dtype_name if ok else "float32"
-
 
 class KDStudent(nn.Module):
     """The trainable part: the student ViT (plus a regression head for "d2v2_topk"). Its
@@ -191,10 +153,8 @@ class ImageKDTask(Task):
         if tc.loss.variant == "d2v2_topk" and tc.loss.top_k > teacher.shape.depth:
             raise UserError(f"config key 'loss.top_k': {tc.loss.top_k} is more than the teacher's "
                             f"{teacher.shape.depth} blocks")
-        self.teacher_dtype = usable_autocast_dtype(device, tc.teacher.dtype)
-        if self.teacher_dtype != tc.teacher.dtype:
-            log.warning("teacher.dtype %s: autocast in it does not work on %s here; the teacher runs in float32",
-                        tc.teacher.dtype, device.type)
+        self.teacher_dtype = usable_autocast_dtype(device, tc.teacher.dtype, "teacher.dtype", "teacher")
+        self.student_dtype = usable_autocast_dtype(device, cfg.precision, "precision", "student")
 
     def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
         return no_weight_decay(name, param)
@@ -237,7 +197,7 @@ class ImageKDTask(Task):
         if self.cfg.precision == "fp32":
             img = img.float()
         target = self.teacher_targets(img)
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.student_dtype):
             pred = model(img)
         # always weighted when the loader marks padding: testing for any pad would sync the GPU
         weight = (~batch["is_pad"]).to(pred.device, torch.float32) if "is_pad" in batch else None
