@@ -289,6 +289,13 @@ def load_beitv2(path: str | Path, drop_path_rate: float = 0.1, final_norm: bool 
     return model
 
 
+def load_teacher(path: str | Path, num_heads: int = 0, norm_eps: float = 0.0) -> BEiTv2ViT:
+    """The registry's loader (trainer/models/registry.py): the encoder without stochastic depth,
+    its last block's tokens as they are (no final norm, as the multimodal teacher reads them).
+    The file says the heads; `num_heads` is not needed."""
+    return load_beitv2(path, drop_path_rate=0.0, final_norm=False, norm_eps=norm_eps or 1e-6)
+
+
 def write_beitv2_checkpoint(path: str | Path, shape: BEiTShape, seed: int = 0, wrap: str = "model",
                             vocab_size: int = 64, init_std: float = 0.02) -> Path:
     """Write a random BEiTv2 in the original pretraining layout: the encoder's keys (with the

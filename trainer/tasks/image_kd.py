@@ -1,7 +1,8 @@
 """Image distillation (DistilData2Vec2): a frozen Data2Vec2 ViT teacher, a student made of its
 embedding stage and first blocks, and an MSE between layer-averaged targets. docs/methods.md
 describes the method as the thesis ran it: FFN outputs of every block (`loss.layer_tensor:
-ffn`), [CLS] kept, a fixed position embedding, the teacher under float16 autocast.
+ffn`), [CLS] kept, a fixed position embedding, the teacher under float16 autocast. The teacher
+is any family of trainer/models/registry.py that gives per-block targets (`teacher.kind`).
 
 The teacher stays outside the trainable module (never wrapped by DDP, never in the optimiser,
 never in checkpoints), is kept in eval mode and runs under `torch.inference_mode()`.
@@ -19,15 +20,19 @@ from trainer.config import Config, ConfigError
 from trainer.errors import UserError
 from trainer.fields import between, choice
 from trainer.losses import layer_average_target, mse_over_tokens
-from trainer.models.vit import LAYER_TENSORS, Data2Vec2ViT, ViTShape, load_data2vec2
+from trainer.models.registry import TEACHERS, TeacherSpec, teacher_spec
+from trainer.models.vit import LAYER_TENSORS, Data2Vec2ViT, LastBlockTokens, ViTShape
 from trainer.precision import autocast, usable_autocast_dtype
 from trainer.tasks.base import Task
 
 @dataclass
 class TeacherConfig:
-    """The frozen teacher: a Data2Vec2 ViT loaded from a fairseq checkpoint."""
+    """The frozen teacher: by default a Data2Vec2 ViT loaded from a fairseq checkpoint."""
 
-    checkpoint: str = ""  # path to the fairseq checkpoint (e.g. base_imagenet.pt); required
+    # the teacher family, a key of trainer/models/registry.py's TEACHERS (checked there, so that a
+    # family registered by one line is accepted here); it must give per-block targets
+    kind: str = "data2vec2"
+    checkpoint: str = ""  # path to the teacher's file (data2vec2: the fairseq .pt, e.g. base_imagenet.pt); required
     num_heads: int = field(default=0, metadata=between(0))  # 0: from the checkpoint's cfg (else 12)
     norm_eps: float = field(default=0.0, metadata=between(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
     # autocast dtype of the teacher's blocks (its weights and embedding stage stay fp32):
@@ -134,13 +139,15 @@ class ImageKDTask(Task):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         tc = cfg.task_cfg
+        spec = _teacher_spec(tc.teacher.kind)
         if not tc.teacher.checkpoint:
-            raise ConfigError("config key 'teacher.checkpoint' is empty: give the Data2Vec2 fairseq checkpoint")
+            raise ConfigError(f"config key 'teacher.checkpoint' is empty: give the teacher's file ({spec.describe})")
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
         tc = cfg.task_cfg
-        teacher = load_data2vec2(tc.teacher.checkpoint, tc.teacher.num_heads, tc.teacher.norm_eps)
+        spec = _teacher_spec(tc.teacher.kind)
+        teacher = spec.load(tc.teacher.checkpoint, num_heads=tc.teacher.num_heads, norm_eps=tc.teacher.norm_eps)
         if cfg.data.augment.size != teacher.shape.img_size:
             raise UserError(f"config key 'data.augment.size': {cfg.data.augment.size} px, but the teacher "
                             f"expects {teacher.shape.img_size} px images")
@@ -173,7 +180,7 @@ class ImageKDTask(Task):
 
     @classmethod
     def student_encoders(cls, student: nn.Module) -> dict[str, nn.Module]:
-        return {"image": ViTEncoder(student.vit)}
+        return {"image": LastBlockTokens(student.vit)}
 
     @property
     def img_size(self) -> int:
@@ -204,15 +211,16 @@ class ImageKDTask(Task):
         return {"loss": mse_over_tokens(pred, target, weight)}
 
 
-class ViTEncoder(nn.Module):
-    """The evaluation view of a ViT: images -> the last block's tokens ([CLS] first)."""
-
-    def __init__(self, vit: Data2Vec2ViT):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.vit(img_BCHW)[-1]
+def _teacher_spec(kind: str) -> TeacherSpec:
+    """The registered family of `teacher.kind`; it must give the per-block targets this task regresses."""
+    try:
+        spec = teacher_spec(kind)
+    except UserError as e:
+        raise ConfigError(f"config key 'teacher.kind': {e}") from None
+    if not spec.layer_targets:
+        raise ConfigError(f"config key 'teacher.kind': {kind!r} gives no per-block targets, which image_kd "
+                          f"regresses (kinds that do: {', '.join(k for k, s in TEACHERS.items() if s.layer_targets)})")
+    return spec
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:
