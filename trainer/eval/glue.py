@@ -18,7 +18,6 @@ file used with its size and sha256.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import json
 import math
@@ -33,6 +32,9 @@ import torch
 from torch import nn
 
 from trainer.errors import UserError
+
+from .benchmarks import resolve_device
+from .features import file_sha256
 
 
 @dataclass(frozen=True)
@@ -301,22 +303,6 @@ class GlueOptions:
     max_eval_samples: int = 0  # 0: all
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here")
-    return torch.device(name)
-
-
 def _predict(model: GlueModel, data: list, pad_id: int, bs: int, device: torch.device) -> np.ndarray:
     model.eval()
     outs = []
@@ -365,7 +351,7 @@ def run_glue(opts: GlueOptions) -> dict[str, Any]:
             texts, y = texts[: opts.max_eval_samples], y[: opts.max_eval_samples]
         evals[s] = (encode_examples(tok, texts, opts.max_len), y)
 
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     torch.manual_seed(opts.seed)
     enc = student.encoder.float()
     with torch.no_grad():
@@ -421,7 +407,7 @@ def run_glue(opts: GlueOptions) -> dict[str, Any]:
         "student": student.info,
         "tokenizer": student.tokenizer,
         "config": asdict(opts) | {"steps": total, "device": str(device)},
-        "data_files": {s: [{"path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in fs]
+        "data_files": {s: [{"path": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in fs]
                        for s, fs in files.items()},
         "history": history,
         "seconds": round(seconds, 2),
