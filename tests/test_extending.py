@@ -86,3 +86,18 @@ def test_unknown_or_unfit_kinds_are_one_line_refusals(toy, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err, err
+
+
+def test_the_docs_show_the_line_the_toy_adds():
+    """docs/extending.md and tests/toy_teacher.py cannot drift apart: the registry line the page
+    shows is the one the toy teacher adds (with the registry's own dict name)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    toy_line = next(line.strip() for line in (root / "tests" / "toy_teacher.py").read_text().splitlines()
+                    if line.strip().startswith('teachers["toy"] = TeacherSpec('))
+    page = (root / "docs" / "extending.md").read_text()
+    assert toy_line.replace("teachers[", "TEACHERS[", 1) in page
+    for path in ("trainer/models/registry.py", "tests/toy_teacher.py", "tests/test_extending.py",
+                 "trainer/tasks/base.py", "shardify/sources/base.py", "trainer/eval/results.py"):
+        assert path in page and (root / path).exists(), path
