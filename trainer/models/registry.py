@@ -1,7 +1,9 @@
 """The teacher registry: one line per teacher family, `kind -> TeacherSpec`.
 
-A spec says how to build a teacher from its file and how to read it, so that the tasks and
-`trainer eval` never name a family themselves (the same idea as torchtitan's ModelSpec table):
+A spec says how to build a teacher from its file and how to read it, so that the image task and
+`trainer eval` never name a family themselves (the same idea as torchtitan's ModelSpec table).
+The multimodal task's [CLS] teacher (`teacher.kind: beitv2|data2vec2` in its own config) is
+still chosen in trainer/tasks/multimodal.py; its loaders are the ones registered here.
 
 - `load(path, num_heads=0, norm_eps=0.0)` -> the teacher as an fp32 nn.Module on the CPU; a file
   that is not of this family raises UserError in one line. `num_heads`/`norm_eps` override what
