@@ -13,6 +13,14 @@ a plain dtype tag; every other global resolves to an inert stub class that recor
 whatever the pickle hands it, and runs nothing. Nothing is imported on behalf of the file.
 There is no fallback to the full unpickler.
 
+Why not `torch.load(weights_only=True)` with `get_unsafe_globals_in_checkpoint` and inert
+stand-ins under `safe_globals` (prototyped against tests/test_safe_pickle.py with torch 2.14;
+real omegaconf cfgs do read that way): the scan reads zip files only, so a legacy-format file
+with a cfg object is refused; a payload naming `os.system` or `subprocess.Popen` makes the whole
+load fail (the model is lost, not just the cfg) with torch's multi-line message instead of one
+line naming the global; plain pickles (`loads`: argparse Namespaces at every protocol, gadget
+chains) have no supported entry point (only the private `torch._weights_only_unpickler`).
+
 `to_plain` turns what a checkpoint's cfg became (stubs of omegaconf containers and value nodes,
 argparse namespaces) into plain dicts, lists and values, so callers read `cfg["model"]["depth"]`
 without omegaconf installed.

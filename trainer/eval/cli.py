@@ -9,12 +9,14 @@ one-line summary.
     trainer eval finetune MODEL --train-shards DIR [--linear]          image classification (thesis protocol)
     trainer eval retrieval-finetune MODEL --shards DIR                 retrieval after fine-tuning (thesis)
 
-MODEL is an exported student, a checkpoint or a run directory; `probe --data2vec2` takes a
-Data2Vec2 fairseq checkpoint instead (the teacher).
+MODEL is an exported student, a checkpoint or a run directory; `probe --teacher KIND` takes a
+teacher's own file instead (KIND: a family of trainer/models/registry.py, e.g. data2vec2 for a
+fairseq checkpoint; `--data2vec2` is the older spelling of `--teacher data2vec2`).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
@@ -36,6 +38,24 @@ def _common(f):
     ]):
         f = opt(f)
     return f
+
+
+def teacher_options(f):
+    """`--teacher KIND` and its deprecated alias `--data2vec2`, handed to the command as one
+    `teacher` argument ("" for a student). KIND is checked against the registry when the model
+    loads (the registry imports torch, which `trainer --help` must not), so a family registered
+    by one line is accepted here too."""
+
+    @functools.wraps(f)
+    def command(*args, teacher, data2vec2, **kwargs):
+        if data2vec2 and teacher not in (None, "data2vec2"):
+            raise click.UsageError(f"--data2vec2 means --teacher data2vec2, not --teacher {teacher}")
+        return f(*args, teacher=teacher or ("data2vec2" if data2vec2 else ""), **kwargs)
+
+    command = click.option("--data2vec2", is_flag=True, help="deprecated: the same as --teacher data2vec2")(command)
+    return click.option("--teacher", default=None, metavar="KIND",
+                        help="MODEL is a teacher's own file of this family (data2vec2: a fairseq checkpoint; "
+                             "beitv2: the original BEiTv2 layout) instead of a student")(command)
 
 
 class _EvalGroup(click.Group):
@@ -81,7 +101,7 @@ def eval_group() -> None:
 @click.option("--val-split", default="validation", show_default=True)
 @click.option("--pool", type=click.Choice(["cls", "mean"]), default="mean", show_default=True,
               help="image feature: [CLS] or the mean of the patch tokens")
-@click.option("--data2vec2", is_flag=True, help="MODEL is a Data2Vec2 fairseq checkpoint (evaluate the teacher)")
+@teacher_options
 @click.option("--image-size", type=int, default=None, help="override the model's image size")
 @click.option("--label", default="", help="name shown in the summary and the report (e.g. teacher)")
 @click.option("--epochs", type=int, default=_PROBE_DEFAULTS["epochs"], show_default=True, help="probe training epochs")
@@ -92,7 +112,7 @@ def eval_group() -> None:
 @click.option("--knn-temperature", type=float, default=0.07, show_default=True, help="vote weight exp(sim / T)")
 @click.option("--cache-dir", default=None, help="feature cache [default: features/ beside --out]; '' disables it")
 @_common
-def probe_cmd(model, train_shards, val_shards, train_split, val_split, pool, data2vec2, image_size, label, epochs,
+def probe_cmd(model, train_shards, val_shards, train_split, val_split, pool, teacher, image_size, label, epochs,
               lr, weight_decay, probe_batch_size, knn_k, knn_temperature, cache_dir, out, device, batch_size,
               workers) -> None:
     """Fast probe: a LayerNorm + linear head on cached frozen features, and k-NN accuracy of MODEL's
@@ -101,10 +121,11 @@ def probe_cmd(model, train_shards, val_shards, train_split, val_split, pool, dat
     from .linear_probe import ProbeConfig
     from .models import load_eval_model
 
-    m = load_eval_model(model, data2vec2=data2vec2, image_size=image_size)
+    m = load_eval_model(model, teacher=teacher, image_size=image_size)
     cfg = ProbeConfig(epochs=epochs, batch_size=probe_batch_size, lr=lr, weight_decay=weight_decay)
     run_probe(m, model, train_shards, val_shards or train_shards, train_split, val_split, pool, cfg, knn_k,
-              knn_temperature, batch_size, workers, device, cache_dir, out, label=label or ("teacher" if data2vec2 else ""))
+              knn_temperature, batch_size, workers, device, cache_dir, out,
+              label=label or ("teacher" if teacher else ""))
 
 
 @eval_group.command("retrieval")

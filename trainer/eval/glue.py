@@ -26,7 +26,6 @@ used (size and SHA-256) and per-epoch validation figures.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import math
 import time
@@ -43,6 +42,9 @@ from sklearn import metrics as skm
 from torch import nn
 
 from trainer.errors import UserError
+
+from .benchmarks import resolve_device
+from .features import file_sha256
 
 PROTOCOL = "thesis-glue"
 
@@ -317,22 +319,6 @@ def effective_recipe(task: GlueTask, opts: GlueOptions) -> Recipe:
     return replace(RECIPES[task.name], **changes)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device here")
-    return torch.device(name)
-
-
 def _predict(model: GlueModel, data: list, pad_id: int, bs: int, device: torch.device) -> np.ndarray:
     model.eval()
     outs = []
@@ -406,7 +392,7 @@ def run_glue(opts: GlueOptions) -> dict[str, Any]:
     files, (train, train_y), evals = _read_data(opts, task, tok, r.max_len)
     out_path = Path(opts.out) if opts.out else _default_out(opts.student, task.name)
 
-    device = _device(opts.device)
+    device = resolve_device(opts.device)
     torch.manual_seed(r.seed)
     enc = student.encoder.float()
     with torch.no_grad():
@@ -457,7 +443,7 @@ def run_glue(opts: GlueOptions) -> dict[str, Any]:
                         "pooler": "pretrained" if pooler_src else "new"}
     thesis = asdict(RECIPES[task.name]) | {"train_samples": 0, "eval_samples": 0, "pooler": "pretrained"}
     thesis.pop("seed")  # the seed changes the figure's noise, not the protocol
-    data = {s: {"split": s, "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": _sha256(f)} for f in fs]}
+    data = {s: {"split": s, "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in fs]}
             for s, fs in files.items()}
     options = {"label": "", "tokenizer": student.tokenizer, "pooler": pooler_src, "device": str(device),
                "steps": total, "examples": {"train": len(train), **{s: len(d) for s, (d, _) in evals.items()}},

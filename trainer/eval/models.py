@@ -5,8 +5,9 @@ Two kinds of model file:
   read by `trainer.export.load_student` (no teacher file needed); its encoders follow the
   contract of trainer/tasks/base.py and its resolved config gives the image size, the
   normalisation and the tokenizer it was trained with;
-- a Data2Vec2 fairseq checkpoint (`--data2vec2`), to measure the teacher with the same
-  protocol; its encoder returns the last block's tokens ([CLS] first).
+- a teacher's own file (`--teacher KIND`, a family of trainer/models/registry.py; `--data2vec2`
+  is the older spelling of `--teacher data2vec2`), to measure the teacher with the same protocol;
+  its encoder returns the last block's tokens ([CLS] first).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from trainer.data import AugmentConfig
@@ -25,8 +25,8 @@ from .features import file_sha256
 
 @dataclass
 class EvalModel:
-    kind: str  # "student" | "data2vec2"
-    task: str  # the training task ("image_kd", "multimodal", ...) or "data2vec2"
+    kind: str  # "student" or the teacher's kind ("data2vec2", "beitv2", ...)
+    task: str  # the training task ("image_kd", "multimodal", ...) or the teacher's kind
     encoders: dict[str, nn.Module]
     source: str  # the file the weights were read from
     sha256: str  # of that file
@@ -48,17 +48,6 @@ class EvalModel:
         return self.encoders[name]
 
 
-class LastBlockTokens(nn.Module):
-    """A Data2Vec2 ViT as an encoder: the last block's output [B, 1+N, D]."""
-
-    def __init__(self, vit: nn.Module):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.vit(img_BCHW)[-1]
-
-
 def _augment_from(config: dict, size: int | None) -> AugmentConfig:
     raw = (config.get("data") or {}).get("augment") or {}
     names = {f.name for f in fields(AugmentConfig)}
@@ -69,30 +58,27 @@ def _augment_from(config: dict, size: int | None) -> AugmentConfig:
     return aug
 
 
-def load_eval_model(path: str, data2vec2: bool = False, image_size: int | None = None,
-                    interpolation: str | None = None) -> EvalModel:
-    """Load a student (export, checkpoint or run directory) or, with data2vec2, a fairseq teacher."""
+def load_eval_model(path: str, teacher: str = "", image_size: int | None = None,
+                    interpolation: str | None = None, data2vec2: bool = False) -> EvalModel:
+    """Load a student (export, checkpoint or run directory) or, with `teacher` (a kind of
+    trainer/models/registry.py), a teacher's own file. `data2vec2=True` is the older spelling of
+    teacher="data2vec2", kept for existing callers."""
     if not Path(path).exists():
         raise UserError(f"model not found: {path}")
-    if data2vec2:
-        from trainer.models.vit import load_data2vec2
-
-        vit = load_data2vec2(path)
-        aug = AugmentConfig(size=image_size or vit.shape.img_size, interpolation=interpolation or "bicubic",
-                            train=False)
-        return EvalModel("data2vec2", "data2vec2", {"image": LastBlockTokens(vit).eval()}, str(path),
-                         file_sha256(path), augment=aug)
+    teacher = teacher or ("data2vec2" if data2vec2 else "")
+    if teacher:
+        return _load_teacher(path, teacher, image_size, interpolation)
     try:
         from trainer.export import load_student
     except ImportError:
-        raise UserError("this checkout has no trainer.export (student loading): pass --data2vec2 to "
+        raise UserError("this checkout has no trainer.export (student loading): pass --teacher data2vec2 to "
                         "evaluate a Data2Vec2 checkpoint, or update the project") from None
     try:
         loaded = load_student(path)
     except UserError as e:
         if Path(path).is_file():  # a teacher checkpoint given as a student is the likely mistake
-            raise UserError(f"{e} (a Data2Vec2 fairseq checkpoint? `trainer eval probe` takes it with "
-                            f"--data2vec2)") from None
+            raise UserError(f"{e} (a teacher's checkpoint? `trainer eval probe` takes one with --teacher KIND, "
+                            f"e.g. --teacher data2vec2, formerly --data2vec2)") from None
         raise
     config = loaded.config or {}
     data = config.get("data") or {}
@@ -102,3 +88,14 @@ def load_eval_model(path: str, data2vec2: bool = False, image_size: int | None =
     return EvalModel("student", loaded.task, dict(loaded.encoders), str(loaded.source),
                      file_sha256(loaded.source), config=config, step=loaded.step, augment=aug,
                      tokenizer=str(data.get("tokenizer") or ""), text_max_len=int(data.get("text_max_len") or 64))
+
+
+def _load_teacher(path: str, kind: str, image_size: int | None, interpolation: str | None) -> EvalModel:
+    """A registered teacher family's file as an image encoder (its last block's tokens)."""
+    from trainer.models.registry import teacher_spec
+
+    spec = teacher_spec(kind, "--teacher")
+    model = spec.load(path)
+    aug = AugmentConfig(size=image_size or spec.img_size(model), interpolation=interpolation or "bicubic",
+                        train=False)
+    return EvalModel(kind, kind, {"image": spec.encoder(model).eval()}, str(path), file_sha256(path), augment=aug)

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models.beitv2 import qkv_with_qv_bias
 from trainer.models.text import bert_from_config, bert_student, load_bert
 from trainer.models.vit import Data2Vec2ViT, ViTShape, load_data2vec2
 
@@ -52,6 +51,15 @@ class LayerScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma
+
+
+def qkv_with_qv_bias(x_BTD: torch.Tensor, weight: torch.Tensor, q_bias: torch.Tensor, v_bias: torch.Tensor,
+                     num_heads: int) -> torch.Tensor:
+    """q, k, v as [3, B, H, T, Dh] from one projection with a bias on q and v only (BEiT's layout,
+    which the shared block follows)."""
+    B, T, _ = x_BTD.shape
+    bias = torch.cat([q_bias, torch.zeros_like(v_bias), v_bias])
+    return F.linear(x_BTD, weight, bias).reshape(B, T, 3, num_heads, -1).permute(2, 0, 3, 1, 4)
 
 
 class SharedAttention(nn.Module):

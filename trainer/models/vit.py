@@ -209,6 +209,18 @@ class Data2Vec2ViT(nn.Module):
         return ffns if tensor == "ffn" else outs
 
 
+class LastBlockTokens(nn.Module):
+    """A Data2Vec2 ViT as an encoder (evaluation, the image student's export): images -> the
+    last block's output [B, 1+N, D], [CLS] first."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.vit(img_BCHW)[-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # fairseq checkpoint format
 

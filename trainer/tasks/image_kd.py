@@ -1,7 +1,8 @@
 """Image distillation (DistilData2Vec2): a frozen Data2Vec2 ViT teacher, a student made of its
 embedding stage and first blocks, and an MSE between layer-averaged targets. docs/methods.md
 describes the method as the thesis ran it: FFN outputs of every block (`loss.layer_tensor:
-ffn`), [CLS] kept, a fixed position embedding, the teacher under float16 autocast.
+ffn`), [CLS] kept, a fixed position embedding, the teacher under float16 autocast. The teacher
+is any family of trainer/models/registry.py that gives per-block targets (`teacher.kind`).
 
 The teacher stays outside the trainable module (never wrapped by DDP, never in the optimiser,
 never in checkpoints), is kept in eval mode and runs under `torch.inference_mode()`.
@@ -9,9 +10,7 @@ never in checkpoints), is kept in eval mode and runs under `torch.inference_mode
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import warnings
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -22,17 +21,21 @@ from trainer.config import Config, ConfigError
 from trainer.errors import UserError
 from trainer.fields import between, choice
 from trainer.losses import layer_average_target, mse_over_tokens
-from trainer.models.vit import LAYER_TENSORS, Data2Vec2ViT, ViTShape, load_data2vec2
+from trainer.models.registry import TEACHERS, TeacherSpec, teacher_spec
+from trainer.models.vit import LAYER_TENSORS, Data2Vec2ViT, LastBlockTokens, ViTShape
+from trainer.precision import autocast, usable_autocast_dtype
 from trainer.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
-
 @dataclass
 class TeacherConfig:
-    """The frozen teacher: a Data2Vec2 ViT loaded from a fairseq checkpoint."""
+    """The frozen teacher: by default a Data2Vec2 ViT loaded from a fairseq checkpoint."""
 
-    checkpoint: str = ""  # path to the fairseq checkpoint (e.g. base_imagenet.pt); required
+    # the teacher family, a key of trainer/models/registry.py's TEACHERS (checked there, so that a
+    # family registered by one line is accepted here); it must give per-block targets
+    kind: str = "data2vec2"
+    checkpoint: str = ""  # path to the teacher's file (data2vec2: the fairseq .pt, e.g. base_imagenet.pt); required
     num_heads: int = field(default=0, metadata=between(0))  # 0: from the checkpoint's cfg (else 12)
     norm_eps: float = field(default=0.0, metadata=between(0.0))  # 0: from the checkpoint's cfg (else 1e-6)
     # autocast dtype of the teacher's blocks (its weights and embedding stage stay fp32):
@@ -80,39 +83,6 @@ class ImageKDConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def autocast(device: torch.device, dtype_name: str):
-    """Autocast to the named dtype, or nothing for fp32."""
-    dtype = _DTYPES[dtype_name]
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def usable_autocast_dtype(device: torch.device, dtype_name: str) -> str:
-    """`dtype_name` if autocast in it works on `device`, else "float32". Checked by running a
-    matmul, a LayerNorm and attention under it: where a PyTorch build lacks the dtype for a device,
-    autocast warns and disables itself, or the op raises."""
-    if _DTYPES[dtype_name] == torch.float32:
-        return "float32"
-    if not torch.amp.is_autocast_available(device.type):
-        return "float32"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with torch.inference_mode(), autocast(device, dtype_name):
-                x = torch.ones(1, 2, 4, 8, device=device)
-                y = torch.nn.functional.linear(torch.nn.functional.layer_norm(x, (8,)), torch.ones(8, 8, device=device))
-                y = torch.nn.functional.scaled_dot_product_attention(y, y, y)
-        ok = y.dtype == _DTYPES[dtype_name] and bool(torch.isfinite(y).all())
-    except (RuntimeError, TypeError, NotImplementedError):
-        ok = False
-    return dtype_name if ok else "float32"
-
 
 def resolve_targets(lcfg: LossConfig, flags: dict[str, bool] | None) -> tuple[str, dict[str, bool]]:
     """(layer tensor, per-layer norms for d2v2_topk) from `loss` and the checkpoint's target flags.
@@ -195,13 +165,15 @@ class ImageKDTask(Task):
     @classmethod
     def check_config(cls, cfg: Config) -> None:
         tc = cfg.task_cfg
+        spec = _teacher_spec(tc.teacher.kind)
         if not tc.teacher.checkpoint:
-            raise ConfigError("config key 'teacher.checkpoint' is empty: give the Data2Vec2 fairseq checkpoint")
+            raise ConfigError(f"config key 'teacher.checkpoint' is empty: give the teacher's file ({spec.describe})")
 
     def __init__(self, cfg: Config, device: torch.device):
         super().__init__(cfg, device)
         tc = cfg.task_cfg
-        teacher = load_data2vec2(tc.teacher.checkpoint, tc.teacher.num_heads, tc.teacher.norm_eps)
+        spec = _teacher_spec(tc.teacher.kind)
+        teacher = spec.load(tc.teacher.checkpoint, num_heads=tc.teacher.num_heads, norm_eps=tc.teacher.norm_eps)
         if cfg.data.augment.size != teacher.shape.img_size:
             raise UserError(f"config key 'data.augment.size': {cfg.data.augment.size} px, but the teacher "
                             f"expects {teacher.shape.img_size} px images")
@@ -215,10 +187,8 @@ class ImageKDTask(Task):
         if tc.loss.variant == "d2v2_topk" and tc.loss.top_k > teacher.shape.depth:
             raise UserError(f"config key 'loss.top_k': {tc.loss.top_k} is more than the teacher's "
                             f"{teacher.shape.depth} blocks")
-        self.teacher_dtype = usable_autocast_dtype(device, tc.teacher.dtype)
-        if self.teacher_dtype != tc.teacher.dtype:
-            log.warning("teacher.dtype %s: autocast in it does not work on %s here; the teacher runs in float32",
-                        tc.teacher.dtype, device.type)
+        self.teacher_dtype = usable_autocast_dtype(device, tc.teacher.dtype, "teacher.dtype", "teacher")
+        self.student_dtype = usable_autocast_dtype(device, cfg.precision, "precision", "student")
 
     def no_weight_decay(self, name: str, param: torch.Tensor) -> bool:
         return no_weight_decay(name, param)
@@ -237,7 +207,7 @@ class ImageKDTask(Task):
 
     @classmethod
     def student_encoders(cls, student: nn.Module) -> dict[str, nn.Module]:
-        return {"image": ViTEncoder(student.vit)}
+        return {"image": LastBlockTokens(student.vit)}
 
     @property
     def img_size(self) -> int:
@@ -261,22 +231,23 @@ class ImageKDTask(Task):
         if self.cfg.precision == "fp32":
             img = img.float()
         target = self.teacher_targets(img)
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.student_dtype):
             pred = model(img)
         # always weighted when the loader marks padding: testing for any pad would sync the GPU
         weight = (~batch["is_pad"]).to(pred.device, torch.float32) if "is_pad" in batch else None
         return {"loss": mse_over_tokens(pred, target, weight)}
 
 
-class ViTEncoder(nn.Module):
-    """The evaluation view of a ViT: images -> the last block's tokens ([CLS] first)."""
-
-    def __init__(self, vit: Data2Vec2ViT):
-        super().__init__()
-        self.vit = vit
-
-    def forward(self, img_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.vit(img_BCHW)[-1]
+def _teacher_spec(kind: str) -> TeacherSpec:
+    """The registered family of `teacher.kind`; it must give the per-block targets this task regresses."""
+    try:
+        spec = teacher_spec(kind)
+    except UserError as e:
+        raise ConfigError(f"config key 'teacher.kind': {e}") from None
+    if not spec.layer_targets:
+        raise ConfigError(f"config key 'teacher.kind': {kind!r} gives no per-block targets, which image_kd "
+                          f"regresses (kinds that do: {', '.join(k for k, s in TEACHERS.items() if s.layer_targets)})")
+    return spec
 
 
 def no_weight_decay(name: str, param: torch.Tensor) -> bool:

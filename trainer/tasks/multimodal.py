@@ -38,8 +38,8 @@ from trainer.models import beitv2 as beit
 from trainer.models import vit as d2v
 from trainer.models.smke import (ImageEncoder, SMKEStudent, TextEncoder, image_tower_from_data2vec2,
                                  load_bert_tower, log_inv, read_bert_config)
+from trainer.precision import autocast, usable_autocast_dtype
 from trainer.tasks.base import Task, default_no_weight_decay
-from trainer.tasks.image_kd import autocast
 
 
 @dataclass
@@ -243,6 +243,8 @@ class MultimodalTask(Task):
         student.kd_logit_scale.requires_grad_(t.loss.learn_kd_temperature)
         self.student = student.to(device)
         self.teacher = teacher.to(device).eval()
+        self.teacher_dtype = usable_autocast_dtype(device, t.teacher.dtype, "teacher.dtype", "teacher")
+        self.student_dtype = usable_autocast_dtype(device, cfg.precision, "precision", "student")
         self.bank = MemoryBank(t.loss.memory_bank_size, teacher.dim, device)
         # gathered teacher targets of the micro-batches since the last optimiser step
         self._pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
@@ -257,7 +259,7 @@ class MultimodalTask(Task):
     def teacher_targets(self, img_BCHW: torch.Tensor) -> torch.Tensor:
         """L2-normalised [CLS] of the teacher's last block, fp32, a normal (not inference) tensor."""
         self.teacher.eval()  # built with drop path: never let a stray .train() switch it on
-        with torch.inference_mode(), autocast(self.device, self.cfg.task_cfg.teacher.dtype):
+        with torch.inference_mode(), autocast(self.device, self.teacher_dtype):
             target = self.teacher.forward_cls(img_BCHW)
         return nn.functional.normalize(target.float(), dim=-1).clone()
 
@@ -269,7 +271,7 @@ class MultimodalTask(Task):
         # the teacher's own view when the loader cuts one (data.teacher_view), else the same image
         timg = batch.get("image_teacher", img)
         target = self.teacher_targets(timg.float() if self.cfg.precision == "fp32" else timg)
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.student_dtype):
             out = model(img, batch["input_ids"], batch["padding_mask"])
         valid = ~batch["is_pad"].to(img.device) if "is_pad" in batch else None
         log_scales = out["logit_scales"]

@@ -28,8 +28,8 @@ from trainer.errors import UserError
 from trainer.fields import between, choice
 from trainer.losses import layer_average_target
 from trainer.models.text import BertTextEncoder, attention_mask, bert_from_config, bert_student, load_bert, local_bert_config
+from trainer.precision import autocast, usable_autocast_dtype
 from trainer.tasks.base import Task, default_no_weight_decay
-from trainer.tasks.image_kd import autocast
 
 LAYER_CHOICES = ("all", "1..L")
 
@@ -172,6 +172,8 @@ class TextKDTask(Task):
         self.student = TextKDStudent(bert, self.layers).to(device)
         teacher.requires_grad_(False)
         self.teacher = teacher.to(device).eval()
+        self.teacher_dtype = usable_autocast_dtype(device, tcfg.teacher.dtype, "teacher.dtype", "teacher")
+        self.student_dtype = usable_autocast_dtype(device, cfg.precision, "precision", "student")
 
     # -- config -------------------------------------------------------------------------------
 
@@ -224,7 +226,7 @@ class TextKDTask(Task):
 
     def teacher_targets(self, ids_BT: torch.Tensor, pad_BT: torch.Tensor) -> torch.Tensor:
         self.teacher.eval()  # guards against a stray .train() on a parent module
-        with torch.inference_mode(), autocast(self.device, self.cfg.task_cfg.teacher.dtype):
+        with torch.inference_mode(), autocast(self.device, self.teacher_dtype):
             out = self.teacher(input_ids=ids_BT, attention_mask=attention_mask(pad_BT), output_hidden_states=True)
             target = hidden_state_target(out.hidden_states, self.layers)
         # inference tensors cannot be saved for backward; a clone outside the mode is a normal one
@@ -234,7 +236,7 @@ class TextKDTask(Task):
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         pad = batch["padding_mask"].to(self.device, non_blocking=True)
         target = self.teacher_targets(ids, pad)
-        with autocast(self.device, self.cfg.precision):
+        with autocast(self.device, self.student_dtype):
             pred = model(ids, pad)
         keep = ~pad
         if "is_pad" in batch:  # repeats the loader added to even out ranks count for nothing
