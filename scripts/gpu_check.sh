@@ -65,6 +65,11 @@ install_wheels() {
   else
     echo "note: no $DATA/wheels (run make gpu-check-prep and carry $DATA): CPU-path stages will skip"
   fi
+  if ! "$PY" -c "import timm" 2>/dev/null && ls "$DATA"/wheels/timm-*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
+        --find-links "$DATA/wheels" timm && echo "timm: installed from $DATA/wheels" \
+      || echo "note: timm did not install from $DATA/wheels: the multimodal stage will say so"
+  fi
 }
 
 run_all() {

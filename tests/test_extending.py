@@ -101,3 +101,14 @@ def test_the_docs_show_the_line_the_toy_adds():
     for path in ("trainer/models/registry.py", "tests/toy_teacher.py", "tests/test_extending.py",
                  "trainer/tasks/base.py", "shardify/sources/base.py", "trainer/eval/results.py"):
         assert path in page and (root / path).exists(), path
+
+
+def test_a_data2vec2_run_does_not_import_the_other_families():
+    """The registry imports a family's module when it is used: the image task with its default
+    teacher runs where timm is not installed (the bare GPU machines of the GPU check)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, trainer.tasks.image_kd, trainer.models.registry as r; "
+            "r.teacher_spec('data2vec2'); assert 'timm' not in sys.modules, 'timm imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from trainer.errors import UserError
-from trainer.models import beitv2, vit
+from trainer.models import vit
 
 
 @dataclass(frozen=True)
@@ -42,10 +42,17 @@ class TeacherSpec:
     describe: str = ""  # the file it reads, for help texts and errors
 
 
+def _beitv2_load(path, num_heads: int = 0, norm_eps: float = 0.0) -> nn.Module:
+    # imported when used: distilling a Data2Vec2 teacher needs no timm (bare GPU machines lack it)
+    from trainer.models import beitv2
+
+    return beitv2.load_teacher(path, num_heads, norm_eps)
+
+
 TEACHERS: dict[str, TeacherSpec] = {
     "data2vec2": TeacherSpec(vit.load_data2vec2, vit.LastBlockTokens, lambda t: t.shape.img_size,
                              layer_targets=True, describe="Data2Vec2 fairseq checkpoint (base_imagenet.pt)"),
-    "beitv2": TeacherSpec(beitv2.load_teacher, lambda t: t, lambda t: t.shape.img_size,
+    "beitv2": TeacherSpec(_beitv2_load, lambda t: t, lambda t: t.shape.img_size,
                           describe="BEiTv2 checkpoint in the original layout (beitv2_base_patch16_224_pt1k.pth)"),
 }
 
