@@ -23,9 +23,12 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.checkpoint import CHECKPOINT_FORMAT, Checkpointer, rng_state, set_rng_state
-from trainer.config import Config, save_config, task_class, to_dict
+from trainer.config import Config, config_text, task_class, to_dict
 from trainer.errors import UserError
 from trainer.logs import RunLogger, peak_memory_bytes
+from trainer.preflight import preflight
+from trainer.resume_check import check_resume, data_fingerprint
+from trainer.rundir import LocalStore, RunFiles
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
@@ -51,8 +54,14 @@ class Trainer:
     def __init__(self, cfg: Config, loader_factory=None):
         self.cfg = cfg
         self._init_distributed()
-        self.out_dir = Path(cfg.out_dir)
-        self._check_out_dir()
+        # every input file, before anything is built or written (`--dry-run` runs the same); a
+        # hand-made loader (benchmarks, fault injection) brings its own data
+        checked = preflight(cfg, data=loader_factory is None)
+        self.data_fingerprint = (data_fingerprint(checked.manifests, cfg.data.split)
+                                 if checked.manifests else None)
+        self.files = RunFiles(cfg.out_dir)  # local, or s3:// / gs:// (trainer/rundir.py)
+        self.out_dir = self.files.local  # where the logs are written (a staging dir when remote)
+        self.files.check()
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -94,11 +103,11 @@ class Trainer:
         self._saved_step = -1
         self.best_val: float | None = None  # lowest validation loss so far (checkpoints/best.pt)
 
-        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        ckpt_dir = cfg.checkpoint.dir or f"{cfg.out_dir.rstrip('/')}/checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, self.is_main)
         self.logger = RunLogger(self.out_dir, cfg.logging, self.is_main)
         self._resume()
-        self._prepare_out_dir(ckpt_dir)
+        self._prepare_out_dir()
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -117,24 +126,18 @@ class Trainer:
             dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
         self.is_main = self.rank == 0
 
-    def _check_out_dir(self) -> None:
-        """Fail now if out_dir cannot be a directory (an existing file on its path)."""
-        for parent in (self.out_dir, *self.out_dir.parents):
-            if parent.exists():
-                if not parent.is_dir():
-                    raise UserError(f"cannot create out_dir {self.out_dir}: {parent} is not a directory")
-                break
-
-    def _prepare_out_dir(self, ckpt_dir: Path) -> None:
+    def _prepare_out_dir(self) -> None:
         """Create the run and checkpoint directories, write the resolved config and open the logs:
         only once everything was built and the resume decision made."""
         if self.is_main:
-            for what, d in (("out_dir", self.out_dir), ("checkpoint.dir", ckpt_dir)):
+            self.files.prepare()
+            store = self.checkpointer.store
+            if isinstance(store, LocalStore):
                 try:
-                    d.mkdir(parents=True, exist_ok=True)
+                    store.dir.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
-                    raise UserError(f"cannot create {what} {d}: {e.strerror or e}") from None
-            save_config(self.cfg, self.out_dir / "config.yaml")
+                    raise UserError(f"cannot create checkpoint.dir {store.dir}: {e.strerror or e}") from None
+            self.files.write_text("config.yaml", config_text(self.cfg))
         self.logger.open(resumed_step=self.step)
 
     def _build_loader(self, factory, data_cfg):
@@ -172,6 +175,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "student_arch": self.task.student_arch(),
             "task_state": self.task.state_dict(),
+            "data": self.data_fingerprint,  # what the manifests held: a resume must read the same
             "best_val": self.best_val,
             "step": self.step,
             "total_steps": self.total_steps,
@@ -190,29 +194,40 @@ class Trainer:
         self._saved_step = self.step
         if path is not None:
             self.logger.info(f"checkpoint: {path}")
+            self.files.sync()  # a remote run's logs follow its checkpoints
 
-    def _resume_path(self) -> Path | None:
-        """Which checkpoint to start from (None: fresh), decided on rank 0's view of the files."""
+    def _resume_path(self) -> tuple[Path | str | None, dict | None]:
+        """Which checkpoint to start from (None: fresh) and, when this process already read it,
+        its state; decided on rank 0's view of the files. resume=auto (and force) takes the
+        newest checkpoint that loads, saying which newer ones it skipped and why."""
         resume = self.cfg.resume
         if not resume:
             if self.checkpointer.latest() is not None:
                 raise UserError(f"{self.checkpointer.dir} already holds checkpoints: pass resume=auto to "
                                 f"continue that run, or choose another out_dir")
-            return None
-        path = self.checkpointer.latest() if resume == "auto" else Path(resume)
-        if path is None:
-            self.logger.info(f"resume=auto: no checkpoint in {self.checkpointer.dir}, starting fresh")
-        elif not path.is_file():
-            raise UserError(f"checkpoint not found: {path}")
-        return path
+            return None, None
+        if resume not in ("auto", "force"):
+            return resume, None  # an explicit file: no fallback (the user chose it)
+        candidates = self.checkpointer.list()
+        if not candidates:
+            self.logger.info(f"resume={resume}: no checkpoint in {self.checkpointer.dir}, starting fresh")
+            return None, None
+        for path in reversed(candidates):
+            try:
+                return path, Checkpointer.load(path)
+            except UserError as e:
+                self.logger.info(f"resume={resume}: skipping {path}: {e}")
+        raise UserError(f"resume={resume}: none of the {len(candidates)} checkpoint(s) in {self.checkpointer.dir} "
+                        f"can be read (the reasons are above): continue from a copy, or choose another out_dir")
 
     def _resume(self) -> None:
         # rank 0 decides and tells the others, so every rank resumes from the same file (or fails
         # with the same message) even if their view of the directory differs
         decision: list = [None]
+        state = None
         if self.is_main:
             try:
-                path = self._resume_path()
+                path, state = self._resume_path()
                 decision = [("path", None if path is None else str(path))]
             except UserError as e:
                 decision = [("error", str(e))]
@@ -223,20 +238,32 @@ class Trainer:
             raise UserError(value)
         if value is None:
             return
-        path = Path(value)
-        state = Checkpointer.load(path)
+        path = value if "://" in value else Path(value)
+        if state is None:
+            state = Checkpointer.load(path)
+        self._restore(path, state)
+
+    def _restore(self, path, state: dict) -> None:
+        """Continue from a loaded checkpoint, after checking that it is the same run."""
         if state.get("task", self.cfg.task) != self.cfg.task:
             raise UserError(f"cannot resume from {path}: it was written by task {state['task']!r}, "
                             f"this config runs {self.cfg.task!r}")
-        self.student.load_state_dict(state["model"])
+        notes = check_resume(path, state, to_dict(self.cfg), self.task.student_arch(), self.data_fingerprint,
+                             extra=type(self.task).resume_may_change, force=self.cfg.resume == "force")
+        try:
+            self.student.load_state_dict(state["model"])
+        except RuntimeError as e:  # resume=force with another shape
+            first = str(e).strip().splitlines()
+            raise UserError(f"cannot resume from {path}: its weights do not fit this student "
+                            f"({first[1].strip() if len(first) > 1 else first[0][:200]})") from None
         try:
             self.task.load_state_dict(state.get("task_state", {}))
         except ValueError as e:
             raise UserError(f"cannot resume the task state from {path}: {e}") from None
         self.best_val = state.get("best_val")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_optimizer(state)
+        if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16
+            self.scaler.load_state_dict(state["scaler"])
         try:
             self.loader.load_state_dict(state["loader"])
         except ValueError as e:  # e.g. another data.seed or changed manifests: the order would differ
@@ -248,11 +275,29 @@ class Trainer:
         else:
             # another process count: per-rank streams cannot carry over; derive fresh ones
             torch.manual_seed(self.cfg.seed + 1000 * self.step + self.rank)
+        for note in notes:
+            self.logger.info(note)
         if state["total_steps"] != self.total_steps:
             self.logger.info(f"resume: the run had {state['total_steps']} steps in total, now {self.total_steps}"
                              f" (different global batch or data?): the schedule follows the new total")
         self.logger.info(f"resumed from {path} at step {self.step} (saved by {state['world_size']} "
                          f"process(es), now {self.world_size})")
+
+    def _load_optimizer(self, state: dict) -> None:
+        """The optimiser's moments and the schedule's position from the checkpoint; its
+        hyper-parameters (lr, weight decay, betas, eps) from this config, with the lr scaled to
+        this run's total batch and the schedule recomputed from that base lr."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, fresh):
+            group.update(hyper)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = [g["initial_lr"] for g in fresh]
+        lrs = [base * factor(self.scheduler.last_epoch)
+               for base, factor in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs  # what get_last_lr() reports (and the log shows)
 
     # -- training -------------------------------------------------------------------------
 
@@ -295,6 +340,10 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg
+        if self.step >= self.total_steps:  # a resume of a finished run: nothing to train or validate
+            self.logger.info(f"the run is finished: step {self.step} of {self.total_steps} (raise "
+                             f"schedule.max_steps or schedule.epochs to train on)")
+            return
         accum = cfg.schedule.grad_accum
         log_every, ckpt_every = cfg.logging.every_steps, cfg.checkpoint.every_steps
         val_every = cfg.validation.every_steps if self.val_loader is not None else 0
@@ -389,5 +438,8 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        if self.is_main:
+            self.files.sync()
+        self.files.close()
         if self.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
