@@ -296,6 +296,9 @@ def build_config(merged: dict) -> Config:
     cfg = _build(Config, {k: v for k, v in merged.items() if k in core_fields})
     if cls.config_class is not None:
         cfg.task_cfg = _build(cls.config_class, {k: v for k, v in merged.items() if k in task_fields})
+    from trainer.preflight import check_local_kinds
+
+    check_local_kinds(cfg, cls)  # before the task's checks, which read the manifests as its kind
     cls.check_config(cfg)
     return cfg
 

@@ -100,6 +100,23 @@ def check_kind(doc: dict, where: str, kind: str, who: str, extra: tuple[str, ...
                         f"{', '.join(sorted(fields)) or 'none'}: {who} needs {what}")
 
 
+def check_local_kinds(cfg, task) -> None:
+    """The kind check alone, for the manifests that are local files (cheap: one small JSON read
+    each); load_config runs it, so a task's own checks never read shards of another kind.
+    Missing or unreadable manifests are left to the pre-flight."""
+    for i, given in enumerate(cfg.data.manifests):
+        if scheme_of(given) or not os.path.isfile(os.path.expanduser(manifest_path(given))):
+            continue
+        try:
+            with open(os.path.expanduser(manifest_path(given)), encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("fields"), list):
+            check_kind(doc, f"config key 'data.manifests[{i}]': {manifest_path(given)}", task.data_kind,
+                       f"task {cfg.task!r}")
+
+
 def _check_split(m: Manifest, split: str, what: str) -> None:
     splits = m.doc["splits"]
     if split not in splits:
