@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trainer.errors import UserError
-from trainer.rundir import LocalStore, open_store, scheme_of
+from trainer.rundir import LocalStore, RemoteStore, check_bucket, open_store, scheme_of
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 CHECKPOINT_FORMAT = 2  # 2: self-describing, weights_only-loadable (format 1 pickled numpy RNG state)
@@ -85,6 +85,8 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, keep_last: int, is_main: bool):
         self.store = open_store(directory, "checkpoint.dir")
+        if isinstance(self.store, RemoteStore):
+            check_bucket(self.store, "checkpoint.dir")
         self.dir = self.store.dir if isinstance(self.store, LocalStore) else self.store.url
         self.keep_last = keep_last
         self.is_main = is_main

@@ -191,6 +191,20 @@ def open_store(url: str | Path, key: str) -> Store:
     return RemoteStore(url, fs)
 
 
+def check_bucket(store: RemoteStore, key: str) -> None:
+    """One line now if the bucket of a remote store cannot be reached (missing, no credentials,
+    no endpoint), rather than a traceback at the first checkpoint."""
+    bucket = store.url.split("://", 1)[1].split("/", 1)[0]
+    try:
+        found = store.fs.exists(bucket)
+        if found:
+            store.names()
+    except (OSError, ValueError) as e:
+        raise UserError(f"config key '{key}': cannot list {store.url}: {_first_line(e)}") from None
+    if not found:
+        raise UserError(f"config key '{key}': bucket {bucket} not found (or not reachable with these credentials)")
+
+
 class RunFiles:
     """The run directory's files besides the checkpoints: config.yaml, log.jsonl, tb/.
 
@@ -214,10 +228,7 @@ class RunFiles:
         """Fail now if out_dir cannot be a directory (an existing file on its path), or if the
         bucket cannot be reached."""
         if self.remote:
-            try:
-                self.store.names()
-            except (OSError, ValueError) as e:  # no such bucket, no credentials, no endpoint
-                raise UserError(f"config key 'out_dir': cannot list {self.store.url}: {_first_line(e)}") from None
+            check_bucket(self.store, "out_dir")
             return
         for parent in (self.local, *self.local.parents):
             if parent.exists():
