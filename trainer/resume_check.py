@@ -76,9 +76,9 @@ def config_differences(old: dict, new: dict, extra: tuple[str, ...] = ()) -> lis
     return out
 
 
-def data_differences(old: list[dict] | None, new: list[dict], old_paths: list, new_paths: list) -> list[str]:
+def data_differences(old: list[dict] | None, new: list[dict] | None, old_paths: list, new_paths: list) -> list[str]:
     """What changed in the data: manifests added, removed, reordered, or a shard's content."""
-    if old is None:  # a checkpoint from before fingerprints: compare the configured paths
+    if old is None or new is None:  # a checkpoint from before fingerprints, or a hand-made loader: the paths
         if list(old_paths) != list(new_paths):
             return [f"config key 'data.manifests' was {_short(list(old_paths))}, now {_short(list(new_paths))}"]
         return []
@@ -111,7 +111,7 @@ def data_differences(old: list[dict] | None, new: list[dict], old_paths: list, n
     return []
 
 
-def check_resume(path, state: dict, new_config: dict, new_arch: dict, fingerprint: list[dict],
+def check_resume(path, state: dict, new_config: dict, new_arch: dict, fingerprint: list[dict] | None,
                  extra: tuple[str, ...] = (), force: bool = False) -> list[str]:
     """Refuse (UserError, one line) a resume from `state` that would change the run, unless
     `force`; returns the differences (to be logged) when forced, and the allowed changes."""
