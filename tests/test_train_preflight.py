@@ -55,7 +55,8 @@ def test_dry_run_of_image_kd_checks_teacher_manifests_shards_and_splits(tmp_path
     assert err == ["pre-flight: 1 manifest(s) of the right kind, every input file present"]
     shards = tmp_path / "shards"
     cases = [
-        (["teacher.checkpoint=/nonexistent/t.pt"], "error: config key 'teacher.checkpoint': file not found: /nonexistent/t.pt"),
+        (["teacher.checkpoint=/nonexistent/t.pt"],
+         "error: config key 'teacher.checkpoint': file not found: /nonexistent/t.pt"),
         ([f"data.manifests=[{tmp_path / 'nope'}]"], "error: config key 'data.manifests[0]': manifest not found: "),
         (["data.val_split=validation"], "error: config key 'data.val_split': split 'validation' not in manifest"),
     ]
@@ -64,7 +65,8 @@ def test_dry_run_of_image_kd_checks_teacher_manifests_shards_and_splits(tmp_path
         assert code == 2 and len(err) == 1 and err[0].startswith(message), (extra, err)
     (shards / "train-000002.tar").unlink()
     code, err, _ = dry_run(args, capsys)
-    assert code == 2 and err == [f"error: config key 'data.manifests[0]': shard not found: {shards / 'train-000002.tar'} "
+    missing = shards / "train-000002.tar"
+    assert code == 2 and err == [f"error: config key 'data.manifests[0]': shard not found: {missing} "
                                  f"(listed in {shards / 'manifest.json'})"]
     assert not (tmp_path / "run").exists()
 
