@@ -65,14 +65,16 @@ def _short(v) -> str:
 
 
 def config_differences(old: dict, new: dict, extra: tuple[str, ...] = ()) -> list[str]:
-    """One line per key that differs and may not change, in key order."""
+    """One line per key that differs and may not change, in key order. Keys only one side has
+    (an option a newer version added or removed) are not compared: the checkpoint cannot say
+    what the run used for them."""
     a, b = flatten(old), flatten(new)
     out = []
-    for key in sorted(set(a) | set(b)):
+    for key in sorted(set(a) & set(b)):
         if may_change(key, extra) or any(key == c or key.startswith(c + "[") for c in BY_CONTENT):
             continue
-        if a.get(key, "<unset>") != b.get(key, "<unset>"):
-            out.append(f"config key '{key}' was {_short(a.get(key, '<unset>'))}, now {_short(b.get(key, '<unset>'))}")
+        if a[key] != b[key]:
+            out.append(f"config key '{key}' was {_short(a[key])}, now {_short(b[key])}")
     return out
 
 
