@@ -238,3 +238,28 @@ def test_checkpoints_record_what_the_manifests_held(tmp_path):
     assert [s[0] for s in fp["shards"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar",
                                             "train-000003.tar"]
     assert sum(s[1] for s in fp["shards"]) == 32
+
+
+def test_the_rule_key_by_key():
+    from trainer.resume_check import config_differences, data_differences
+
+    old = {"task": "image_kd", "optim": {"lr": 1e-3}, "student": {"depth": 6}, "data": {"seed": 0, "manifests": ["a"]},
+           "schedule": {"max_steps": 10, "grad_accum": 1}, "teacher": {"dtype": "float16", "checkpoint": "t.pt"}}
+    new = {"task": "image_kd", "optim": {"lr": 2e-3}, "student": {"depth": 6}, "data": {"seed": 0, "manifests": ["b"]},
+           "schedule": {"max_steps": 20, "grad_accum": 2}, "teacher": {"dtype": "float32", "checkpoint": "t.pt"},
+           "loss": {"new_option": 1}}  # an option a newer version added: not compared
+    assert config_differences(old, new) == []
+    new["data"]["seed"], new["teacher"]["checkpoint"] = 1, "other.pt"
+    assert config_differences(old, new) == ["config key 'data.seed' was 0, now 1",
+                                            "config key 'teacher.checkpoint' was 't.pt', now 'other.pt'"]
+    fp = [{"manifest": "/x/a.json", "dataset": "d", "split": "train", "shards": [["s0.tar", 5, "aa"]]},
+          {"manifest": "/x/b.json", "dataset": "e", "split": "train", "shards": [["s0.tar", 5, "bb"]]}]
+    moved = [dict(f, manifest="/y" + f["manifest"][2:]) for f in fp]
+    assert data_differences(fp, moved, ["/x/a", "/x/b"], ["/y/a", "/y/b"]) == []
+    assert "(reordered)" in data_differences(fp, fp[::-1], ["/x/a", "/x/b"], ["/x/b", "/x/a"])[0]
+    assert "(another list)" in data_differences(fp, fp[:1], ["/x/a", "/x/b"], ["/x/a"])[0]
+    grown = [fp[0], dict(fp[1], shards=fp[1]["shards"] + [["s1.tar", 5, "cc"]])]
+    assert data_differences(fp, grown, [], [])[0].endswith("shard s1.tar is new (1 shards before, 2 now)")
+    # checkpoints from before fingerprints: the configured paths
+    assert data_differences(None, fp, ["/x/a", "/x/b"], ["/x/a", "/x/b"]) == []
+    assert data_differences(None, fp, ["/x/a"], ["/x/a", "/x/b"]) != []
