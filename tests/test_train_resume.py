@@ -263,3 +263,26 @@ def test_the_rule_key_by_key():
     # checkpoints from before fingerprints: the configured paths
     assert data_differences(None, fp, ["/x/a", "/x/b"], ["/x/a", "/x/b"]) == []
     assert data_differences(None, fp, ["/x/a"], ["/x/a", "/x/b"]) != []
+
+
+@pytest.mark.slow
+def test_resumed_on_two_processes_the_lr_follows_the_new_total_batch(tmp_path):
+    """The issue's case: a 1-process run continued by 2 gloo processes with the same per-process
+    batch; the total batch doubles, and so does the lr from the resumed step on."""
+    from tests.test_train_ddp import torchrun
+    from tests.train_fixtures import train_in_process
+    from trainer.loop import cosine_with_warmup
+
+    teacher = make_teacher(tmp_path / "teacher.pt")
+    lr = {"optim.scale_lr": True, "optim.lr": 1e-3}
+    train_in_process(DEMO_CONFIG, tiny_overrides(tmp_path / "one", teacher, **lr))
+    step4 = tmp_path / "one" / "run" / "checkpoints" / "step_00000004.pt"
+    same_data = {"data.manifests": f"[{tmp_path / 'one' / 'shards'}]"}
+    r = torchrun(2, tiny_overrides(tmp_path / "two", teacher, resume=str(step4), **lr, **same_data))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "at step 4 (saved by 1 process(es), now 2)" in r.stderr and "global batch 16, lr 6.250e-05" in r.stderr
+    factor = cosine_with_warmup(2, 8, 0.0)
+    logged = [json.loads(x) for x in (tmp_path / "two" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in logged] == [6, 8]
+    for x in logged:
+        assert x["lr"] == pytest.approx(1e-3 * 16 / 256 * factor(x["step"]), rel=1e-6)
