@@ -52,7 +52,7 @@ def test_dry_run_of_image_kd_checks_teacher_manifests_shards_and_splits(tmp_path
     args = [str(DEMO_CONFIG), *tiny_overrides(tmp_path, teacher)]
     code, err, out = dry_run(args, capsys)
     assert code == 0 and yaml.safe_load(out)["teacher"]["checkpoint"] == str(teacher)
-    assert err == ["pre-flight: 1 manifest(s) of the right kind, every input file present"]
+    assert err == ["pre-flight: 1 manifest(s) of the right kind, every input file present", "resume: a fresh run"]
     shards = tmp_path / "shards"
     cases = [
         (["teacher.checkpoint=/nonexistent/t.pt"],

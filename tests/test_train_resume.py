@@ -286,3 +286,27 @@ def test_resumed_on_two_processes_the_lr_follows_the_new_total_batch(tmp_path):
     assert [x["step"] for x in logged] == [6, 8]
     for x in logged:
         assert x["lr"] == pytest.approx(1e-3 * 16 / 256 * factor(x["step"]), rel=1e-6)
+
+
+def test_dry_run_says_whether_and_from_where_the_run_would_resume(tmp_path, capsys):
+    train(toy_args(tmp_path))
+    before = snapshot(tmp_path / "run")
+    capsys.readouterr()
+
+    def dry(*extra):
+        try:
+            main(["train", *toy_args(tmp_path), *extra, "--dry-run"])
+        except SystemExit as e:
+            return e.code, capsys.readouterr().err.strip().splitlines()
+        return 0, capsys.readouterr().err.strip().splitlines()
+
+    code, err = dry("resume=auto", "optim.lr=0.05", "schedule.max_steps=8")
+    assert code == 0 and err[-2:] == ["resume: changed since the checkpoint: optim.lr, schedule.max_steps",
+                                      f"resume: from {ckpt(tmp_path, 4)} at step 4"]
+    code, err = dry("resume=auto", "toy.width=8")
+    assert code == 2 and err[-1].startswith(f"error: cannot resume from {ckpt(tmp_path, 4)}: config key "
+                                            f"'toy.width' was 4, now 8")
+    code, err = dry()
+    assert code == 2 and err[-1].endswith("already holds checkpoints: pass resume=auto to continue that run, "
+                                          "or choose another out_dir")
+    assert snapshot(tmp_path / "run") == before

@@ -55,15 +55,18 @@ def exit_without_teardown() -> None:
 
 def resolved_config_yaml(config_path: str, overrides: list[str]) -> str:
     """The resolved, checked config as YAML after the run's pre-flight (every input file and the
-    kind of every manifest, trainer/preflight.py): no model is built, no shard is read, nothing
-    is written."""
+    kind of every manifest, trainer/preflight.py) and its resume decision and check
+    (trainer/resume_check.py): no model is built, no shard is read, nothing is written."""
     from trainer.config import config_text, load_config
     from trainer.preflight import preflight
+
+    from trainer.resume_check import dry_run_resume
 
     cfg = load_config(config_path, overrides)
     checked = preflight(cfg)
     click.echo(f"pre-flight: {len(checked.manifests)} manifest(s) of the right kind, every input file present",
                err=True)
+    dry_run_resume(cfg, checked, lambda msg: click.echo(msg, err=True))  # would the run resume, and from where
     return config_text(cfg)
 
 

@@ -27,7 +27,7 @@ from trainer.config import Config, config_text, task_class, to_dict
 from trainer.errors import UserError
 from trainer.logs import RunLogger, peak_memory_bytes
 from trainer.preflight import preflight
-from trainer.resume_check import check_resume, data_fingerprint
+from trainer.resume_check import check_resume, choose_checkpoint, data_fingerprint
 from trainer.rundir import LocalStore, RunFiles
 
 
@@ -198,27 +198,8 @@ class Trainer:
 
     def _resume_path(self) -> tuple[Path | str | None, dict | None]:
         """Which checkpoint to start from (None: fresh) and, when this process already read it,
-        its state; decided on rank 0's view of the files. resume=auto (and force) takes the
-        newest checkpoint that loads, saying which newer ones it skipped and why."""
-        resume = self.cfg.resume
-        if not resume:
-            if self.checkpointer.latest() is not None:
-                raise UserError(f"{self.checkpointer.dir} already holds checkpoints: pass resume=auto to "
-                                f"continue that run, or choose another out_dir")
-            return None, None
-        if resume not in ("auto", "force"):
-            return resume, None  # an explicit file: no fallback (the user chose it)
-        candidates = self.checkpointer.list()
-        if not candidates:
-            self.logger.info(f"resume={resume}: no checkpoint in {self.checkpointer.dir}, starting fresh")
-            return None, None
-        for path in reversed(candidates):
-            try:
-                return path, Checkpointer.load(path)
-            except UserError as e:
-                self.logger.info(f"resume={resume}: skipping {path}: {e}")
-        raise UserError(f"resume={resume}: none of the {len(candidates)} checkpoint(s) in {self.checkpointer.dir} "
-                        f"can be read (the reasons are above): continue from a copy, or choose another out_dir")
+        its state; decided on rank 0's view of the files (trainer/resume_check.py)."""
+        return choose_checkpoint(self.checkpointer, self.cfg.resume, self.logger.info)
 
     def _resume(self) -> None:
         # rank 0 decides and tells the others, so every rank resumes from the same file (or fails

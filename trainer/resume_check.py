@@ -18,6 +18,8 @@ lines (the model's shape must still fit its weights).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from trainer.errors import UserError
 
 # dotted keys (or section prefixes ending in ".") a resume may change
@@ -138,3 +140,56 @@ def check_resume(path, state: dict, new_config: dict, new_arch: dict, fingerprin
     if changed:
         notes.append(f"resume: changed since the checkpoint: {', '.join(changed)}")
     return notes
+
+
+def choose_checkpoint(checkpointer, resume: str, say: Callable[[str], None]) -> tuple[object, dict | None]:
+    """(path, its state when already read) of the checkpoint a run with `resume` starts from, or
+    (None, None) for a fresh start. resume=auto (and force) takes the newest checkpoint that
+    loads, saying through `say` which newer ones it skipped and why; an explicit path is taken
+    as it is (no fallback: the user chose it). A fresh run refuses a directory with checkpoints."""
+    from trainer.checkpoint import Checkpointer
+
+    if not resume:
+        if checkpointer.latest() is not None:
+            raise UserError(f"{checkpointer.dir} already holds checkpoints: pass resume=auto to "
+                            f"continue that run, or choose another out_dir")
+        return None, None
+    if resume not in ("auto", "force"):
+        return resume, None
+    candidates = checkpointer.list()
+    if not candidates:
+        say(f"resume={resume}: no checkpoint in {checkpointer.dir}, starting fresh")
+        return None, None
+    for path in reversed(candidates):
+        try:
+            return path, Checkpointer.load(path)
+        except UserError as e:
+            say(f"resume={resume}: skipping {path}: {e}")
+    raise UserError(f"resume={resume}: none of the {len(candidates)} checkpoint(s) in {checkpointer.dir} "
+                    f"can be read (the reasons are above): continue from a copy, or choose another out_dir")
+
+
+def dry_run_resume(cfg, checked, say: Callable[[str], None]) -> None:
+    """The resume decision and check of a run, without building it (`--dry-run`): which
+    checkpoint it would start from and whether that resume is allowed (the student's shape is
+    compared through the config keys that make it)."""
+    from trainer.checkpoint import Checkpointer
+    from trainer.config import task_class, to_dict
+
+    ckpt_dir = cfg.checkpoint.dir or f"{cfg.out_dir.rstrip('/')}/checkpoints"
+    checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, is_main=False)
+    path, state = choose_checkpoint(checkpointer, cfg.resume, say)
+    if path is None:
+        say("resume: a fresh run" if not cfg.resume else "resume: nothing to resume, a fresh run")
+        return
+    if state is None:
+        state = Checkpointer.load(path)
+    if state.get("task", cfg.task) != cfg.task:
+        raise UserError(f"cannot resume from {path}: it was written by task {state['task']!r}, "
+                        f"this config runs {cfg.task!r}")
+    fingerprint = data_fingerprint(checked.manifests, cfg.data.split) if checked.manifests else None
+    notes = check_resume(path, state, to_dict(cfg), state.get("student_arch") or {}, fingerprint,
+                         extra=task_class(cfg.task).resume_may_change, force=cfg.resume == "force")
+    for note in notes:
+        say(note)
+    say(f"resume: from {path} at step {state.get('step')}")
