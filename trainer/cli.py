@@ -59,7 +59,6 @@ def resolved_config_yaml(config_path: str, overrides: list[str]) -> str:
     (trainer/resume_check.py): no model is built, no shard is read, nothing is written."""
     from trainer.config import config_text, load_config
     from trainer.preflight import preflight
-
     from trainer.resume_check import dry_run_resume
 
     cfg = load_config(config_path, overrides)
