@@ -102,9 +102,10 @@ def test_dry_run_prints_the_resolved_config_and_builds_nothing(tmp_path, capsys)
     assert printed["toy"] == {"width": 4, "pool": "max", "l1_weight": 0.5} and printed["task"] == TOY
     assert printed["validation"] == {"every_steps": 0, "max_batches": 0}
     assert not (tmp_path / "run").exists()
-    # image_kd: no teacher is read by a dry run, but an empty teacher path is a config error
-    main(["train", str(DEMO_CONFIG), "teacher.checkpoint=/nonexistent/t.pt", "--dry-run"])
-    assert yaml.safe_load(capsys.readouterr().out)["teacher"]["checkpoint"] == "/nonexistent/t.pt"
+    # image_kd: the dry run is the pre-flight: a missing teacher file is one line (test_train_preflight.py)
+    with pytest.raises(SystemExit):
+        main(["train", str(DEMO_CONFIG), "teacher.checkpoint=/nonexistent/t.pt", "--dry-run"])
+    assert "error: config key 'teacher.checkpoint': file not found: /nonexistent/t.pt" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", str(DEMO_CONFIG), "teacher.checkpoint=", "--dry-run"])
     assert "error: config key 'teacher.checkpoint' is empty" in capsys.readouterr().err

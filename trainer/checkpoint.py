@@ -15,7 +15,9 @@ containers only, so loading a checkpoint someone sent never runs code from its p
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 import random
 import re
 from pathlib import Path
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from trainer.errors import UserError
+from trainer.rundir import LocalStore, RemoteStore, check_bucket, open_store, scheme_of
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 CHECKPOINT_FORMAT = 2  # 2: self-describing, weights_only-loadable (format 1 pickled numpy RNG state)
@@ -108,66 +111,91 @@ def _write_atomic(state: dict, final: Path, kept: str = "") -> None:
 
 
 class Checkpointer:
-    """Saves (rank 0 only) into `directory`, keeping the newest `keep_last` files."""
+    """Saves (rank 0 only) into `directory` (a local path, or s3:// / gs:// through
+    trainer/rundir.py), keeping the newest `keep_last` files."""
 
     def __init__(self, directory: str | Path, keep_last: int, is_main: bool):
-        self.dir = Path(directory)
+        self.store = open_store(directory, "checkpoint.dir")
+        if isinstance(self.store, RemoteStore):
+            check_bucket(self.store, "checkpoint.dir")
+        self.dir = self.store.dir if isinstance(self.store, LocalStore) else self.store.url
         self.keep_last = keep_last
         self.is_main = is_main
 
-    def path_for(self, step: int) -> Path:
-        return self.dir / f"step_{step:08d}.pt"
+    def path_for(self, step: int) -> Path | str:
+        return self.store.path(f"step_{step:08d}.pt")
 
-    def list(self) -> list[Path]:
+    def list(self) -> list[Path | str]:
         """Complete checkpoints, oldest first (temporary files are never listed)."""
-        if not self.dir.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
-        return [p for _, p in sorted(found)]
+        found = [(int(m.group(1)), n) for n in self.store.names() if (m := _NAME.match(n))]
+        return [self.store.path(n) for _, n in sorted(found)]
 
-    def latest(self) -> Path | None:
+    def latest(self) -> Path | str | None:
         ckpts = self.list()
         return ckpts[-1] if ckpts else None
 
-    def save(self, state: dict, step: int) -> Path | None:
+    def _write(self, state: dict, name: str) -> Path | str:
+        """Publish `name` atomically; a failed write names the file and the checkpoint kept."""
+        if self.store.remote:
+            return self.store.write(name, lambda f: torch.save(state, f))
+        prev = self.latest()
+        kept = (f" (the previous checkpoint {_basename(prev)} is kept: free space, then continue with resume=auto)"
+                if prev is not None else "")
+        try:
+            self.store.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create checkpoint directory {self.store.dir}: {e.strerror or e}") from None
+        final = self.store.path(name)
+        _write_atomic(state, final, kept)
+        return final
+
+    def save(self, state: dict, step: int) -> Path | str | None:
         if not self.is_main:
             return None
-        final = self.path_for(step)
-        self._write(state, final)
+        final = self._write(state, f"step_{step:08d}.pt")
         for old in self.list()[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+            self.store.delete(_basename(old))
         return final
 
     @property
-    def best_path(self) -> Path:
-        return self.dir / BEST_NAME
+    def best_path(self) -> Path | str:
+        return self.store.path(BEST_NAME)
 
-    def save_best(self, state: dict) -> Path | None:
+    def save_best(self, state: dict) -> Path | str | None:
         """Replace best.pt (kept whatever keep_last says)."""
         if not self.is_main:
             return None
-        self._write(state, self.best_path)
-        return self.best_path
-
-    def _write(self, state: dict, final: Path) -> None:
-        prev = self.latest()
-        kept = (f" (the previous checkpoint {prev.name} is kept: free space, then continue with resume=auto)"
-                if prev is not None else "")
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create checkpoint directory {self.dir}: {e.strerror or e}") from None
-        _write_atomic(state, final, kept)
+        return self._write(state, BEST_NAME)
 
     @staticmethod
     def load(path: str | Path) -> dict:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"checkpoint not found: {p}")
+        """The checkpoint at `path` (local or remote), read safely; a UserError saying what is
+        wrong with it otherwise (missing, damaged, or from an older format)."""
+        url = str(path)
+        try:
+            if scheme_of(url):
+                store = open_store(url.rsplit("/", 1)[0], "resume")
+                name = _basename(url)
+                if not store.exists(name):
+                    raise UserError(f"checkpoint not found: {url}")
+                source = io.BytesIO(store.read(name))
+            else:
+                source = Path(url)
+                if not source.is_file():
+                    raise UserError(f"checkpoint not found: {source}")
+        except OSError as e:
+            raise UserError(f"checkpoint {url} could not be read: {e}") from None
         try:
             # weights_only: tensors and containers only, never code from the file's pickle
-            return torch.load(p, map_location="cpu", weights_only=True)
+            return torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            raise UserError(f"checkpoint {p} could not be read safely ({type(e).__name__}: {first[:300]}); "
-                            f"checkpoints from before format {CHECKPOINT_FORMAT} cannot be resumed") from None
+            why = f"({type(e).__name__}: {first[:300]})"
+            if isinstance(e, pickle.UnpicklingError) and "weights only" in first.lower():
+                raise UserError(f"checkpoint {url} could not be read safely {why}; checkpoints from before "
+                                f"format {CHECKPOINT_FORMAT} cannot be resumed") from None
+            raise UserError(f"checkpoint {url} is damaged or not a checkpoint {why}") from None
+
+
+def _basename(path: Path | str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]

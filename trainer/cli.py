@@ -71,12 +71,19 @@ def exit_without_teardown(code: int = 0) -> None:
 
 
 def resolved_config_yaml(config_path: str, overrides: list[str]) -> str:
-    """The resolved, checked config as YAML: no model is built and no data is read."""
-    import yaml
+    """The resolved, checked config as YAML after the run's pre-flight (every input file and the
+    kind of every manifest, trainer/preflight.py) and its resume decision and check
+    (trainer/resume_check.py): no model is built, no shard is read, nothing is written."""
+    from trainer.config import config_text, load_config
+    from trainer.preflight import preflight
+    from trainer.resume_check import dry_run_resume
 
-    from trainer.config import load_config, to_dict
-
-    return yaml.safe_dump(to_dict(load_config(config_path, overrides)), sort_keys=False)
+    cfg = load_config(config_path, overrides)
+    checked = preflight(cfg)
+    click.echo(f"pre-flight: {len(checked.manifests)} manifest(s) of the right kind, every input file present",
+               err=True)
+    dry_run_resume(cfg, checked, lambda msg: click.echo(msg, err=True))  # would the run resume, and from where
+    return config_text(cfg)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -87,7 +94,8 @@ def cli() -> None:
 @cli.command("train", context_settings={"ignore_unknown_options": True, "help_option_names": ["-h", "--help"]})
 @click.argument("config", type=str)
 @click.argument("overrides", nargs=-1, type=str)
-@click.option("--dry-run", is_flag=True, help="resolve and check the whole config, print it, and stop")
+@click.option("--dry-run", is_flag=True,
+              help="resolve and check the whole config and every input file (the pre-flight), print it, and stop")
 def train_cmd(config: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Train with CONFIG (YAML) and key=value overrides (resume=auto to continue a run).
 

@@ -94,8 +94,10 @@ class Config:
     loaded into `task_cfg`, an instance of the task's `config_class`."""
 
     task: str = "image_kd"  # a registered task (trainer/tasks/__init__.py) or "module:Class"
-    out_dir: str = "runs/image_kd"  # run directory: resolved config, logs, checkpoints
-    resume: str = ""  # "": fresh run (refuses a run dir with checkpoints); "auto": latest if any; or a path
+    out_dir: str = "runs/image_kd"  # run directory (local, s3:// or gs://): resolved config, logs, checkpoints
+    # "": fresh run (refuses a run dir with checkpoints); "auto": the newest readable checkpoint if
+    # any; "force": auto, but a changed meaning is logged instead of refused; or a checkpoint path
+    resume: str = ""
     seed: int = 0  # model init and RNG (data order is data.seed)
     device: str = field(default="auto", metadata=_choice("auto", "cpu", "cuda"))
     precision: str = field(default="bf16", metadata=_choice("bf16", "fp16", "fp32"))  # student autocast
@@ -294,10 +296,18 @@ def build_config(merged: dict) -> Config:
     cfg = _build(Config, {k: v for k, v in merged.items() if k in core_fields})
     if cls.config_class is not None:
         cfg.task_cfg = _build(cls.config_class, {k: v for k, v in merged.items() if k in task_fields})
+    from trainer.preflight import check_local_kinds
+
+    check_local_kinds(cfg, cls)  # before the task's checks, which read the manifests as its kind
     cls.check_config(cfg)
     return cfg
 
 
+def config_text(cfg: Config) -> str:
+    """The resolved config as YAML; `load_config` of it gives back the same Config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config; `load_config(path)` gives back the same Config."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(config_text(cfg))

@@ -23,9 +23,12 @@ import torch.distributed as dist
 from torch import nn
 
 from trainer.checkpoint import CHECKPOINT_FORMAT, Checkpointer, rng_state, set_rng_state
-from trainer.config import Config, save_config, task_class, to_dict
+from trainer.config import Config, config_text, task_class, to_dict
 from trainer.errors import UserError
 from trainer.logs import RunLogger, peak_memory_bytes
+from trainer.preflight import preflight
+from trainer.resume_check import check_resume, choose_checkpoint, data_fingerprint
+from trainer.rundir import LocalStore, RunFiles
 from trainer.runlock import RunLock, remove_stale_tmp
 from trainer.signals import STOPPED_EXIT_CODE, GracefulStop
 
@@ -60,8 +63,14 @@ class Trainer:
         self.stop = stop or GracefulStop(verbose=self.is_main)
         self.stopped: str | None = None
         self.run_lock: RunLock | None = None  # rank 0 holds out_dir's lock from _prepare_out_dir to close()
-        self.out_dir = Path(cfg.out_dir)
-        self._check_out_dir()
+        # every input file, before anything is built or written (`--dry-run` runs the same); a
+        # hand-made loader (benchmarks, fault injection) brings its own data
+        checked = preflight(cfg, data=loader_factory is None)
+        self.data_fingerprint = (data_fingerprint(checked.manifests, cfg.data.split)
+                                 if checked.manifests else None)
+        self.files = RunFiles(cfg.out_dir)  # local, or s3:// / gs:// (trainer/rundir.py)
+        self.out_dir = self.files.local  # where the logs are written (a staging dir when remote)
+        self.files.check()
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -103,11 +112,11 @@ class Trainer:
         self._saved_step = -1
         self.best_val: float | None = None  # lowest validation loss so far (checkpoints/best.pt)
 
-        ckpt_dir = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.out_dir / "checkpoints"
+        ckpt_dir = cfg.checkpoint.dir or f"{cfg.out_dir.rstrip('/')}/checkpoints"
         self.checkpointer = Checkpointer(ckpt_dir, cfg.checkpoint.keep_last, self.is_main)
         self.logger = RunLogger(self.out_dir, cfg.logging, self.is_main)
         self._resume()
-        self._prepare_out_dir(ckpt_dir)
+        self._prepare_out_dir()
 
     # -- setup ------------------------------------------------------------------------------
 
@@ -131,43 +140,38 @@ class Trainer:
             self._vote_group = dist.new_group(backend="gloo")
         self.is_main = self.rank == 0
 
-    def _check_out_dir(self) -> None:
-        """Fail now if out_dir cannot be a directory (an existing file on its path)."""
-        for parent in (self.out_dir, *self.out_dir.parents):
-            if parent.exists():
-                if not parent.is_dir():
-                    raise UserError(f"cannot create out_dir {self.out_dir}: {parent} is not a directory")
-                break
-
-    def _prepare_out_dir(self, ckpt_dir: Path) -> None:
+    def _prepare_out_dir(self) -> None:
         """Take the run lock, create the run and checkpoint directories, remove stale temporary
         files, write the resolved config and open the logs: only once everything was built and
         the resume decision made. Rank 0 does it; every rank gets its one-line error."""
         error = None
         if self.is_main:
             try:
-                self._claim_out_dir(ckpt_dir)
+                self._claim_out_dir()
             except UserError as e:
                 error = str(e)
         error = self._from_main(error)
         if error:
             raise UserError(error)
 
-    def _claim_out_dir(self, ckpt_dir: Path) -> None:
-        if "://" not in str(self.cfg.out_dir):  # a local directory: one run at a time (trainer/runlock.py)
+    def _claim_out_dir(self) -> None:
+        if not self.files.remote:  # a local directory: one run at a time (trainer/runlock.py)
             self.run_lock = RunLock(self.out_dir).acquire()
         try:
-            for what, d in (("out_dir", self.out_dir), ("checkpoint.dir", ckpt_dir)):
+            self.files.prepare()
+            store = self.checkpointer.store
+            if isinstance(store, LocalStore):
                 try:
-                    d.mkdir(parents=True, exist_ok=True)
+                    store.dir.mkdir(parents=True, exist_ok=True)
                 except OSError as e:
-                    raise UserError(f"cannot create {what} {d}: {e.strerror or e}") from None
-            stale = remove_stale_tmp(self.out_dir, ckpt_dir)
-            if stale:
-                self.logger.info(f"removed {len(stale)} temporary file(s) left by killed writers ("
-                                 f"{sum(n for _, n in stale) / 2**20:.1f} MiB): {', '.join(p.name for p, _ in stale)}")
+                    raise UserError(f"cannot create checkpoint.dir {store.dir}: {e.strerror or e}") from None
+                stale = remove_stale_tmp(self.out_dir, store.dir)
+                if stale:
+                    self.logger.info(f"removed {len(stale)} temporary file(s) left by killed writers ("
+                                     f"{sum(n for _, n in stale) / 2**20:.1f} MiB): "
+                                     f"{', '.join(p.name for p, _ in stale)}")
             try:
-                save_config(self.cfg, self.out_dir / "config.yaml")
+                self.files.write_text("config.yaml", config_text(self.cfg))
                 self.logger.open(resumed_step=self.step)
             except OSError as e:
                 raise UserError(f"cannot write {e.filename or self.out_dir}: {e.strerror or e}") from None
@@ -211,6 +215,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "student_arch": self.task.student_arch(),
             "task_state": self.task.state_dict(),
+            "data": self.data_fingerprint,  # what the manifests held: a resume must read the same
             "best_val": self.best_val,
             "step": self.step,
             "total_steps": self.total_steps,
@@ -254,29 +259,21 @@ class Trainer:
         self._saved_step = self.step
         if path is not None:
             self.logger.info(f"checkpoint: {path}")
+            self.files.sync()  # a remote run's logs follow its checkpoints
 
-    def _resume_path(self) -> Path | None:
-        """Which checkpoint to start from (None: fresh), decided on rank 0's view of the files."""
-        resume = self.cfg.resume
-        if not resume:
-            if self.checkpointer.latest() is not None:
-                raise UserError(f"{self.checkpointer.dir} already holds checkpoints: pass resume=auto to "
-                                f"continue that run, or choose another out_dir")
-            return None
-        path = self.checkpointer.latest() if resume == "auto" else Path(resume)
-        if path is None:
-            self.logger.info(f"resume=auto: no checkpoint in {self.checkpointer.dir}, starting fresh")
-        elif not path.is_file():
-            raise UserError(f"checkpoint not found: {path}")
-        return path
+    def _resume_path(self) -> tuple[Path | str | None, dict | None]:
+        """Which checkpoint to start from (None: fresh) and, when this process already read it,
+        its state; decided on rank 0's view of the files (trainer/resume_check.py)."""
+        return choose_checkpoint(self.checkpointer, self.cfg.resume, self.logger.info)
 
     def _resume(self) -> None:
         # rank 0 decides and tells the others, so every rank resumes from the same file (or fails
         # with the same message) even if their view of the directory differs
         decision: list = [None]
+        state = None
         if self.is_main:
             try:
-                path = self._resume_path()
+                path, state = self._resume_path()
                 decision = [("path", None if path is None else str(path))]
             except UserError as e:
                 decision = [("error", str(e))]
@@ -287,20 +284,32 @@ class Trainer:
             raise UserError(value)
         if value is None:
             return
-        path = Path(value)
-        state = Checkpointer.load(path)
+        path = value if "://" in value else Path(value)
+        if state is None:
+            state = Checkpointer.load(path)
+        self._restore(path, state)
+
+    def _restore(self, path, state: dict) -> None:
+        """Continue from a loaded checkpoint, after checking that it is the same run."""
         if state.get("task", self.cfg.task) != self.cfg.task:
             raise UserError(f"cannot resume from {path}: it was written by task {state['task']!r}, "
                             f"this config runs {self.cfg.task!r}")
-        self.student.load_state_dict(state["model"])
+        notes = check_resume(path, state, to_dict(self.cfg), self.task.student_arch(), self.data_fingerprint,
+                             extra=type(self.task).resume_may_change, force=self.cfg.resume == "force")
+        try:
+            self.student.load_state_dict(state["model"])
+        except RuntimeError as e:  # resume=force with another shape
+            first = str(e).strip().splitlines()
+            raise UserError(f"cannot resume from {path}: its weights do not fit this student "
+                            f"({first[1].strip() if len(first) > 1 else first[0][:200]})") from None
         try:
             self.task.load_state_dict(state.get("task_state", {}))
         except ValueError as e:
             raise UserError(f"cannot resume the task state from {path}: {e}") from None
         self.best_val = state.get("best_val")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_optimizer(state)
+        if state["scaler"] and self.scaler.is_enabled():  # empty when saved without fp16
+            self.scaler.load_state_dict(state["scaler"])
         try:
             self.loader.load_state_dict(state["loader"])
         except ValueError as e:  # e.g. another data.seed or changed manifests: the order would differ
@@ -312,11 +321,29 @@ class Trainer:
         else:
             # another process count: per-rank streams cannot carry over; derive fresh ones
             torch.manual_seed(self.cfg.seed + 1000 * self.step + self.rank)
+        for note in notes:
+            self.logger.info(note)
         if state["total_steps"] != self.total_steps:
             self.logger.info(f"resume: the run had {state['total_steps']} steps in total, now {self.total_steps}"
                              f" (different global batch or data?): the schedule follows the new total")
         self.logger.info(f"resumed from {path} at step {self.step} (saved by {state['world_size']} "
                          f"process(es), now {self.world_size})")
+
+    def _load_optimizer(self, state: dict) -> None:
+        """The optimiser's moments and the schedule's position from the checkpoint; its
+        hyper-parameters (lr, weight decay, betas, eps) from this config, with the lr scaled to
+        this run's total batch and the schedule recomputed from that base lr."""
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, fresh):
+            group.update(hyper)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = [g["initial_lr"] for g in fresh]
+        lrs = [base * factor(self.scheduler.last_epoch)
+               for base, factor in zip(self.scheduler.base_lrs, self.scheduler.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs  # what get_last_lr() reports (and the log shows)
 
     # -- training -------------------------------------------------------------------------
 
@@ -387,6 +414,10 @@ class Trainer:
 
     def _train(self) -> None:
         cfg = self.cfg
+        if self.step >= self.total_steps:  # a resume of a finished run: nothing to train or validate
+            self.logger.info(f"the run is finished: step {self.step} of {self.total_steps} (raise "
+                             f"schedule.max_steps or schedule.epochs to train on)")
+            return
         accum = cfg.schedule.grad_accum
         log_every, ckpt_every = cfg.logging.every_steps, cfg.checkpoint.every_steps
         val_every = cfg.validation.every_steps if self.val_loader is not None else 0
@@ -481,6 +512,9 @@ class Trainer:
 
     def close(self) -> None:
         self.logger.close()
+        if self.is_main:
+            self.files.sync()
+        self.files.close()
         if self.run_lock is not None:
             self.run_lock.release()
         if self.world_size > 1 and dist.is_initialized():

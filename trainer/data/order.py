@@ -111,6 +111,12 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
+def _missing_fs(path: str, e: ImportError) -> str:
+    from trainer.rundir import missing_package
+
+    return missing_package(path) or str(e).strip().splitlines()[0]
+
+
 def load_source(manifest: str, split: str) -> Source:
     """Read one manifest (its path or its directory) and return the split's shard list."""
     path = manifest
@@ -120,6 +126,8 @@ def load_source(manifest: str, split: str) -> Source:
         doc = json.loads(_read_text(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"manifest not found: {path}") from None
+    except ImportError as e:  # fsspec has no implementation for the scheme installed (s3fs, gcsfs)
+        raise ValueError(f"cannot read manifest {path}: {_missing_fs(path, e)}") from None
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read manifest {path}: {e}") from None
     validate_manifest(doc, path)  # the contract's checks (a ShardifyError is a ValueError)

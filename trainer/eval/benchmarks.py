@@ -15,6 +15,7 @@ import torch
 
 from trainer.data.text import TextEncoder
 from trainer.errors import UserError
+from trainer.preflight import check_kind
 
 from .features import (FeatureCache, eval_data_config, extract_image_features, extract_pair_embeddings,
                        read_manifest)
@@ -96,7 +97,9 @@ def run_probe(model: EvalModel, model_path: str, train_shards: str, val_shards: 
     out_path = Path(out) if out else _default_out(model_path, "probe")
     cache = FeatureCache(cache_dir if cache_dir is not None else out_path.parent / "features")
     manifest = _manifest(train_shards, train_split)
-    _manifest(val_shards, val_split)
+    val_manifest = _manifest(val_shards, val_split)
+    for doc, shards in ((manifest, train_shards), (val_manifest, val_shards)):  # labelled images only
+        check_kind(doc, shards, "image", "the linear probe", extra=("cls",))
     train = _image_features(model, train_shards, train_split, cache, batch_size, workers, dev, f"{train_split} features")
     val = _image_features(model, val_shards, val_split, cache, batch_size, workers, dev, f"{val_split} features")
     C = _num_classes(manifest, train["labels"], val["labels"])

@@ -7,6 +7,11 @@ The loop (trainer/loop.py) knows no model, modality or loss. It asks the task fo
   sections, so a typo or an out-of-range value fails before anything is built.
 - `check_config(cfg)`: cross-checks of the task's sections against `cfg.data` (image size,
   tokenizer, sequence length) without building models or reading data (`--dry-run` runs it).
+- `input_files(cfg)`: the files the task reads (teacher checkpoints, model directories), which
+  the pre-flight (trainer/preflight.py) checks before a run is built; by default every
+  `checkpoint` field and every local-looking `path` field of the task's sections.
+- `resume_may_change`: keys of the task's sections a resume may change (trainer/resume_check.py;
+  every other key of the task's sections is part of what the run means).
 - `data_kind`: the loader kind it needs ("image", "text" or "image_text").
 - `student`: the trainable module; the loop optimises it, wraps it in DDP, checkpoints and
   exports it. Teachers stay outside it (never wrapped, never optimised, never saved).
@@ -54,6 +59,7 @@ class Task:
     name: ClassVar[str] = ""
     config_class: ClassVar[type | None] = None  # dataclass of the task's top-level sections
     data_kind: ClassVar[str] = "image"  # "image" | "text" | "image_text"
+    resume_may_change: ClassVar[tuple[str, ...]] = ()  # dotted keys, e.g. "teacher.dtype"
 
     student: nn.Module
 
@@ -67,6 +73,13 @@ class Task:
     def check_config(cls, cfg: Config) -> None:
         """Raise trainer.config.ConfigError (naming the dotted key) when the task's sections do
         not fit each other or cfg.data. Cheap: no models, no data."""
+
+    @classmethod
+    def input_files(cls, cfg: Config) -> list[tuple[str, str]]:
+        """(dotted config key, path) of every file the task reads, checked before a run starts."""
+        from trainer.preflight import default_input_files
+
+        return default_input_files(cfg.task_cfg)
 
     # -- training -----------------------------------------------------------------------------
 
