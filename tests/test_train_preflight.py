@@ -10,7 +10,7 @@ import tarfile
 import pytest
 import yaml
 
-from shardify.format import simple_manifest
+from shardify.manifest import simple_manifest
 from tests.train_fixtures import DEMO_CONFIG, REPO, make_teacher, tiny_overrides, write_image_shards
 from trainer.cli import main
 from trainer.config import load_config
