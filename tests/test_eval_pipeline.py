@@ -132,7 +132,7 @@ def test_probe_cli_on_a_teacher_writes_the_record_and_caches(shards, tmp_path, c
     assert m["linear_probe"]["classes_without_samples"] == 1  # class 3: train images only
     # colours separate the classes even through a random ViT: well above chance (1/3)
     assert m["knn"]["top1"] > 60 and m["top1"] > 60
-    assert "linear probe [teacher, mean] top-1" in first and "(cached)" not in first
+    assert "fast probe [teacher, mean] top-1" in first and "(cached)" not in first
     main(args + ["--pool", "cls"])
     second = capsys.readouterr().out
     assert second.count("(cached)") == 2  # both splits; --pool does not need a second pass
