@@ -89,7 +89,7 @@ def main() -> None:
     for linear in (False, True):
         clf = ImageClassifier(vit(6), 768, 1000, linear=linear)
         params = [p for p in clf.parameters() if p.requires_grad]
-        flops, sec = count_and_time(train_step(clf, lambda: clf(img), params), args.repeats)
+        flops, sec = count_and_time(train_step(clf, lambda m=clf: m(img), params), args.repeats)
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
             clf(img)
         fwd = fc.get_total_flops() / B
@@ -111,7 +111,8 @@ def main() -> None:
     flops, sec = count_and_time(train_step(towers, lambda: towers["image"](img)[:, 0].sum()
                                            + towers["text"](input_ids=cap).last_hidden_state[:, 0].sum()),
                                 args.repeats)
-    for name, pairs in (("retrieval-finetune COCO (566k pairs)", 566_747), ("retrieval-finetune Flickr30k (145k)", 145_000)):
+    for name, pairs in (("retrieval-finetune COCO (566k pairs)", 566_747),
+                        ("retrieval-finetune Flickr30k (145k)", 145_000)):
         rows.append((name, flops / B, sec / B, 20 * pairs * flops / B))
 
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "

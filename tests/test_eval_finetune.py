@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-
 from test_eval_pipeline import write_class_shards
 from train_fixtures import make_teacher
+
 from trainer.cli import main
 from trainer.eval import finetune as ft
 from trainer.eval.models import LastBlockTokens

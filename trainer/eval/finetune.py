@@ -247,7 +247,8 @@ def train_classifier(model: ImageClassifier, train_ds, val_ds, r: ImageRecipe, n
             step += 1
             losses.append(loss.item())
         val = evaluate(model, val_dl, device)
-        history.append({"epoch": len(history) + 1, "step": step, "train_loss": sum(losses) / max(1, len(losses)), **val})
+        history.append({"epoch": len(history) + 1, "step": step,
+                        "train_loss": sum(losses) / max(1, len(losses)), **val})
         log(f"epoch {len(history)}: step {step}/{total} loss {history[-1]['train_loss']:.4f} "
             f"top-1 {val['top1']:.2f}")
     return history[-1] | {}, history, total
