@@ -112,7 +112,7 @@ if [ -d "$TEXT_RUN" ]; then
 fi
 if [ -d "$MM_RUN" ]; then
     echo "== 14e. retrieval fine-tuning of the multimodal student on the COCO train pairs, then the test pairs"
-    "$PY" -m trainer.cli eval retrieval-finetune "$MM_RUN" --shards "$OUT/shards/coco" --epochs 1 --batch-size 16 \
+    "$PY" -m trainer.cli eval retrieval-finetune "$MM_RUN" --shards "$OUT/shards/coco" --epochs 1 --batch-size 32 \
         --workers 2
 fi
 
