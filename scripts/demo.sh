@@ -81,7 +81,7 @@ MM_RUN="$OUT/runs/multimodal"
 echo "== 12. fast probe (health check) and k-NN of the image student and of its teacher (same shards)"
 "$PY" -m trainer.cli eval probe "$IMG_RUN" --train-shards "$OUT/shards/imagenet" --workers 2
 "$PY" -m trainer.cli eval probe "$OUT/teacher/d2v2_tiny.pt" --teacher data2vec2 --label teacher \
-    --train-shards "$OUT/shards/imagenet" --workers 2 --out "$IMG_RUN/eval/linear_probe-teacher.json"
+    --train-shards "$OUT/shards/imagenet" --workers 2 --out "$IMG_RUN/eval/probe-teacher.json"
 
 if [ -d "$MM_RUN" ]; then
     echo "== 13. image-text retrieval of the multimodal student on the COCO-Karpathy test pairs (8 unseen images,"
@@ -112,7 +112,7 @@ if [ -d "$TEXT_RUN" ]; then
 fi
 if [ -d "$MM_RUN" ]; then
     echo "== 14e. retrieval fine-tuning of the multimodal student on the COCO train pairs, then the test pairs"
-    "$PY" -m trainer.cli eval retrieval-finetune "$MM_RUN" --shards "$OUT/shards/coco" --epochs 1 --batch-size 16 \
+    "$PY" -m trainer.cli eval retrieval-finetune "$MM_RUN" --shards "$OUT/shards/coco" --epochs 1 --batch-size 32 \
         --workers 2
 fi
 

@@ -8,9 +8,9 @@ import json
 
 import pytest
 import torch
-
 from test_eval_pipeline import write_class_shards
 from train_fixtures import make_teacher
+
 from trainer.cli import main
 from trainer.eval import finetune as ft
 from trainer.eval.models import LastBlockTokens
@@ -115,6 +115,15 @@ def test_augmentations_are_timms_with_the_thesis_settings():
     assert ev[0].interpolation == T.InterpolationMode.BICUBIC
 
 
+def test_schedule_length_follows_the_thesis_yaml_unless_the_run_changes():
+    """configs/fine_tuning/cifar10.yaml and cifar100.yaml: max_steps 3525; imagenet.yaml 75060."""
+    assert ft.thesis_recipe("cifar10").schedule_steps == ft.thesis_recipe("cifar100").schedule_steps == 3525
+    assert ft.thesis_recipe("imagenet").schedule_steps == 75060 == 15 * (1_281_167 // 256)
+    assert ft.effective_recipe("cifar10", ft.FinetuneOptions(lr=1e-4)).schedule_steps == 3525
+    assert ft.effective_recipe("cifar10", ft.FinetuneOptions(epochs=2)).schedule_steps is None
+    assert ft.effective_recipe("cifar10", ft.FinetuneOptions(max_train_samples=10)).schedule_steps is None
+
+
 def test_soft_target_loss_is_the_thesis_mean_over_batch_and_classes():
     logits, target = torch.randn(4, 10), torch.softmax(torch.randn(4, 10), -1)
     want = (-target * torch.log_softmax(logits, -1)).sum() / 40
@@ -133,7 +142,8 @@ def test_finetune_and_linear_end_to_end_through_the_cli(tmp_path, capsys):
               *(["--linear"] if linear else [])])
         rec = json.loads(out.read_text())
         assert rec["benchmark"] == ("linear" if linear else "finetune") and rec["kind"] == "shardify-kd-eval"
-        assert rec["protocol"] == f"custom (thesis-{rec['benchmark']} with batch_size, epochs, image_size changed)"
+        changed = "batch_size, epochs, image_size, schedule_steps"  # the yaml's schedule length goes too
+        assert rec["protocol"] == f"custom (thesis-{rec['benchmark']} with {changed} changed)"
         m = rec["metrics"]
         assert (m["train_images"], m["val_images"], m["classes"]) == (24, 6, 4) and 0 <= m["top1"] <= 100
         assert rec["options"]["steps"] == 6 and len(rec["options"]["history"]) == 2

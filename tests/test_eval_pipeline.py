@@ -132,7 +132,7 @@ def test_probe_cli_on_a_teacher_writes_the_record_and_caches(shards, tmp_path, c
     assert m["linear_probe"]["classes_without_samples"] == 1  # class 3: train images only
     # colours separate the classes even through a random ViT: well above chance (1/3)
     assert m["knn"]["top1"] > 60 and m["top1"] > 60
-    assert "linear probe [teacher, mean] top-1" in first and "(cached)" not in first
+    assert "fast probe [teacher, mean] top-1" in first and "(cached)" not in first
     main(args + ["--pool", "cls"])
     second = capsys.readouterr().out
     assert second.count("(cached)") == 2  # both splits; --pool does not need a second pass
@@ -278,8 +278,8 @@ def test_probe_of_a_trained_student_run_dir_and_its_export_agree(shards, tmp_pat
     main(["eval", "probe", str(run), *common])
     main(["eval", "probe", str(tmp_path / "student.pt"), *common, "--out", str(tmp_path / "exp.json")])
     out = capsys.readouterr().out
-    assert "linear probe [image_kd, mean]" in out
-    from_run = json.loads((run / "eval" / "linear_probe.json").read_text())
+    assert "fast probe [image_kd, mean]" in out
+    from_run = json.loads((run / "eval" / "probe.json").read_text())
     from_export = json.loads((tmp_path / "exp.json").read_text())
     assert from_run["model"]["kind"] == "student" and from_run["model"]["task"] == "image_kd"
     assert from_run["model"]["step"] == 4 and from_run["config"]["task"] == "image_kd"

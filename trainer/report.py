@@ -193,8 +193,9 @@ def _combined_table(ev, recs: list[dict]) -> list[str]:
     for rec in sorted(recs, key=lambda r: (_model_name(r), r.get("dataset", ""))):
         by_model.setdefault(_model_name(rec), {})[rec.get("dataset", "")] = rec
         pub = thesis_figure(ev.name, rec.get("dataset", ""), None, rec.get("protocol"))
+        figure = _fmt(pub["metrics"].get(comb.metric)) if pub else ""
         lines.append(f"| {_model_name(rec)} | {rec.get('dataset', '')} | " + " | ".join(
-            _fmt(metric_value(rec, k)) for k, _ in ev.metrics) + f" | {_fmt(pub['metrics'].get(comb.metric)) if pub else ''} |")
+            _fmt(metric_value(rec, k)) for k, _ in ev.metrics) + f" | {figure} |")
     thesis = None
     for model, per in by_model.items():
         present = [d for d in comb.members if d in per]
@@ -207,7 +208,8 @@ def _combined_table(ev, recs: list[dict]) -> list[str]:
         if complete and all(thesis_figure(ev.name, d, None, per[d].get("protocol")) for d in present):
             thesis = ev.thesis.get(ev.name)
     if thesis:
-        lines.append(f"| *thesis: {thesis['model']}* | {thesis['setting']} | | {_fmt(thesis['metrics'][comb.metric])} |")
+        figure = _fmt(thesis["metrics"][comb.metric])
+        lines.append(f"| *thesis: {thesis['model']}* | {thesis['setting']} | | {figure} |")
     lines += ["", f"Protocol: {_protocols(recs)}" + ("" if thesis else
               f" (the thesis's {comb.label.split(' (')[0]} needs all {len(comb.members)} members measured "
               f"with `{ev.protocol}`)."), ""]

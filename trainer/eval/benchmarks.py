@@ -117,7 +117,7 @@ def run_probe(model: EvalModel, model_path: str, train_shards: str, val_shards: 
     # the fast probe is a health check on cached features, never the thesis's linear probe
     rec = _write(out_path, "probe", manifest.get("dataset", ""), metrics, model, data, options, t0, "fast-probe")
     name = label or model.task
-    print(f"linear probe [{name}, {pool}] top-1 {probe['top1']:.2f} top-5 {probe['top5']:.2f} | "
+    print(f"fast probe [{name}, {pool}] top-1 {probe['top1']:.2f} top-5 {probe['top5']:.2f} | "
           f"k-NN (k={knn['k']}) top-1 {knn['top1']:.2f} top-5 {knn['top5']:.2f} | "
           f"{len(train['labels'])} train / {len(val['labels'])} val images in {probe['classes_with_samples']} "
           f"classes -> {out_path}")

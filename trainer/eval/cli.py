@@ -179,7 +179,7 @@ def zero_shot_cmd(model, val_shards, val_split, class_names, max_tokens, tokeniz
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--val-split", default="validation", show_default=True, help="CIFAR: test")
 @click.option("--linear", is_flag=True, help="linear probe: freeze the encoder, train LayerNorm + head only")
-@click.option("--data2vec2", is_flag=True, help="MODEL is a Data2Vec2 fairseq checkpoint (evaluate the teacher)")
+@teacher_options
 @click.option("--epochs", type=float, default=None, help="[default: the thesis's 15]")
 @click.option("--batch-size", type=int, default=None, help="[default: the thesis's 256]")
 @click.option("--lr", type=float, default=None, help="peak learning rate [default: the thesis's 1e-3]")
@@ -192,7 +192,7 @@ def zero_shot_cmd(model, val_shards, val_split, class_names, max_tokens, tokeniz
               help="JSON to write [default: <run dir>/eval/<finetune|linear>_<dataset>.json]")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--workers", type=int, default=2, show_default=True, help="loader worker processes")
-def finetune_cmd(model, train_shards, val_shards, train_split, val_split, linear, data2vec2, epochs, batch_size, lr,
+def finetune_cmd(model, train_shards, val_shards, train_split, val_split, linear, teacher, epochs, batch_size, lr,
                  layer_decay, image_size, seed, max_train_samples, max_eval_samples, out, device, workers) -> None:
     """Image classification as the thesis measured it: full fine-tuning (or, with --linear, the linear
     probe) of MODEL's image encoder with timm's RandAugment, Mixup/CutMix, random erasing and layer decay."""
@@ -202,7 +202,7 @@ def finetune_cmd(model, train_shards, val_shards, train_split, val_split, linear
     opts = FinetuneOptions(linear=linear, epochs=epochs, batch_size=batch_size, lr=lr, layer_decay=layer_decay,
                            image_size=image_size, seed=seed, max_train_samples=max_train_samples,
                            max_eval_samples=max_eval_samples)
-    run_finetune(load_eval_model(model, data2vec2=data2vec2), model, train_shards, val_shards or train_shards,
+    run_finetune(load_eval_model(model, teacher=teacher), model, train_shards, val_shards or train_shards,
                  train_split, val_split, opts, workers, device, out)
 
 

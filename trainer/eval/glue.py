@@ -455,7 +455,8 @@ def run_glue(opts: GlueOptions) -> dict[str, Any]:
 
 def summary(rec: dict) -> str:
     m = rec["metrics"]
-    parts = ", ".join(f"{s} " + " ".join(f"{k} {v:.2f}" for k, v in m[s].items()) for s in GLUE_TASKS[rec["dataset"]].eval_splits)
+    parts = ", ".join(f"{s} " + " ".join(f"{k} {v:.2f}" for k, v in m[s].items())
+                      for s in GLUE_TASKS[rec["dataset"]].eval_splits)
     o = rec["options"]
     return (f"glue {rec['dataset']}: {parts} ({o['examples']['train']} train examples, {o['steps']} steps, "
             f"{rec['seconds']:.0f} s; protocol {rec['protocol']}) -> {rec['out']}")
