@@ -112,3 +112,35 @@ def test_a_data2vec2_run_does_not_import_the_other_families():
     code = ("import sys, trainer.tasks.image_kd, trainer.models.registry as r; "
             "r.teacher_spec('data2vec2'); assert 'timm' not in sys.modules, 'timm imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_toy_evaluation_registered_by_one_line_is_written_and_reported(monkeypatch, tmp_path):
+    """docs/extending.md's evaluation checklist followed: the toy metric agrees with sklearn's
+    NearestCentroid, its record goes through write_result, and `trainer report` shows it with the
+    thesis figure beside it only when the protocol is the registered one."""
+    from sklearn.neighbors import NearestCentroid
+
+    from tests import toy_evaluation
+    from trainer.eval import results
+    from trainer.report import write_report
+
+    monkeypatch.setattr(results, "EVALUATIONS", dict(results.EVALUATIONS))
+    toy_evaluation.register(results.EVALUATIONS)
+    shards = write_class_shards(tmp_path / "shards")
+    train_x, train_y = toy_evaluation.mean_colour_features(shards, "train")
+    val_x, _ = toy_evaluation.mean_colour_features(shards, "validation")
+    ours = toy_evaluation.nearest_centroid_predictions(train_x, train_y, val_x)
+    assert (ours == NearestCentroid().fit(train_x, train_y).predict(val_x)).all()
+
+    reports = {}
+    for protocol in ("toy-protocol", "custom (toy-protocol with lr changed)"):
+        run = tmp_path / protocol.split()[0]
+        (run / "eval").mkdir(parents=True)
+        (run / "log.jsonl").write_text(json.dumps({"step": 1, "total_steps": 1, "loss": 1.0}) + "\n")
+        rec = toy_evaluation.run_toy(shards, run / "eval" / "toy.json", protocol=protocol)
+        assert rec["benchmark"] == "toy_centroid" and rec["protocol"] == protocol
+        reports[protocol] = write_report(run).read_text()
+    shown, custom = reports.values()
+    assert "toy: nearest class centroid" in shown and "| *thesis: Toy*" in shown
+    assert "toy: nearest class centroid" in custom and "*thesis: Toy*" not in custom
+    assert "not set beside these" in custom
