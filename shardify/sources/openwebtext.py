@@ -27,6 +27,7 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -256,7 +257,7 @@ class OpenWebTextSource(Source):
             raise UserError(f"split {split!r} needs slices {missing} that the source lacks (it has {have})")
         return [self.slice_files[s] for s in self.split_slices[split]]
 
-    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
+    def list_items(self, split: str, ctx: ListContext) -> Iterator[Item]:
         units = self._units(split)
         streamer = _Streamer(self.loc, self.layout, {rel: n for n, rel in self.slice_files.items()},
                              self.clean, self.tokenizer)
@@ -267,11 +268,11 @@ class OpenWebTextSource(Source):
             return docs
         return self._pack(split, docs, Path(ctx.stage_dir))
 
-    def _pack(self, split: str, docs: list[Item], stage_dir: Path) -> list[Item]:
-        """Concatenate the staged ids in document order and stage the blocks."""
+    def _pack(self, split: str, docs: Iterable[Item], stage_dir: Path) -> Iterator[Item]:
+        """Concatenate the staged ids in document order and stage the blocks; yield the blocks
+        (and the rejected documents) as they are packed."""
         packer = tk.BlockPacker(self.block_size, self._special)
         reader = LocalFileReader()
-        items: list[Item] = []
         stats = {"documents": 0, "rejected_documents": 0, "tokens": 0, "blocks": 0, "padded_tokens": 0}
         stage_dir.mkdir(parents=True, exist_ok=True)
         bin_path = stage_dir / "blocks.bin"
@@ -281,22 +282,21 @@ class OpenWebTextSource(Source):
         first_doc = None  # the document the pending (not yet emitted) tokens start in
 
         with open(tmp, "wb") as out:
-            def emit(block: np.ndarray, n_tokens: int, first: str) -> None:
+            def emit(block: np.ndarray, n_tokens: int, first: str) -> Item:
                 nonlocal offset
                 data = block.tobytes()
                 out.write(data)
                 index = stats["blocks"]
-                # Millions of blocks: share strings (the path, the document key as origin).
-                items.append(Item(key=f"{split}-block-{index:09d}", origin=first,
-                                  loc=(bin_str, offset, len(data)),
-                                  meta={"block": index, "tokens": n_tokens, "first_doc": first}))
+                item = Item(key=f"{split}-block-{index:09d}", origin=first, loc=(bin_str, offset, len(data)),
+                            meta={"block": index, "tokens": n_tokens, "first_doc": first})
                 offset += len(data)
                 stats["blocks"] += 1
+                return item
 
             for doc in docs:
                 if "reject" in doc.meta:
                     stats["rejected_documents"] += 1
-                    items.append(doc)  # stays an input; its reader raises the Reject
+                    yield doc  # stays an input; its reader raises the Reject
                     continue
                 stats["documents"] += 1
                 ids = np.frombuffer(reader.read_at(*doc.loc), dtype=np.uint32) if doc.loc[2] else \
@@ -305,19 +305,18 @@ class OpenWebTextSource(Source):
                 if first_doc is None and len(ids):
                     first_doc = doc.key
                 for block in packer.add(ids):
-                    emit(block, packer.body, first_doc)
+                    yield emit(block, packer.body, first_doc)
                     first_doc = doc.key  # later blocks start inside this document
                 if packer._pending == 0:
                     first_doc = None
             last = packer.finish()
             if last is not None:
                 block, n = last
-                emit(block, n, first_doc)
+                yield emit(block, n, first_doc)
                 stats["padded_tokens"] = self.block_size - 2 - n
         reader.close()
         os.replace(tmp, bin_path)
         state.write_json_atomic(stage_dir / "tokens.json", {"split": split, **stats})
-        return items
 
     def split_extras(self, split: str, ctx: ListContext) -> dict:
         """Token counts of a pre-tokenised split, for its manifest section."""
