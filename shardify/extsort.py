@@ -34,8 +34,9 @@ class RecordFile:
         self._f.close()
 
 
-def read_blocks(path: Path, dtype: np.dtype, block_rows: int = BLOCK_ROWS, offset: int = 0) -> Iterator[np.ndarray]:
-    """The records of a flat file (from byte `offset`), `block_rows` at a time."""
+def read_blocks(path: Path, dtype: np.dtype, block_rows: int | None = None, offset: int = 0) -> Iterator[np.ndarray]:
+    """The records of a flat file (from byte `offset`), `block_rows` (default BLOCK_ROWS) at a time."""
+    block_rows = block_rows or BLOCK_ROWS
     with open(path, "rb") as f:
         f.seek(offset)
         while True:
@@ -45,12 +46,14 @@ def read_blocks(path: Path, dtype: np.dtype, block_rows: int = BLOCK_ROWS, offse
             yield block
 
 
-def sorted_parts(path: Path, dtype: np.dtype, field: str, max_rows: int = BLOCK_ROWS) -> Iterator[np.ndarray]:
-    """The records of `path` sorted by the uint64 `field`, as consecutive sorted parts.
+def sorted_parts(path: Path, dtype: np.dtype, field: str, max_rows: int | None = None) -> Iterator[np.ndarray]:
+    """The records of `path` sorted by the uint64 `field`, as consecutive sorted parts of about
+    `max_rows` (default BLOCK_ROWS) records each.
 
     The part files are written next to `path` and each is deleted once it has been read.
     """
     path, dtype = Path(path), np.dtype(dtype)
+    max_rows = max_rows or BLOCK_ROWS
     n = path.stat().st_size // dtype.itemsize
     bits = 0
     while n > max_rows << bits:
@@ -61,7 +64,7 @@ def sorted_parts(path: Path, dtype: np.dtype, field: str, max_rows: int = BLOCK_
         return
     parts = [path.with_name(f"{path.name}.part{p:05d}") for p in range(1 << bits)]
     shift = np.uint64(64 - bits)
-    for block in read_blocks(path, dtype):
+    for block in read_blocks(path, dtype, max_rows):
         top = block[field] >> shift
         order = np.argsort(top, kind="stable")
         block, top = block[order], top[order]
@@ -77,7 +80,7 @@ def sorted_parts(path: Path, dtype: np.dtype, field: str, max_rows: int = BLOCK_
         yield records[np.argsort(records[field], kind="stable")]
 
 
-def sorted_npy_blocks(path: Path, block_rows: int = BLOCK_ROWS) -> Iterator[np.ndarray]:
+def sorted_npy_blocks(path: Path, block_rows: int | None = None) -> Iterator[np.ndarray]:
     """The values of a 1-D .npy file, `block_rows` at a time, without loading or mapping it all."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)

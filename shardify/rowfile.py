@@ -21,6 +21,7 @@ from shardify.records import Item
 ROWS = "rows.jsonl"
 INDEX = "rows.idx"
 _FLUSH_ROWS = 1 << 16  # offsets kept in memory before they are appended to the index
+_encode = json.JSONEncoder(separators=(",", ":")).encode  # one encoder for all rows (json.dumps makes one per call)
 
 
 class RowWriter:
@@ -36,7 +37,7 @@ class RowWriter:
 
     def add(self, item: Item) -> int:
         """Write one item; return its row number."""
-        line = json.dumps([item.key, item.origin, item.loc, item.meta], separators=(",", ":")).encode() + b"\n"
+        line = _encode([item.key, item.origin, item.loc, item.meta]).encode() + b"\n"
         self._rows.write(line)
         self._offset += len(line)
         self._offsets.append(self._offset)
