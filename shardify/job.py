@@ -1,7 +1,8 @@
 """Run a sharding job: list, plan, write this node's shards in parallel, then finalize.
 
     inputs (source order) -> seeded order -> shard ranges -> this node's shards -> workers
-    each worker: read payloads -> source.encode -> reproducible tar (temp name) -> stats -> rename
+    each worker: its shard's rows from the plan's files -> read payloads -> source.encode
+                 -> reproducible tar (temp name) -> stats -> rename
 
 Resuming is free: finished shards (see plan.shard_done) are skipped, half-written ones are
 deleted, and a rerun with different options is refused (outdir.py). Every input ends up either
