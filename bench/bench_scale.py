@@ -11,8 +11,10 @@ While it runs, the resident memory of the whole process tree (the main process a
 or staging process, found through /proc) is sampled every 50 ms; the peak of the sum is
 reported. RSS counts pages that forked processes share once per process, so the sum is an upper
 bound; the detail lines add the peak summed PSS (shared pages divided among their sharers,
-sampled every 250 ms), the memory the tree really holds. Planning time is the time between
-the job's `listing inputs` and `-> N shards` lines.
+sampled every 250 ms), the memory the tree really holds. Planning time is taken between the
+job's `listing inputs` and `-> N shards` lines, as wall time and as CPU time of the main
+process (planning is one thread there): the `scale:` line gives CPU seconds, which a machine
+shared with other jobs does not inflate (on an idle machine the two agree).
 
 The last line reads
 `scale: peak MiB at 2M / 20M rows: A / B; planning s per M rows: C / D; imagefolder 1.28M: E MiB`
@@ -127,9 +129,20 @@ def _pss_kib(pid: int) -> int:
     return 0
 
 
-def run_measured(args: list[str], out: Path, shards: int) -> tuple[float, float, float]:
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def run_measured(args: list[str], out: Path, shards: int) -> tuple[float, float, float, float]:
     """Run a shardify command until `shards` shards exist in `out`; return (peak MiB of the
-    process tree's summed RSS, the same for PSS, planning seconds)."""
+    process tree's summed RSS, the same for PSS, planning wall seconds, planning CPU seconds of
+    the main process, where planning runs)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "shardify", *args, "--out", str(out)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -141,8 +154,10 @@ def run_measured(args: list[str], out: Path, shards: int) -> tuple[float, float,
             lines.append(line)
             if "listing inputs" in line:
                 marks.setdefault("listing", time.monotonic())
+                marks.setdefault("listing_cpu", _cpu_s(proc.pid))
             elif " shards; this node writes" in line:
                 marks.setdefault("planned", time.monotonic())
+                marks.setdefault("planned_cpu", _cpu_s(proc.pid))
 
     reader = threading.Thread(target=read_log, daemon=True)
     reader.start()
@@ -169,7 +184,8 @@ def run_measured(args: list[str], out: Path, shards: int) -> tuple[float, float,
         reader.join(timeout=10)
     if "planned" not in marks:
         sys.exit("shardify ended before planning was done:\n" + "".join(lines[-20:]))
-    return peak / 1024, peak_pss / 1024, marks["planned"] - marks["listing"]
+    return (peak / 1024, peak_pss / 1024, marks["planned"] - marks["listing"],
+            marks["planned_cpu"] - marks["listing_cpu"])
 
 
 def main() -> None:
@@ -196,13 +212,14 @@ def main() -> None:
             print(f"{rows} url rows generated in {time.monotonic() - t:.0f}s", flush=True)
             out = tmp / f"out-urls-{rows}"
             shutil.rmtree(out, ignore_errors=True)
-            peak, pss, plan_s = run_measured(["pairs", "urls", "--source", str(src), *common, "--retries", "0",
-                                         "--timeout", "2", "--host-rate", "0"], out, args.shards)
+            command = ["pairs", "urls", "--source", str(src), *common, "--retries", "0", "--timeout", "2",
+                       "--host-rate", "0"]
+            peak, pss, plan_s, plan_cpu = run_measured(command, out, args.shards)
             shutil.rmtree(out, ignore_errors=True)
             peaks.append(peak)
-            per_m.append(plan_s / (rows / 1e6))
-            print(f"urls {rows}: peak {peak:.0f} MiB (PSS {pss:.0f} MiB), planning {plan_s:.1f}s "
-                  f"({per_m[-1]:.2f} s per M rows)",
+            per_m.append(plan_cpu / (rows / 1e6))
+            print(f"urls {rows}: peak {peak:.0f} MiB (PSS {pss:.0f} MiB), planning {plan_s:.1f}s wall "
+                  f"({plan_s / (rows / 1e6):.2f} s per M rows), {plan_cpu:.1f}s CPU ({per_m[-1]:.2f} s per M rows)",
                   flush=True)
         folder_peak = None
         if args.files:
@@ -212,11 +229,11 @@ def main() -> None:
             print(f"{args.files} files generated in {time.monotonic() - t:.0f}s", flush=True)
             out = tmp / "out-imagefolder"
             shutil.rmtree(out, ignore_errors=True)
-            folder_peak, pss, plan_s = run_measured(["imagenet", "--source", str(tree), "--split", "train", *common],
-                                               out, args.shards)
+            command = ["imagenet", "--source", str(tree), "--split", "train", *common]
+            folder_peak, pss, plan_s, plan_cpu = run_measured(command, out, args.shards)
             shutil.rmtree(out, ignore_errors=True)
             print(f"imagefolder {args.files}: peak {folder_peak:.0f} MiB (PSS {pss:.0f} MiB), "
-                  f"planning {plan_s:.1f}s", flush=True)
+                  f"planning {plan_s:.1f}s wall, {plan_cpu:.1f}s CPU", flush=True)
     finally:
         if not args.keep_inputs:
             shutil.rmtree(tmp, ignore_errors=True)
