@@ -79,15 +79,16 @@ def make_imagefolder(root: Path, files: int) -> None:
     synsets = [line.split("\t")[0] for line in
                (ROOT / "shardify" / "data" / "imagenet_classes.tsv").read_text().splitlines()
                if line and not line.startswith("#")]
-    root.mkdir(parents=True)
-    original = root / "original.jpeg"  # outside train/: not an input
-    original.write_bytes(jpeg)
     per = 1300
     for i in range(files):
         folder = root / "train" / synsets[i // per]
+        path = folder / f"{synsets[i // per]}_{i:07d}.JPEG"
         if i % per == 0:
             folder.mkdir(parents=True, exist_ok=True)
-        os.link(original, folder / f"{synsets[i // per]}_{i:07d}.JPEG")  # hard links: quick to make
+            first = path
+            first.write_bytes(jpeg)
+        else:  # hard links to the folder's first file: quick to make (a file takes at most 65,000)
+            os.link(first, path)
     marker.write_text("")
 
 
