@@ -131,3 +131,45 @@ def test_first_common_finds_a_shared_value_block_by_block():
         found = extsort.first_common(blocks(a, size_a), blocks(b, size_b))
         shared = set(a.tolist()) & set(b.tolist())
         assert (found is None) == (not shared) and (found is None or found in shared)
+
+
+def test_a_job_leaves_no_plan_files_and_a_stopped_one_is_replanned(tmp_path, monkeypatch):
+    """The work folder exists only while a node writes its shards: a finished run removes it, a
+    run stopped while writing leaves it for the rerun, which plans afresh and writes the same
+    shards as an uninterrupted run."""
+    import imagenet_fixtures as fx
+    from imagenet_fixtures import shard
+
+    from shardify import job
+
+    src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)
+    shard(src, tmp_path / "whole", "--split", "train", "--samples-per-shard", "3")
+    assert not (tmp_path / "whole" / ".shardify" / "work").exists()
+
+    real = job.write_shard
+    calls = []
+
+    def stop_at_the_second(split, index, items):
+        calls.append(index)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(split, index, items)
+
+    monkeypatch.setattr(job, "write_shard", stop_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        job.run_job(_imagefolder(src), tmp_path / "out", ["train"],
+                    JobOptions(samples_per_shard=3, progress=False), log=lambda m: None)
+    assert list((tmp_path / "out" / ".shardify" / "work").glob("train-node-0-of-1/rows.jsonl"))
+    monkeypatch.setattr(job, "write_shard", real)
+    shard(src, tmp_path / "out", "--split", "train", "--samples-per-shard", "3")
+    assert not (tmp_path / "out" / ".shardify" / "work").exists()
+    assert len(calls) == 2 and len(list((tmp_path / "whole").glob("*.tar"))) >= 2
+    for tar in sorted((tmp_path / "whole").glob("*.tar")):
+        assert (tmp_path / "out" / tar.name).read_bytes() == tar.read_bytes()
+
+
+def _imagefolder(src: Path):
+    from shardify.sources.imagenet import ImageNetSource
+    from shardify.storage import local_location
+
+    return ImageNetSource(local_location(str(src)))
