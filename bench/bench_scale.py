@@ -140,6 +140,17 @@ def _cpu_s(pid: int) -> float:
         return float("nan")
 
 
+def _stop(proc: subprocess.Popen) -> None:
+    """Ctrl-C, as a user would; a kill if that does not end it within a minute."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def run_measured(args: list[str], out: Path, shards: int) -> tuple[float, float, float, float]:
     """Run a shardify command until `shards` shards exist in `out`; return (peak MiB of the
     process tree's summed RSS, the same for PSS, planning wall seconds, planning CPU seconds of
@@ -175,13 +186,7 @@ def run_measured(args: list[str], out: Path, shards: int) -> tuple[float, float,
                 break
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        _stop(proc)
         reader.join(timeout=10)
     if "planned" not in marks:
         sys.exit("shardify ended before planning was done:\n" + "".join(lines[-20:]))

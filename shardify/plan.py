@@ -142,7 +142,7 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> SplitPla
 
     ctx = ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress, show_progress=opts.progress)
     work = state.work_dir(out_dir, split, opts.node_rank, opts.num_nodes)
-    shutil.rmtree(work, ignore_errors=True)  # a run that was stopped while planning
+    shutil.rmtree(work, ignore_errors=True)  # left by a run that was stopped: the plan is made afresh
     work.mkdir(parents=True)
     try:
         n_inputs = _list_to_files(source.list_items(split, ctx), work, opts.seed)
