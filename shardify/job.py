@@ -1,7 +1,8 @@
 """Run a sharding job: list, plan, write this node's shards in parallel, then finalize.
 
     inputs (source order) -> seeded order -> shard ranges -> this node's shards -> workers
-    each worker: read payloads -> source.encode -> reproducible tar (temp name) -> stats -> rename
+    each worker: its shard's rows from the plan's files -> read payloads -> source.encode
+                 -> reproducible tar (temp name) -> stats -> rename
 
 Resuming is free: finished shards (see plan.shard_done) are skipped, half-written ones are
 deleted, and a rerun with different options is refused (outdir.py). Every input ends up either
@@ -51,10 +52,11 @@ class JobOptions:
 _WORKER: dict = {}
 
 
-def _init_worker(source: Source, out_dir: str, progress_queue, hash_thread: bool, listing: str | None) -> None:
+def _init_worker(source: Source, out_dir: str, progress_queue, hash_thread: bool, listing: str | None,
+                 plan: planning.SplitPlan | None = None) -> None:
     _WORKER.clear()
     _WORKER.update(source=source, out_dir=Path(out_dir), queue=progress_queue, readers={},
-                   hash_thread=hash_thread, listing=listing)
+                   hash_thread=hash_thread, listing=listing, plan=plan)
 
 
 def _reader(split: str):
@@ -118,12 +120,10 @@ def write_shard(split: str, index: int, items: list[Item]) -> dict:
     return {k: stats[k] for k in ("name", "samples", "rejected", "bytes")}
 
 
-_PLANNED: dict = {}  # (split, index) -> items: set before the workers fork, inherited by them
-
-
 def _task(args):
     split, index = args
-    return write_shard(split, index, _PLANNED[(split, index)])
+    plan: planning.SplitPlan = _WORKER["plan"]  # a worker reads its shard's rows from the plan's files
+    return write_shard(split, index, plan.shard_items(index))
 
 
 # ---------------------------------------------------------------- driver
@@ -218,16 +218,16 @@ def _run_job(source: Source, out_dir: Path, splits: list[str], opts: JobOptions,
 
     for split in splits:
         log(f"{source.dataset} {split}: listing inputs")
-        per_shard, listing_rejects, digests = planning.plan_split(source, split, out_dir, opts, log)
-        n_inputs = sum(len(s) for s in per_shard) + len(listing_rejects)
-        planning.remove_stale_shards(out_dir, split, len(per_shard))
-        mine = planning.node_shards(len(per_shard), opts.num_nodes, opts.node_rank)
+        plan = planning.plan_split(source, split, out_dir, opts, log)
+        planning.remove_stale_shards(out_dir, split, plan.shards)
+        mine = planning.node_shards(plan.shards, opts.num_nodes, opts.node_rank)
         if opts.num_nodes > 1:  # only this node's leftovers: the others may be writing theirs
             state.remove_temporaries(out_dir, [shard_name(split, i) for i in mine])
-        todo = [i for i in mine if not planning.shard_done(out_dir, split, i, digests[i], listing)]
-        log(f"{source.dataset} {split}: {n_inputs} inputs -> {len(per_shard)} shards; "
+        todo = [i for i in mine if not planning.shard_done(out_dir, split, i, plan.key_digests[i], listing)]
+        log(f"{source.dataset} {split}: {plan.inputs} inputs -> {plan.shards} shards; "
             f"this node writes {len(mine)} ({len(mine) - len(todo)} already complete)")
-        _write_shards(source, out_dir, split, [(i, per_shard[i]) for i in todo], opts, listing)
+        _write_shards(source, out_dir, plan, todo, opts, listing)
+        plan.discard()  # kept on a failure only until the rerun plans again
         state.write_json_atomic(
             state.node_path(out_dir, split, opts.node_rank, opts.num_nodes),
             {"split": split, "node_rank": opts.node_rank, "num_nodes": opts.num_nodes, "shards": mine},
@@ -238,18 +238,19 @@ def _run_job(source: Source, out_dir: Path, splits: list[str], opts: JobOptions,
     return None
 
 
-def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: JobOptions,
+def _write_shards(source: Source, out_dir: Path, plan: planning.SplitPlan, tasks: list[int], opts: JobOptions,
                   listing: str | None) -> None:
-    total = sum(len(items) for _, items in tasks)
+    split = plan.split
+    total = sum(plan.shard_size(i) for i in tasks)
     bar = _Progress(total, opts.progress and total > 0, f"{split}")
     # Hashing in a helper thread only pays when a core is left over for it.
     hash_thread = opts.hash_thread if opts.hash_thread is not None else opts.workers < (os.cpu_count() or 1)
     try:
         if opts.workers == 1 or len(tasks) <= 1:
             report = (lambda msg: bar.update(*msg)) if bar.enabled else None
-            _init_worker(source, str(out_dir), report, hash_thread, listing)
-            for index, items in tasks:
-                write_shard(split, index, items)
+            _init_worker(source, str(out_dir), report, hash_thread, listing, plan)
+            for index in tasks:
+                write_shard(split, index, plan.shard_items(index))
             return
         # sources hold only picklable state; fork avoids re-imports
         q = mp.get_context("fork").Queue() if bar.enabled else None
@@ -261,14 +262,11 @@ def _write_shards(source: Source, out_dir: Path, split: str, tasks: list, opts: 
                 except queue.Empty:
                     return
 
-        # the workers fork with the plan in memory: a task names its shard, its items are not
-        # pickled to them
-        _PLANNED.update({(split, i): items for i, items in tasks})
-        initargs = (source, str(out_dir), q.put if q else None, hash_thread, listing)
-        results = run_in_workers(_task, [(split, i) for i, _ in tasks], opts.workers, initializer=_init_worker,
+        # a task names its shard; the worker reads the shard's rows from the plan's files
+        initargs = (source, str(out_dir), q.put if q else None, hash_thread, listing, plan)
+        results = run_in_workers(_task, [(split, i) for i in tasks], opts.workers, initializer=_init_worker,
                                  initargs=initargs, poll=drain, what=f"writing {split} shards")
         drain()
         bar.finish(sum(r["bytes"] for r in results))
     finally:
-        _PLANNED.clear()
         bar.close()

@@ -28,16 +28,56 @@ def finalize(out_dir) -> dict:
     plans = state.plan_paths(out_dir)
     if not plans:
         raise ShardifyError(f"{out_dir}: no split has been planned yet; run the shardify command first")
+    # rejects go straight to a temporary file (there may be millions): renamed into place only
+    # when the manifest can be written, deleted otherwise
+    rejects_tmp = state.tmp_path(out_dir / "rejects.jsonl")
+    try:
+        with open(rejects_tmp, "w", encoding="utf-8") as rejects:
+            splits, sizes, problems = _collect(out_dir, plans, rejects)
+    except BaseException:
+        rejects_tmp.unlink(missing_ok=True)
+        raise
+    if problems:
+        rejects_tmp.unlink(missing_ok=True)
+        raise ShardifyError(f"cannot finalize {out_dir}: " + "; ".join(problems[:20])
+                        + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    totals = _sum(splits.values())
+    manifest = {
+        "schema_version": job["fingerprint"]["schema_version"],
+        "tool": job["tool"],
+        "dataset": job["fingerprint"]["dataset"],
+        "source": job["source"],
+        "options": {"seed": job["fingerprint"]["seed"],
+                    "samples_per_shard": job["fingerprint"]["samples_per_shard"],
+                    **job["fingerprint"]["source_options"]},
+        "fields": job["fields"],
+        **job["extras"],
+        "splits": splits,
+        "totals": totals,
+    }
+    os.replace(rejects_tmp, out_dir / "rejects.jsonl")
+    state.remove_temporaries(out_dir)  # every node is done: leftovers of crashed runs can go
+    state.write_json_atomic(out_dir / "sizes.json", dict(sorted(sizes.items())))
+    state.write_json_atomic(out_dir / "_info.json", reader_indexes.timm_info(manifest))
+    for split in splits:
+        state.write_json_atomic(out_dir / reader_indexes.wids_index_name(split),
+                                reader_indexes.wids_index(manifest, split))
+    write_manifest(out_dir, manifest)  # last: its presence means "complete"
+    return manifest
+
+
+def _collect(out_dir: Path, plans: list[Path], rejects) -> tuple[dict, dict, list[str]]:
+    """Check every split's shards against its plan; write every reject as a line to `rejects`.
+    Returns (split sections, shard sizes, problems)."""
     problems: list[str] = []
     splits: dict = {}
-    rejects: list[dict] = []
     sizes: dict = {}
     for plan_path in plans:
         plan = state.read_json(plan_path)
         split = plan["split"]
         n_nodes = _node_count(out_dir, split)
         shards = []
-        rejects.extend(plan["listing_rejects"])
+        rejects.writelines(json.dumps(r) + "\n" for r in plan["listing_rejects"])
         for i in range(plan["shards"]):
             name = shard_name(split, i)
             stats_path = state.stats_path(out_dir, name)
@@ -56,7 +96,7 @@ def finalize(out_dir) -> dict:
             if st["samples"] + st["rejected"] != st["inputs"]:
                 problems.append(f"{name}.tar: {st['inputs']} inputs != {st['samples']} written + "
                                 f"{st['rejected']} rejected")
-            rejects.extend(st["rejects"])
+            rejects.writelines(json.dumps(r) + "\n" for r in st["rejects"])
             sizes[st["name"]] = st["samples"]
             shards.append({k: st[k] for k in ("name", "samples", "inputs", "rejected", "bytes",
                                                "sha256", "first_key", "last_key")})
@@ -66,32 +106,7 @@ def finalize(out_dir) -> dict:
         if summary["inputs"] != plan["inputs"] and not problems:
             problems.append(f"{split}: {summary['inputs']} inputs accounted for, {plan['inputs']} listed")
         splits[split] = {**summary, **plan.get("extras", {}), "shards": shards}
-    if problems:
-        raise ShardifyError(f"cannot finalize {out_dir}: " + "; ".join(problems[:20])
-                            + (f"; and {len(problems) - 20} more" if len(problems) > 20 else ""))
-    totals = _sum(splits.values())
-    manifest = {
-        "schema_version": job["fingerprint"]["schema_version"],
-        "tool": job["tool"],
-        "dataset": job["fingerprint"]["dataset"],
-        "source": job["source"],
-        "options": {"seed": job["fingerprint"]["seed"],
-                    "samples_per_shard": job["fingerprint"]["samples_per_shard"],
-                    **job["fingerprint"]["source_options"]},
-        "fields": job["fields"],
-        **job["extras"],
-        "splits": splits,
-        "totals": totals,
-    }
-    state.remove_temporaries(out_dir)  # every node is done: leftovers of crashed runs can go
-    _write_text_atomic(out_dir / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
-    state.write_json_atomic(out_dir / "sizes.json", dict(sorted(sizes.items())))
-    state.write_json_atomic(out_dir / "_info.json", reader_indexes.timm_info(manifest))
-    for split in splits:
-        state.write_json_atomic(out_dir / reader_indexes.wids_index_name(split),
-                                reader_indexes.wids_index(manifest, split))
-    write_manifest(out_dir, manifest)  # last: its presence means "complete"
-    return manifest
+    return splits, sizes, problems
 
 
 def _sum(parts) -> dict:
@@ -103,12 +118,6 @@ def _node_count(out_dir: Path, split: str) -> int | None:
     """The node count the split was run with, from the nodes' partial records."""
     counts = {state.read_json(p)["num_nodes"] for p in state.node_paths(out_dir, split)}
     return max(counts) if counts else None
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = state.tmp_path(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def simple_manifest(out_dir, dataset: str, fields: list[str], splits: dict[str, list[dict]], **extra) -> dict:

@@ -1,14 +1,16 @@
 """Staging for layouts that cannot be read at random: stream each unit once, keep the payloads.
 
 A unit (a .tar.gz archive, a parquet file, a remote tar) is streamed from start to end; every
-payload is appended to `<stage>/<unit>.bin` and its entry (key, origin, offset, size, meta) to
-a list saved as `<unit>.json` once the unit is complete. A rerun finds the list and skips the
+payload is appended to `<stage>/<unit>.bin` and its entry (key, origin, offset, size, meta) as
+a JSON line to `<unit>.jsonl`, renamed into place once the unit is complete (entries go to the
+file as they come: memory does not grow with the unit's size). A rerun finds the list and skips the
 unit, so an interrupted listing resumes unit by unit. Shard writers then read payloads from the
 local .bin at random, like any other file. Units are staged in parallel processes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -27,31 +29,31 @@ Streamer = Callable[[str], Iterator[tuple[str, str, bytes, dict]]]
 _REPORT_EVERY_S = 10.0
 
 
-def _stage_one(args) -> list:
+def _stage_one(args) -> None:
+    """Stage one unit, unless a previous run did (its list is written last)."""
     streamer, unit, stage_dir, show_progress = args
     stage_dir = Path(stage_dir)
     safe = unit.replace("/", "__")
-    bin_path, list_path = stage_dir / f"{safe}.bin", stage_dir / f"{safe}.json"
+    bin_path, list_path = stage_dir / f"{safe}.bin", stage_dir / f"{safe}.jsonl"
     if bin_path.exists() and list_path.exists():
-        return state.read_json(list_path)
+        return
     stage_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state.tmp_path(bin_path)
-    entries = []
-    offset = 0
+    tmp, list_tmp = state.tmp_path(bin_path), state.tmp_path(list_path)
+    count = offset = 0
     start = last = time.monotonic()
-    with open(tmp, "wb") as out:
+    with open(tmp, "wb") as out, open(list_tmp, "w", encoding="utf-8") as entries:
         for key, origin, payload, meta in _guarded(streamer, unit):
             out.write(payload)
-            entries.append([key, origin, offset, len(payload), meta])
+            entries.write(json.dumps([key, origin, offset, len(payload), meta]) + "\n")
             offset += len(payload)
+            count += 1
             now = time.monotonic()
             if show_progress and now - last > _REPORT_EVERY_S:  # a hub archive takes minutes
                 last = now
-                print(f"  staging {unit}: {len(entries)} inputs, {offset / 1e9:.2f} GB, "
+                print(f"  staging {unit}: {count} inputs, {offset / 1e9:.2f} GB, "
                       f"{offset / 1e6 / (now - start):.0f} MB/s", file=sys.stderr, flush=True)
     os.replace(tmp, bin_path)
-    state.write_json_atomic(list_path, entries, indent=None)
-    return entries
+    os.replace(list_tmp, list_path)  # last: its presence means "staged"
 
 
 def unit_error(unit: str, exc: BaseException) -> ShardifyError:
@@ -73,25 +75,32 @@ def _guarded(streamer, unit: str):
 
 
 def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, workers: int,
-                progress: Callable[[str, int], None], show_progress: bool = True) -> list[Item]:
-    """Stage every unit (in parallel) and return the items in unit order, then stream order."""
+                progress: Callable[[str, int], None], show_progress: bool = True) -> Iterator[Item]:
+    """Stage every unit (in parallel), then yield the items in unit order, then stream order.
+
+    The staging processes return nothing: each unit's list is read back from its file, one unit
+    at a time, so the listing never holds more than one unit's entries.
+    """
     jobs = [(streamer, unit, str(stage_dir), show_progress) for unit in units]
-    items: list[Item] = []
-
-    def collect(unit: str, entries: list) -> None:
-        bin_path = str(Path(stage_dir) / (unit.replace("/", "__") + ".bin"))
-        for key, origin, offset, size, meta in entries:
-            items.append(Item(key=key, origin=origin, loc=(bin_path, offset, size), meta=meta))
-        progress(f"staged {unit}", len(items))
-
     if workers > 1 and len(units) > 1:
-        staged = run_in_workers(_stage_one, jobs, min(workers, len(units)), what="staging inputs")
-        for unit, entries in zip(units, staged):
-            collect(unit, entries)
-    else:
-        for job in jobs:
-            collect(job[1], _stage_one(job))
-    return items
+        run_in_workers(_stage_one, jobs, min(workers, len(units)), what="staging inputs")
+    count = 0
+    for job in jobs:
+        _stage_one(job)  # staged above (a no-op then), or staged now
+        unit = job[1]
+        safe = unit.replace("/", "__")
+        bin_path = str(Path(stage_dir) / f"{safe}.bin")
+        list_path = Path(stage_dir) / f"{safe}.jsonl"
+        with open(list_path, encoding="utf-8") as entries:
+            for line in entries:
+                try:
+                    key, origin, offset, size, meta = json.loads(line)
+                except ValueError as exc:
+                    raise ShardifyError(f"{list_path} is damaged ({exc}); shardify writes it atomically, so "
+                                    "something else changed it: write to a new --out") from None
+                yield Item(key=key, origin=origin, loc=(bin_path, offset, size), meta=meta)
+                count += 1
+        progress(f"staged {unit}", count)
 
 
 class LocalFileReader:

@@ -9,6 +9,9 @@
 - `nodes/<split>-node-R-of-K.json`: which shards a node wrote (the partial manifests).
 - `keys-<split>.npy`: sorted 64-bit hashes of the split's keys, so that a key used by two
   splits of one directory is refused (keys are unique per dataset directory).
+- `work/<split>-node-R-of-K/`: the node's plan while it writes: every listed input as a JSON
+  row (`rows.jsonl`, `rows.idx`) and the seeded order as row numbers (`order.u64`); files, so
+  that memory does not grow with the number of inputs (see shardify/plan.py).
 - `stage/<split>/`: payloads of sources that cannot be read at random, staged once.
 - `locks/node-<R>.lock`: held by the run writing node R's shards (shardify/outlock.py).
 This module is the only one that knows these paths.
@@ -65,6 +68,12 @@ def node_path(out_dir: Path, split: str, node_rank: int, num_nodes: int) -> Path
 
 def node_paths(out_dir: Path, split: str) -> list[Path]:
     return sorted((state_dir(out_dir) / "nodes").glob(f"{split}-node-*.json"))
+
+
+def work_dir(out_dir: Path, split: str, node_rank: int, num_nodes: int) -> Path:
+    """A node's plan files for a split (rows, order): rebuilt by every run, deleted when the
+    node's shards of the split are written."""
+    return state_dir(out_dir) / "work" / f"{split}-node-{node_rank}-of-{num_nodes}"
 
 
 def stage_dir(out_dir: Path, split: str | None = None) -> Path:
@@ -135,14 +144,41 @@ def write_uint64_npy(path: Path, values: list[int]) -> None:
     data = array("Q", values)
     if sys.byteorder != "little":
         data.byteswap()
-    header = "{'descr': '<u8', 'fortran_order': False, 'shape': (%d,), }" % len(values)
-    # padded so that the data starts at a multiple of 64: magic, version and length take 10 bytes
-    header += " " * (-(len(header) + 11) % 64) + "\n"
     tmp = tmp_path(path)
     with open(tmp, "wb") as f:
-        f.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1"))
+        f.write(_uint64_npy_header(len(values)))
         f.write(data.tobytes())
     os.replace(tmp, path)
+
+
+def _uint64_npy_header(count: int) -> bytes:
+    """The .npy 1.0 header of a 1-D little-endian uint64 array: 128 bytes for any count below
+    10**40, so that a streamed file can write it first and fix the count at the end."""
+    header = "{'descr': '<u8', 'fortran_order': False, 'shape': (%d,), }" % count
+    # padded so that the data starts at a multiple of 64: magic, version and length take 10 bytes
+    header += " " * (-(len(header) + 11) % 64) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")
+
+
+class Uint64NpyWriter:
+    """A 1-D uint64 .npy file written block by block (numpy arrays), the count set at close."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._f = open(self.path, "wb")
+        self._f.write(_uint64_npy_header(0))
+        self.count = 0
+
+    def append(self, values) -> None:
+        values.astype("<u8", copy=False).tofile(self._f)
+        self.count += len(values)
+
+    def close(self) -> None:
+        header = _uint64_npy_header(self.count)
+        assert len(header) == len(_uint64_npy_header(0))  # same length: rewritten in place
+        self._f.seek(0)
+        self._f.write(header)
+        self._f.close()
 
 
 def key_digest(keys) -> int:

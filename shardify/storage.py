@@ -78,7 +78,7 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
         raise ShardifyError(f"cannot list {where} ({exc.strerror or exc}): its files would be missing "
                             "from the shards; fix its permissions or move it out of --source") from None
 
-    parts: list[str] = []  # the digest's input, hashed at once (same digest as file by file)
+    parts: list[str] = []  # the digest's input, hashed in batches (same digest as file by file)
 
     def visit(dirpath: str, prefix: str, above: frozenset) -> None:
         """One folder, as os.walk visits it top-down: its files in name order, then its
@@ -115,6 +115,9 @@ def local_location(path: str, repo_id: str | None = None) -> Location:
                 continue
             files.append(rel)
             parts.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n")
+            if len(parts) >= 65536:  # a million files' digest input would be held three times
+                digest.update("".join(parts).encode())
+                parts.clear()
         for entry in subdirs:
             visit(entry.path, f"{prefix}{entry.name}/", above | {_folder_id(entry, fail)})
 

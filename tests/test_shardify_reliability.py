@@ -161,7 +161,12 @@ def test_the_normal_exit_runs_while_another_thread_is_still_working(tmp_path, sm
     """A thread still at work (none of shardify's, but a caller's or a library's) must not be
     cut off: the process then ends the normal way, which waits for it."""
     done = tmp_path / "thread-finished"
-    r = _cli_process(tmp_path, small, f"threading.Thread(target=lambda: (time.sleep(2), pathlib.Path({str(done)!r}).touch())).start()")
+    # the thread works until just after the run wrote its manifest (however long the run takes
+    # on a loaded machine), so it is surely still at work when the run ends
+    manifest = tmp_path / "out" / "manifest.json"
+    work = (f"lambda: ([time.sleep(0.05) for _ in range(2400) if not pathlib.Path({str(manifest)!r}).exists()], "
+            f"time.sleep(1), pathlib.Path({str(done)!r}).touch())")
+    r = _cli_process(tmp_path, small, f"threading.Thread(target={work}).start()")
     assert r.returncode == 0, r.stderr
     assert done.exists() and (tmp_path / "atexit-ran").exists()
 

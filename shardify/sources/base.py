@@ -6,6 +6,8 @@ has had. The job runner (shardify/job.py) only talks to this interface:
 1. `list_items(split, ctx)` lists every input of a split in a deterministic order, cheaply (no
    image bytes). Sources whose layout cannot be read at random (tar.gz archives, parquet) stage
    the payloads into an uncompressed local tar under `ctx.stage_dir` while listing, once.
+   Yield the items as they are found (a generator): the planner writes each to a file as it
+   comes, so a listing of any length costs no more memory than one item (shardify/plan.py).
 2. In each worker process, `open_reader(split)` returns a `Reader` whose `read_many(items)`
    yields `(item, payload_bytes_or_Reject)` in the order given. Readers may fetch in parallel
    (a downloader does) but must yield in order.
@@ -19,7 +21,7 @@ attributes, open file handles only inside readers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -82,8 +84,8 @@ class Source(ABC):
         """Splits this source can write."""
 
     @abstractmethod
-    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
-        """All inputs of `split`, in a deterministic order."""
+    def list_items(self, split: str, ctx: ListContext) -> Iterable[Item]:
+        """All inputs of `split`, in a deterministic order, iterated once (best a generator)."""
 
     @abstractmethod
     def open_reader(self, split: str) -> Reader:

@@ -18,9 +18,11 @@ Keys are the original image ids (`n01440764_10026`, `ILSVRC2012_val_00000001`).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import tarfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shardify.format import ShardifyError, make_key
@@ -178,27 +180,26 @@ class ImageNetSource(Source):
         return self._groups
 
     # ---- listing
-    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
-        items = self._list(split, ctx)
-        if split == "test":  # ImageNet's test labels are unknown by design: not a reject
-            for item in items:
+    def list_items(self, split: str, ctx: ListContext) -> Iterator[Item]:
+        for item in self._list(split, ctx):
+            if split == "test":  # ImageNet's test labels are unknown by design: not a reject
                 item.meta["test"] = True
-        return items
+            yield item
 
-    def _list(self, split: str, ctx: ListContext) -> list[Item]:
+    def _list(self, split: str, ctx: ListContext) -> Iterable[Item]:
         files = self._split_files(split)
         if self.layout == "imagefolder":
-            items = []
-            for rel in files:
-                name = _printable(rel)
-                items.append(Item(key=make_key(_basename_stem(name)), origin=name,
-                                  loc=(self.loc.path(rel), 0, None), meta={"synset": name.split("/")[1]}))
-            return items + self._not_taken(split)
-
+            return itertools.chain(self._list_folder(files), self._not_taken(split))
         if self.layout == "wds" and self.loc.local_path is not None:
-            return [it for rel in files for it in self._list_local_wds(rel)]
+            return (it for rel in files for it in self._list_local_wds(rel))
         return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir,
                            ctx.workers, ctx.progress, ctx.show_progress)
+
+    def _list_folder(self, files: list[str]) -> Iterator[Item]:
+        for rel in files:
+            name = _printable(rel)
+            yield Item(key=make_key(_basename_stem(name)), origin=name, loc=(self.loc.path(rel), 0, None),
+                       meta={"synset": name.split("/")[1]})
 
     def _not_taken(self, split: str) -> list[Item]:
         """Files under the split's folder that the layout does not read (other extensions,

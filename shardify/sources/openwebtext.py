@@ -27,6 +27,7 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,7 +202,7 @@ class _BlockSink:
 
     def __init__(self, split: str, bin_path: str, out, block_size: int):
         self.split, self.bin_path, self.out, self.block_size = split, bin_path, out, block_size
-        self.items: list[Item] = []
+        self.items: list[Item] = []  # listed since the last drain()
         self.offset = 0
         self.stats = {"documents": 0, "rejected_documents": 0, "tokens": 0, "blocks": 0, "padded_tokens": 0}
 
@@ -229,6 +230,11 @@ class _BlockSink:
         self.offset += len(data)
         self.stats["blocks"] += 1
         self.stats["padded_tokens"] += self.block_size - 2 - n_tokens
+
+    def drain(self) -> list[Item]:
+        """The items listed since the last call (handed on at once: millions of blocks)."""
+        items, self.items = self.items, []
+        return items
 
     def summary(self, packing: str) -> dict:
         positions = self.stats["blocks"] * self.block_size
@@ -323,7 +329,7 @@ class OpenWebTextSource(Source):
             raise ShardifyError(f"split {split!r} needs slices {missing} that the source lacks (it has {have})")
         return [self.slice_files[s] for s in self.split_slices[split]]
 
-    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
+    def list_items(self, split: str, ctx: ListContext) -> Iterator[Item]:
         units = self._units(split)
         streamer = _Streamer(self.loc, self.layout, {rel: n for n, rel in self.slice_files.items()},
                              self.clean, self.tokenizer, self.packing)
@@ -334,8 +340,9 @@ class OpenWebTextSource(Source):
             return docs
         return self._pack(split, docs, Path(ctx.stage_dir))
 
-    def _pack(self, split: str, docs: list[Item], stage_dir: Path) -> list[Item]:
-        """Pack the staged ids in document order (stream or lines) and stage the blocks."""
+    def _pack(self, split: str, docs: Iterable[Item], stage_dir: Path) -> Iterator[Item]:
+        """Pack the staged ids in document order (stream or lines) and stage the blocks; yield the
+        blocks (and the rejected documents) as they are packed."""
         reader = LocalFileReader()
         stage_dir.mkdir(parents=True, exist_ok=True)
         bin_path = stage_dir / "blocks.bin"
@@ -343,50 +350,51 @@ class OpenWebTextSource(Source):
         with open(tmp, "wb") as out:
             sink = _BlockSink(split, str(bin_path), out, self.block_size)
             feed = self._feed_lines if self.packing == "lines" else self._feed_stream
-            feed(docs, reader, sink)
+            yield from feed(docs, reader, sink)
         reader.close()
         os.replace(tmp, bin_path)
         state.write_json_atomic(stage_dir / "tokens.json", {"split": split, **sink.summary(self.packing)})
-        return sink.items
 
-    def _feed_stream(self, docs: list[Item], reader, sink: _BlockSink) -> None:
+    def _feed_stream(self, docs: Iterable[Item], reader, sink: _BlockSink) -> Iterator[Item]:
         """Documents concatenated and cut into full blocks; only the last one is padded."""
         packer = tk.BlockPacker(self.block_size, self._special)
         first_doc = None  # the document the pending (not yet emitted) tokens start in
         for doc in docs:
             ids = sink.document(doc, reader)
-            if ids is None:
-                continue
-            if first_doc is None and len(ids):
-                first_doc = doc.key
-            for block in packer.add(ids):
-                sink.emit(block, packer.body, first_doc)
-                first_doc = doc.key  # later blocks start inside this document
-            if packer._pending == 0:
-                first_doc = None
+            if ids is not None:
+                if first_doc is None and len(ids):
+                    first_doc = doc.key
+                for block in packer.add(ids):
+                    sink.emit(block, packer.body, first_doc)
+                    first_doc = doc.key  # later blocks start inside this document
+                if packer._pending == 0:
+                    first_doc = None
+            yield from sink.drain()
         last = packer.finish()
         if last is not None:
             sink.emit(last[0], last[1], first_doc)
+        yield from sink.drain()
 
-    def _feed_lines(self, docs: list[Item], reader, sink: _BlockSink) -> None:
+    def _feed_lines(self, docs: Iterable[Item], reader, sink: _BlockSink) -> Iterator[Item]:
         """Whole lines packed greedily (line_packing.py); blocks may span documents."""
         packer = lp.LinePacker(self.block_size, self._special)
         open_doc = None  # the document whose line opened the open block
         for doc in docs:
             payload = sink.document(doc, reader, raw=True)
-            if payload is None:
-                continue
-            for line in lp.decode_lines(payload):
-                had = packer.pending > 0
-                closed = packer.add_line(line)
-                for k, (block, n) in enumerate(closed):
-                    sink.emit(block, n, open_doc if (k == 0 and had) else doc.key)
-                if packer.pending == 0:
-                    open_doc = None
-                elif not had or closed:
-                    open_doc = doc.key
+            if payload is not None:
+                for line in lp.decode_lines(payload):
+                    had = packer.pending > 0
+                    closed = packer.add_line(line)
+                    for k, (block, n) in enumerate(closed):
+                        sink.emit(block, n, open_doc if (k == 0 and had) else doc.key)
+                    if packer.pending == 0:
+                        open_doc = None
+                    elif not had or closed:
+                        open_doc = doc.key
+            yield from sink.drain()
         for block, n in packer.finish():
             sink.emit(block, n, open_doc)
+        yield from sink.drain()
 
     def split_extras(self, split: str, ctx: ListContext) -> dict:
         """Token counts of a pre-tokenised split, for its manifest section."""

@@ -152,17 +152,17 @@ class UrlListSource(Source):
                 for row in reader:
                     yield row[self.url_col], row[self.caption_col]
 
-    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
-        items: list[Item] = []
+    def list_items(self, split: str, ctx: ListContext) -> Iterator[Item]:
+        count = 0
         for rel in self._files[split]:
             stem = make_key(Path(rel).name.split(".", 1)[0])
             for row, (url, caption) in enumerate(self._rows(rel)):
                 meta = {"url": url, "caption": caption, "image_id": f"{stem}-{row}"}
                 if not url:
                     meta.update(reject="no_url", detail="empty url")
-                items.append(Item(key=f"{stem}-{row:09d}", origin=f"{rel}#{row}", loc=url or "", meta=meta))
-            ctx.progress(f"read {rel}", len(items))
-        return items
+                yield Item(key=f"{stem}-{row:09d}", origin=f"{rel}#{row}", loc=url or "", meta=meta)
+                count += 1
+            ctx.progress(f"read {rel}", count)
 
     def open_reader(self, split: str) -> Reader:
         return DownloadReader(self.download)

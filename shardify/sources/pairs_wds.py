@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,26 +97,26 @@ class WdsPairSource(Source):
     def splits(self) -> list[str]:
         return sorted(self._tars)
 
-    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
+    def list_items(self, split: str, ctx: ListContext) -> Iterator[Item]:
         tars = self._tars[split]
         if self.loc.local_path is None:  # the hub: stream each tar once, stage the images
-            items = stage_units(_StageStreamer(self.loc, split), tars, Path(ctx.stage_dir),
-                                ctx.workers, ctx.progress, ctx.show_progress)
-            for item in items:
+            for item in stage_units(_StageStreamer(self.loc, split), tars, Path(ctx.stage_dir),
+                                    ctx.workers, ctx.progress, ctx.show_progress):
                 item.loc = ("staged", *item.loc)
-            return items
-        items: list[Item] = []
+                yield item
+            return
+        count = 0
         for rel in tars:
             try:
                 with self.loc.open(rel) as f, tarfile.open(fileobj=f, mode="r:") as tar:
                     for key, image, caption, meta in _samples(tar, rel, with_bytes=False):
                         k, origin, item_meta = _item_fields(rel, split, key, image, caption, meta)
                         loc = ("range", rel, image[0].offset_data, image[0].size) if image else None
-                        items.append(Item(key=k, origin=origin, loc=loc, meta=item_meta))
+                        yield Item(key=k, origin=origin, loc=loc, meta=item_meta)
+                        count += 1
             except (tarfile.TarError, EOFError, OSError) as exc:
                 raise unit_error(rel, exc) from None
-            ctx.progress(f"indexed {Path(rel).name}", len(items))
-        return items
+            ctx.progress(f"indexed {Path(rel).name}", count)
 
     def open_reader(self, split: str) -> Reader:
         return PairFileReader(self.loc)

@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from shardify.format import ShardifyError, make_key
@@ -84,12 +85,12 @@ class CocoKarpathySource(_ZipPairSource):
     def splits(self) -> list[str]:
         return list(self.SPLITS)
 
-    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
+    def list_items(self, split: str, ctx: ListContext) -> Iterator[Item]:
         with self.loc.open(self._require("dataset_coco.json")) as f:
             images = json.load(f)["images"]
         wanted = self.SPLITS[split]
         zips: dict[str, tuple[str, dict]] = {}
-        items: list[Item] = []
+        count = 0
         for img in images:
             if img.get("split") not in wanted:
                 continue
@@ -108,9 +109,9 @@ class CocoKarpathySource(_ZipPairSource):
                                 captions, meta, missing)
             for item, sentid in zip(pairs, sentids):
                 item.meta["sentid"] = sentid
-            items += pairs
-            ctx.progress(f"{len(items)} pairs", len(items))
-        return items
+            yield from pairs
+            count += len(pairs)
+            ctx.progress(f"{count} pairs", count)
 
 
 class Flickr30kSource(_ZipPairSource):
@@ -120,13 +121,12 @@ class Flickr30kSource(_ZipPairSource):
     def splits(self) -> list[str]:
         return ["train", "val", "test"]
 
-    def list_items(self, split: str, ctx: ListContext) -> list[Item]:
+    def list_items(self, split: str, ctx: ListContext) -> Iterator[Item]:
         csv_rel = self._require("flickr_annotations_30k.csv")
         zip_rel = self._require("flickr30k-images.zip")
         names = self._zip_names(zip_rel)
         with self.loc.open(csv_rel) as f:
             rows = list(csv.DictReader(io.TextIOWrapper(f, encoding="utf-8", newline="")))
-        items: list[Item] = []
         for row in rows:
             if row.get("split") != split:
                 continue
@@ -140,6 +140,5 @@ class Flickr30kSource(_ZipPairSource):
                 raise ShardifyError(f"{csv_rel}: row for {filename} has no JSON list in `raw` ({exc})") from None
             image_id = int(stem) if stem.isdigit() else stem
             meta = {"image_id": image_id, "filename": filename, "karpathy_split": split}
-            items += self._pairs(f"f30k{make_key(stem)}", f"{zip_rel}:{member or filename}",
-                                 ("zip", zip_rel, member), captions, meta, missing)
-        return items
+            yield from self._pairs(f"f30k{make_key(stem)}", f"{zip_rel}:{member or filename}",
+                                   ("zip", zip_rel, member), captions, meta, missing)
