@@ -13,7 +13,7 @@ from train_fixtures import make_teacher
 
 from trainer.cli import main
 from trainer.eval import finetune as ft
-from trainer.eval.models import LastBlockTokens
+from trainer.models.vit import LastBlockTokens
 from trainer.models.vit import Data2Vec2ViT, ViTShape
 
 
