@@ -141,7 +141,8 @@ def test_probe_cli_on_a_teacher_writes_the_record_and_caches(shards, tmp_path, c
 def test_cli_errors_are_one_line(shards, tmp_path, capsys):
     teacher = make_teacher(tmp_path / "t.pt", img=16)
     for args, msg in [
-        (["eval", "probe", str(teacher), "--data2vec2", "--train-shards", str(tmp_path / "nope")], "manifest not found"),
+        (["eval", "probe", str(teacher), "--data2vec2", "--train-shards", str(tmp_path / "nope")],
+         "manifest not found"),
         (["eval", "probe", str(teacher), "--data2vec2", "--train-shards", str(shards), "--val-split", "test"],
          "split 'test' not in manifest"),
         (["eval", "probe", str(tmp_path / "none.pt"), "--data2vec2", "--train-shards", str(shards)], "does not exist"),

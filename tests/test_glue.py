@@ -49,7 +49,8 @@ def test_metrics_agree_with_sklearn_and_scipy():
     for _ in range(5):
         y, p = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
         m = glue.task_metrics(glue.GLUE_TASKS["qqp"], np.eye(2)[p], y)
-        assert m == {"f1": pytest.approx(100 * sk.f1_score(y, p)), "accuracy": pytest.approx(100 * sk.accuracy_score(y, p))}
+        assert m == {"f1": pytest.approx(100 * sk.f1_score(y, p)),
+                     "accuracy": pytest.approx(100 * sk.accuracy_score(y, p))}
         assert glue.task_metrics(glue.GLUE_TASKS["cola"], np.eye(2)[p], y)["matthews"] == pytest.approx(
             100 * sk.matthews_corrcoef(y, p))
         a, b = rng.integers(0, 6, 100).astype(float), rng.normal(size=100)  # many ties in a

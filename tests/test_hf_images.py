@@ -81,7 +81,8 @@ def test_cifar10_contract_rejects_resume_and_verify(tmp_path):
     assert manifest["source"]["id"] == "uoft-cs/cifar10" and set(manifest["splits"]) == {"train", "test"}
     rejects = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
     assert sorted((r["source"], r["reason"]) for r in rejects) == [
-        ("plain_text/test-00000-of-00001.parquet#1", "unreadable"), ("plain_text/test-00000-of-00001.parquet#2", "no_label")]
+        ("plain_text/test-00000-of-00001.parquet#1", "unreadable"),
+        ("plain_text/test-00000-of-00001.parquet#2", "no_label")]
     assert "OK" in run("verify", out, "--full", "--no-progress").output
     before = tree_bytes(out)
     assert "already complete" in run("hf-images", "uoft-cs/cifar10", "--source", src, "--out", out,

@@ -93,7 +93,8 @@ def real_job_env(tmp_path: Path, restart: int = 0) -> dict:
             f'echo "$*" >> {tmp_path / "scontrol.log"}\n')
         (bin_dir / "scancel").write_text(
             f'#!/usr/bin/env bash\necho "$*" >> {tmp_path / "scancel.log"}\n'
-            'sig=${1#--signal=}\nfor p in $(pgrep -P "$PPID"); do [[ $p != $$ ]] && kill -s "$sig" "$p"; done\nexit 0\n')
+            'sig=${1#--signal=}\n'
+            'for p in $(pgrep -P "$PPID"); do [[ $p != $$ ]] && kill -s "$sig" "$p"; done\nexit 0\n')
         for p in bin_dir.iterdir():
             p.chmod(0o755)
         (venv_bin / "torchrun").symlink_to(TORCHRUN)
