@@ -104,7 +104,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
     if not Path(args.images).is_dir():
-        sys.exit(f"error: --images {args.images}: no such folder (give a folder of JPEGs: make bench-shardify IMAGES=DIR)")
+        sys.exit(f"error: --images {args.images}: no such folder "
+                 "(give a folder of JPEGs: make bench-shardify IMAGES=DIR)")
 
     work = Path(args.work)
     tree = work / "imagefolder"

@@ -164,7 +164,8 @@ def loader_stage(args) -> None:
         r_cpu, n_cpu = rate(cpu_loader, args.seconds, dev)
         print(f"cpu path ({args.workers} workers), whole loader:              {r_cpu:9.0f} images/s ({n_cpu} images)")
     print(f"gpu path vs cpu path: {r_gpu / r_cpu:.2f}x; target 8000 images/s per GPU: "
-          f"{'met' if r_gpu >= 8000 else 'NOT met'} ({r_gpu:.0f}); goal 10000: {'met' if r_gpu >= 10000 else 'not met'}")
+          f"{'met' if r_gpu >= 8000 else 'NOT met'} ({r_gpu:.0f}); "
+          f"goal 10000: {'met' if r_gpu >= 10000 else 'not met'}")
     print(f"gpu-check: loader gpu={r_gpu:.0f} stage={r_stage:.0f} cpu={r_cpu:.0f} "
           f"target8000={'met' if r_gpu >= 8000 else 'NOT-met'}")
 
@@ -227,7 +228,7 @@ def memory_stage(args) -> None:
     alloc, reserved = [], []
     torch.cuda.reset_peak_memory_stats(dev)
     while len(alloc) < args.batches:
-        for batch in ld:  # held until the next one arrives, as a training loop holds it
+        for _batch in ld:  # held until the next one arrives, as a training loop holds it
             torch.cuda.synchronize(dev)
             alloc.append(torch.cuda.memory_allocated(dev))
             reserved.append(torch.cuda.memory_reserved(dev))

@@ -130,10 +130,11 @@ def main() -> None:
             assert np.array_equal(whole[0], part[0]), "a cut file decodes to other pixels"
         size = sum(map(len, marked)) / sum(map(len, plain)) - 1
         pre_cut = [cut_at_row(data, i // 16, every, 16) for data, (H, W, i, *_) in zip(marked, boxes)]
-        t_whole = timed(lambda: region(marked))
-        t_cut = timed(lambda: cut_region(marked, every))
+        # the closures bind this iteration's values (timed() runs them at once, but say so)
+        t_whole = timed(lambda marked=marked: region(marked))
+        t_cut = timed(lambda marked=marked, every=every: cut_region(marked, every))
 
-        def decode_pre_cut() -> None:  # a loop, not a list: each output is freed and its memory reused
+        def decode_pre_cut(pre_cut=pre_cut) -> None:  # a loop, not a list: each output is freed and reused
             for (c, d), (H, W, i, j, h, w) in zip(pre_cut, boxes):
                 tj.decode(c, H - d, W, 1, i - d, i - d + h, j, j + w, True)
         t_precut = timed(decode_pre_cut)

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardify.tokenization import SpecialIds
 from shardify.format import ShardifyError
+from shardify.tokenization import SpecialIds
 
 PACKINGS = ("lines", "stream")
 

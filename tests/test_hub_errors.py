@@ -65,7 +65,7 @@ def test_hub_refusals_are_one_line(fake_hub, tmp_path, mode, expected):
     fake_hub.mode = mode
     proc, elapsed = _run(f"http://127.0.0.1:{fake_hub.server_address[1]}", tmp_path)
     assert proc.returncode == 2, proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert elapsed < 30
 

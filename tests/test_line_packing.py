@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from shardify import tokenization as tk
-from shardify.tokenization import SpecialIds
 from shardify.cli.inspect_cmd import summary
 from shardify.job import JobOptions, run_job
 from shardify.line_packing import LinePacker
 from shardify.sources.openwebtext import OpenWebTextSource
 from shardify.storage import local_location
+from shardify.tokenization import SpecialIds
 from shardify.verify import verify
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,9 @@ def ks_stat(a, b) -> float:
     """Two-sample Kolmogorov-Smirnov statistic."""
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b))))
+    cdf_a = np.searchsorted(a, grid, "right") / len(a)
+    cdf_b = np.searchsorted(b, grid, "right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
 
 
 def ks_critical(n, m, alpha=1e-3) -> float:

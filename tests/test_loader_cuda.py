@@ -120,7 +120,7 @@ def test_decode_never_overwrites_memory_that_queued_kernels_still_read():
     datas = [photo(768, 1024, k) for k in range(4)]
     n = 3 * 768 * 1024
     wrong = 0
-    for it in range(10):
+    for _ in range(10):
         xs = [torch.full((n,), k + 1, dtype=torch.uint8, device=dev) for k in range(8)]
         torch.cuda.synchronize(dev)
         torch.cuda._sleep(50_000_000)  # keeps the stream busy while the decode runs

@@ -297,7 +297,7 @@ def test_both_paths_refuse_the_same_inputs_before_decoding(tmp_path, caplog, mon
         with caplog.at_level(logging.WARNING):
             caplog.clear()
             batch = next(iter(ld))
-        refused[gpu] = sorted(k for k, p in zip(["s000_i%04d" % i for i in range(6)], batch["is_pad"].tolist()) if p)
+        refused[gpu] = sorted(k for k, p in zip([f"s000_i{i:04d}" for i in range(6)], batch["is_pad"].tolist()) if p)
         assert ld.corrupt_count == 2
     assert refused[False] == refused[True] == ["s000_i0001", "s000_i0003"]
 

@@ -18,9 +18,8 @@ import torch
 from PIL import Image
 
 from loader_fixtures import image_shards, jpeg_bytes
-from trainer.data import AugmentConfig, DataConfig, build_loader
+from trainer.data import AugmentConfig, DataConfig, build_loader, tjregion
 from trainer.data import decode as dec
-from trainer.data import tjregion
 from trainer.data.augment import Draws, sample_crop
 from trainer.data.decode import cpu_decode_crop, jpeg_size, reduction
 

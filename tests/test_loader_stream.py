@@ -12,13 +12,13 @@ import torch
 import torchvision.transforms.functional as TF
 
 from loader_fixtures import id_shards, image_shards, jpeg_bytes, npy_bytes, tokenizer_path, write_shards
+from test_loader_augment import reference_crop
 from trainer.data import AugmentConfig, DataConfig, build_loader
 from trainer.data import decode as dec
 from trainer.data import loader as loader_mod
 from trainer.data.augment import draw_params
 from trainer.data.decode import decode_rgb, jpeg_size
 from trainer.data.text import TextEncoder
-from test_loader_augment import reference_crop
 
 CPU = torch.device("cpu")
 SIZES = [9, 4, 6]

@@ -11,11 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.multimodal_fixtures import DIM, make_bert_dir, make_beitv2, make_d2v2
+from tests.multimodal_fixtures import DIM, make_beitv2, make_bert_dir, make_d2v2
 from trainer.errors import UserError
 from trainer.models.beitv2 import BEiTShape, load_beitv2, relative_position_index, write_beitv2_checkpoint
-from trainer.models.smke import (ImageEncoder, SMKEStudent, TextEncoder, image_tower_from_data2vec2,
-                                 load_bert_tower, log_inv)
+from trainer.models.smke import (
+    ImageEncoder,
+    SMKEStudent,
+    TextEncoder,
+    image_tower_from_data2vec2,
+    load_bert_tower,
+    log_inv,
+)
 from trainer.models.vit import load_data2vec2
 
 

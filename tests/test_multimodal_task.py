@@ -270,7 +270,8 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
                         "--steps", "2", "--repeats", "1", "--bank", "64", "--out", str(tmp_path / "out")],
                        capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"^gpu-multimodal: \d+ samples/s, data-wait \d+\.\d%, peak mem \d+\.\d GiB", r.stdout, re.M), r.stdout
+    assert re.search(r"^gpu-multimodal: \d+ samples/s, data-wait \d+\.\d%, peak mem \d+\.\d GiB",
+                     r.stdout, re.M), r.stdout
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ import pytest
 
 import text_pair_fixtures as fx
 from shardify import tokenization as tk
-from shardify.job import JobOptions, run_job
 from shardify.format import ShardifyError
+from shardify.job import JobOptions, run_job
 from shardify.records import Reject
 from shardify.sources.openwebtext import OpenWebTextSource, parse_slices
 from shardify.storage import local_location

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 import text_pair_fixtures as fx
 from shardify.cli import main
 from shardify.download.fetcher import DownloadConfig
-from shardify.job import JobOptions
 from shardify.download.retry import download_summary
+from shardify.job import JobOptions
 from shardify.storage import Location, local_location
 from shardify.verify import verify
 from test_owt import read_wds, rejects

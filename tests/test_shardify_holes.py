@@ -9,8 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-import imagenet_fixtures as fx
 import pytest
+
+import imagenet_fixtures as fx
 from imagenet_fixtures import run_cli, shard
 
 REPO = Path(__file__).resolve().parents[1]

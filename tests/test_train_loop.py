@@ -155,8 +155,9 @@ def test_setup_errors(tmp_path, teacher):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match="cannot create out_dir"):
         Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, out_dir=str(tmp_path / "file" / "run"))))
+    overrides = tiny_overrides(tmp_path, teacher, **{"checkpoint.dir": str(tmp_path / "file" / "c")})
     with pytest.raises(UserError, match="cannot create checkpoint.dir"):
-        Trainer(load_config(DEMO_CONFIG, tiny_overrides(tmp_path, teacher, **{"checkpoint.dir": str(tmp_path / "file" / "c")})))
+        Trainer(load_config(DEMO_CONFIG, overrides))
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

@@ -20,15 +20,15 @@ from trainer.tasks.image_kd import ImageKDTask, StudentConfig, build_student, no
 
 def ref_target(layers, top_k=None, final_ln=True, eps=1e-5):
     """Loops and explicit means: for each layer, each sample and feature, (x - mean_T) / std_T."""
-    layers = [l.double() for l in layers]
+    layers = [layer.double() for layer in layers]
     if top_k:
         layers = layers[len(layers) - top_k:]
     B, T, D = layers[0].shape
     acc = torch.zeros(B, T, D, dtype=torch.float64)
-    for l in layers:
+    for layer in layers:
         for b in range(B):
             for d in range(D):
-                col = l[b, :, d]
+                col = layer[b, :, d]
                 mu = col.sum() / T
                 var = ((col - mu) ** 2).sum() / T
                 acc[b, :, d] += (col - mu) / torch.sqrt(var + eps)

@@ -7,8 +7,8 @@ Fault injection for the kill-and-resume test: `python -m tests.train_fixtures CO
 trains through the real loader wrapped in a hook; with FAKE_LOADER_KILL_AT=N in the environment,
 the process SIGKILLs itself when asked for its N-th batch (counted from 0 over the whole run).
 With FAKE_LOADER_SIGNAL_AT=N:SIGNAME[:parent|:group], rank 0 sends that signal to itself (or to
-its parent, e.g. torchrun, or to its whole process group) at its N-th batch and waits until the signal has reached it, so the stop
-comes at a known step.
+its parent, e.g. torchrun, or to its whole process group) at its N-th batch and waits until the
+signal has reached it, so the stop comes at a known step.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def layer_average_target(
     return y
 
 
-def mse_over_tokens(pred_BTD: torch.Tensor, target_BTD: torch.Tensor, weight_B: torch.Tensor | None = None) -> torch.Tensor:
+def mse_over_tokens(pred_BTD: torch.Tensor, target_BTD: torch.Tensor,
+                    weight_B: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error over all tokens and features, in fp32. `weight_B` (0/1) leaves out
     samples, e.g. padded repeats the loader marks with is_pad. Dividing by the full batch size
     (not the kept count) keeps every rank's loss on the same scale, so DDP's gradient average

@@ -28,8 +28,8 @@ def hf_images(repo, out, job, max_reject_rate, source_dir, revision, image_colum
               max_pixels):
     """An image-classification dataset on the hub in parquet layout (REPO, e.g. uoft-cs/cifar10) to shards:
     jpg, cls, json."""
-    from shardify.images import DEFAULT_MAX_PIXELS
     from shardify.format import ShardifyError
+    from shardify.images import DEFAULT_MAX_PIXELS
     from shardify.sources.hf_images import HFImagesSource
     from shardify.storage import hub_location, local_location
 

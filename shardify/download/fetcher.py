@@ -231,7 +231,7 @@ def _fetch_once(url: str, cfg: DownloadConfig, limiter: HostRateLimiter, hold) -
                 raise _Transient(f"http_{status}", f"HTTP {status} {resp.reason}",
                                  _retry_after(resp.getheader("Retry-After")))
             raise Reject(f"http_{status}", f"HTTP {status} {resp.reason}")
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             raise _Transient("timeout", f"no answer within the timeout ({exc or 'timed out'})") from None
         except socket.gaierror as exc:
             raise Reject("dns", f"cannot resolve {parts.hostname}: {exc}") from None

@@ -19,10 +19,12 @@ class AugmentConfig:
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (0.9-1.0 multimodal)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range
     hflip: float = field(default=0.5, metadata=between(0.0, 1.0))  # probability of a horizontal flip
-    color_jitter: float = field(default=0.0, metadata=between(0.0, 1.0))  # brightness/contrast/saturation strength; 0 disables
+    # brightness/contrast/saturation strength; 0 disables
+    color_jitter: float = field(default=0.0, metadata=between(0.0, 1.0))
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet mean, RGB
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet std, RGB
-    interpolation: str = field(default="bilinear", metadata=choice("bilinear", "bicubic"))  # "bilinear" or "bicubic" (the reference used bicubic)
+    # "bilinear" or "bicubic" (the reference used bicubic)
+    interpolation: str = field(default="bilinear", metadata=choice("bilinear", "bicubic"))
     train: bool = True  # False: validation transform (resize whole image to size x size)
     # CPU path only: "exact" decodes at full scale; "dct" decodes at 1/2, 1/4 or 1/8 scale in the
     # JPEG's DCT domain when the crop is at least 2x (4x, 8x) the output on both sides, then
@@ -40,15 +42,21 @@ class DataConfig:
     split: str = "train"  # split name inside each manifest
     val_split: str = ""  # split validated every validation.every_steps (e.g. "validation"); "": none
     batch_size: int = field(default=256, metadata=between(1))  # per rank
-    num_workers: int = field(default=4, metadata=between(0))  # DataLoader worker processes per rank (0 = in the main process)
+    # DataLoader worker processes per rank (0 = in the main process)
+    num_workers: int = field(default=4, metadata=between(0))
     seed: int = 0  # seeds the epoch order and every per-sample random draw
-    shuffle_buffer: int = field(default=2000, metadata=between(1))  # bounded shuffle window (samples) applied within the epoch order
-    remainder: str = field(default="drop", metadata=choice("drop", "pad"))  # "drop" the last partial global batch, or "pad" with marked repeats
-    decode_device: str = field(default="auto", metadata=choice("auto", "cpu", "cuda"))  # "cpu", "cuda" or "auto" (cuda when available)
-    output_dtype: str = field(default="float32", metadata=choice("float32", "bfloat16"))  # "float32" or "bfloat16" for image tensors
+    # bounded shuffle window (samples) applied within the epoch order
+    shuffle_buffer: int = field(default=2000, metadata=between(1))
+    # "drop" the last partial global batch, or "pad" with marked repeats
+    remainder: str = field(default="drop", metadata=choice("drop", "pad"))
+    # "cpu", "cuda" or "auto" (cuda when available)
+    decode_device: str = field(default="auto", metadata=choice("auto", "cpu", "cuda"))
+    # "float32" or "bfloat16" for image tensors
+    output_dtype: str = field(default="float32", metadata=choice("float32", "bfloat16"))
     text_max_len: int = field(default=64, metadata=between(2))  # caption length in tokens (padded) for image-text data
     tokenizer: str = ""  # tokenizer.json / vocab.txt path or directory, for on-the-fly text tokenisation
-    block_size: int = field(default=256, metadata=between(3))  # OpenWebText block length in tokens, incl. [CLS] and [SEP]
+    # OpenWebText block length in tokens, incl. [CLS] and [SEP]
+    block_size: int = field(default=256, metadata=between(3))
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # the (student's) view
     # image_text only: a second, independently augmented view of every image for the teacher
     # (batch key image_teacher), cut from the same decoded image with its own per-sample draws;

@@ -29,8 +29,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import TypeVar
 
 import numpy as np
 
@@ -175,6 +177,26 @@ def epoch_counts(sizes: list[int], weights: list[float]) -> list[int]:
 # ---------------------------------------------------------------------------------------------
 # The epoch plan
 
+_T = TypeVar("_T")
+
+
+class _Memo:
+    """A small per-plan LRU memo. functools.lru_cache on a method would be one cache shared by
+    every plan of the process, keyed on (and keeping alive) the plans of past epochs."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self.items: OrderedDict[Hashable, object] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], _T]) -> _T:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = self.items[key] = make()
+        if len(self.items) > self.maxsize:
+            self.items.popitem(last=False)
+        return value
+
 
 class EpochPlan:
     """The order of one epoch: position -> (source, shard, index in shard, sample uid)."""
@@ -193,6 +215,8 @@ class EpochPlan:
         self.K = max(1, int(window))
         self.num_windows = -(-self.N // self.K)
         self.alloc = self._allocate()  # [num_windows + 1, S]: source offsets at window starts
+        self._window_perms = _Memo(4)
+        self._shard_orders = _Memo(64)
 
     def _allocate(self) -> np.ndarray:
         """Cumulative per-source counts at each window start, proportional and monotone."""
@@ -232,16 +256,20 @@ class EpochPlan:
     def window_range(self, w: int) -> tuple[int, int]:
         return w * self.K, min((w + 1) * self.K, self.N)
 
-    @lru_cache(maxsize=4)
     def _window_perm(self, w: int) -> np.ndarray:
+        return self._window_perms.get(w, lambda: self._make_window_perm(w))
+
+    def _make_window_perm(self, w: int) -> np.ndarray:
         a, b = self.window_range(w)
         if not self.shuffle:
             return np.arange(b - a, dtype=np.int64)
         return hashed_permutation(b - a, 1, self.seed, self.epoch, w)
 
-    @lru_cache(maxsize=64)
     def _shard_order(self, i: int, source_epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """Shard permutation of source i in one of its source epochs, and cumulative sizes."""
+        return self._shard_orders.get((i, source_epoch), lambda: self._make_shard_order(i, source_epoch))
+
+    def _make_shard_order(self, i: int, source_epoch: int) -> tuple[np.ndarray, np.ndarray]:
         src = self.sources[i]
         if self.shuffle_shards:
             perm = hashed_permutation(len(src.counts), 2, self.seed, i, source_epoch)

@@ -3,10 +3,11 @@
 A shard is opened through the local file system (plain paths) or fsspec (any URL); user strings
 never reach a shell. The first visit reads the shard's `.idx` (DALI-style, written by
 shardify) when there is one, else scans the tar headers (a small ustar walker, tarfile for
-anything fancier; both seek over the payloads, so this reads about 512 bytes per member) and keeps a table key -> {ext: (offset, size)}; reads then
-seek forward to the members a worker wants. A worker reads only its own samples' payloads, so
-the image bytes are read about once per epoch in total, not once per rank (each worker does
-scan the headers of the shards it visits).
+anything fancier; both seek over the payloads, so this reads about 512 bytes per member) and
+keeps a table key -> {ext: (offset, size)}; reads then seek forward to the members a worker
+wants. A worker reads only its own samples' payloads, so the image bytes are read about once
+per epoch in total, not once per rank (each worker does scan the headers of the shards it
+visits).
 
 Damage is reported per sample, not raised: a member cut short, a sample missing from a
 truncated tar, or a sample lacking a required field comes back as `Corrupt(key, reason)`. A

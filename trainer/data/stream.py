@@ -55,7 +55,8 @@ class WindowCache:
     def _mine(self, p: np.ndarray, from_step: int) -> np.ndarray:
         d = self.deal
         step, rank = d.owner(p)
-        return (p >= d.start) & (rank == d.rank) & (step % self.nw == self.worker) & (step >= from_step) & (step < d.steps)
+        return ((p >= d.start) & (rank == d.rank) & (step % self.nw == self.worker)
+                & (step >= from_step) & (step < d.steps))
 
     def _needed(self, w: int, from_step: int) -> np.ndarray:
         """Epoch positions in window w that this worker uses from `from_step` on (with repeats)."""
