@@ -285,7 +285,7 @@ class MultimodalTask(Task):
                                  out["kd_logit_scale"], valid)
         if not model.training:
             return self._validation_losses(out, target, valid, itc, itc_total, kd)
-        self._pending.append((kd["targets_global"], kd.get("valid_global")))  # validation never enters the bank
+        self._pending.append((kd["targets_global"], kd.get("valid_global")))  # training batches only fill the bank
         losses = {
             "loss": lcfg.itc_weight * itc_total + lcfg.kd_weight * kd["loss"],
             "itc_loss": itc_total.detach(),
