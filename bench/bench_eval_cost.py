@@ -28,8 +28,7 @@ IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
 
 
 def vit(depth: int):
-    from trainer.models.vit import LastBlockTokens
-    from trainer.models.vit import Data2Vec2ViT, ViTShape
+    from trainer.models.vit import Data2Vec2ViT, LastBlockTokens, ViTShape
 
     return LastBlockTokens(Data2Vec2ViT(ViTShape(depth=depth)))
 

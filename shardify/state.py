@@ -154,7 +154,7 @@ def write_uint64_npy(path: Path, values: list[int]) -> None:
 def _uint64_npy_header(count: int) -> bytes:
     """The .npy 1.0 header of a 1-D little-endian uint64 array: 128 bytes for any count below
     10**40, so that a streamed file can write it first and fix the count at the end."""
-    header = "{'descr': '<u8', 'fortran_order': False, 'shape': (%d,), }" % count
+    header = f"{{'descr': '<u8', 'fortran_order': False, 'shape': ({count},), }}"
     # padded so that the data starts at a multiple of 64: magic, version and length take 10 bytes
     header += " " * (-(len(header) + 11) % 64) + "\n"
     return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode("latin1")

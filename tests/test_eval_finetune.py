@@ -8,13 +8,12 @@ import json
 
 import pytest
 import torch
+
 from test_eval_pipeline import write_class_shards
 from train_fixtures import make_teacher
-
 from trainer.cli import main
 from trainer.eval import finetune as ft
-from trainer.models.vit import LastBlockTokens
-from trainer.models.vit import Data2Vec2ViT, ViTShape
+from trainer.models.vit import Data2Vec2ViT, LastBlockTokens, ViTShape
 
 
 def _classifier(depth=3, linear=False):

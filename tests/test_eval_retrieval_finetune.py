@@ -71,7 +71,6 @@ def test_weight_decay_rule_and_schedule():
 @pytest.mark.slow
 def test_retrieval_finetune_end_to_end(tmp_path, capsys):
     import text_pair_fixtures as fx
-
     from shardify.job import JobOptions, run_job
     from shardify.sources.pairs_zip import CocoKarpathySource
     from shardify.storage import local_location

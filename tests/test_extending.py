@@ -8,10 +8,10 @@ import json
 
 import pytest
 import torch
-from train_fixtures import tiny_overrides, train_in_process
 
 from tests.test_eval_pipeline import write_class_shards
 from tests.toy_teacher import load_toy_teacher, register, write_toy_teacher
+from train_fixtures import tiny_overrides, train_in_process
 from trainer.cli import main
 from trainer.models import registry
 from trainer.models.beitv2 import BEiTShape, write_beitv2_checkpoint

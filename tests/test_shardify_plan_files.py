@@ -139,7 +139,6 @@ def test_a_job_leaves_no_plan_files_and_a_stopped_one_is_replanned(tmp_path, mon
     shards as an uninterrupted run."""
     import imagenet_fixtures as fx
     from imagenet_fixtures import shard
-
     from shardify import job
 
     src = fx.write_imagefolder(tmp_path / "src", per_class=2, specials=False)

@@ -19,7 +19,7 @@ import json
 import os
 import resource
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -134,7 +134,7 @@ class RunLogger:
             _console(msg, sys.stderr)
 
     def _write(self, record: dict, tb_prefix: str) -> None:
-        record = {**record, "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        record = {**record, "time": datetime.now(UTC).isoformat(timespec="seconds")}
         if self.jsonl is not None:
             try:
                 self.jsonl.write(json.dumps(record) + "\n")

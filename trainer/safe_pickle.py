@@ -272,7 +272,8 @@ def _load_zip(path: Path) -> Any:
     with zipfile.ZipFile(path) as archive:
         pkl = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
         if len(pkl) != 1:
-            raise pickle.UnpicklingError("a zip file without exactly one <folder>/data.pkl: not a torch.save checkpoint")
+            raise pickle.UnpicklingError("a zip file without exactly one <folder>/data.pkl: "
+                                         "not a torch.save checkpoint")
         prefix = pkl[0][: -len("data.pkl")]
         if f"{prefix}byteorder" in archive.namelist() and archive.read(f"{prefix}byteorder") != b"little":
             raise pickle.UnpicklingError("a big-endian checkpoint: not supported")

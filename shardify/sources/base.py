@@ -21,10 +21,9 @@ attributes, open file handles only inside readers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from shardify.records import Item, Reject
 
@@ -55,7 +54,7 @@ class Reader(ABC):
     def read(self, item: Item) -> bytes:
         """The raw payload of one item (raise Reject or OSError on failure)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most readers hold nothing to release)
         """Release open files and connections."""
 
 

@@ -19,8 +19,8 @@ import functools
 import json
 import re
 
-from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.format import ShardifyError, make_key
+from shardify.images import DEFAULT_MAX_PIXELS, normalise_image
 from shardify.records import Item, Reject
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.staging import LocalFileReader, stage_units

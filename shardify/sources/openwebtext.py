@@ -35,12 +35,12 @@ import numpy as np
 
 from shardify import line_packing as lp
 from shardify import state
+from shardify import tokenization as tk
 from shardify.format import ShardifyError, make_key
 from shardify.records import Item, Reject
 from shardify.sources.base import ListContext, Reader, Source
 from shardify.staging import LocalFileReader, stage_units
 from shardify.text import prepare_document
-from shardify import tokenization as tk
 
 HUB_ID = "Skylion007/openwebtext"
 DEFAULT_SLICES = {"train": [0, 1, 2, 3, 4], "validation": [5]}
@@ -98,8 +98,7 @@ class _Streamer:
     def __call__(self, rel: str):
         docs = self._documents(rel)
         if self.tokenizer is None:
-            for key, origin, data, meta in docs:
-                yield key, origin, data, meta
+            yield from docs
             return
         yield from self._tokenised(docs)
 

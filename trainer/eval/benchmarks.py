@@ -17,8 +17,7 @@ from trainer.data.text import TextEncoder
 from trainer.errors import UserError
 from trainer.preflight import check_kind
 
-from .features import (FeatureCache, eval_data_config, extract_image_features, extract_pair_embeddings,
-                       read_manifest)
+from .features import FeatureCache, eval_data_config, extract_image_features, extract_pair_embeddings, read_manifest
 from .knn import knn_eval
 from .linear_probe import ProbeConfig, probe_eval
 from .models import EvalModel
@@ -100,7 +99,8 @@ def run_probe(model: EvalModel, model_path: str, train_shards: str, val_shards: 
     val_manifest = _manifest(val_shards, val_split)
     for doc, shards in ((manifest, train_shards), (val_manifest, val_shards)):  # labelled images only
         check_kind(doc, shards, "image", "the linear probe", extra=("cls",))
-    train = _image_features(model, train_shards, train_split, cache, batch_size, workers, dev, f"{train_split} features")
+    train = _image_features(model, train_shards, train_split, cache, batch_size, workers, dev,
+                            f"{train_split} features")
     val = _image_features(model, val_shards, val_split, cache, batch_size, workers, dev, f"{val_split} features")
     C = _num_classes(manifest, train["labels"], val["labels"])
     probe = probe_eval(train[pool], train["labels"], val[pool], val["labels"], C, probe_cfg, dev)

@@ -443,7 +443,8 @@ def run_glue(opts: GlueOptions) -> dict[str, Any]:
                         "pooler": "pretrained" if pooler_src else "new"}
     thesis = asdict(RECIPES[task.name]) | {"train_samples": 0, "eval_samples": 0, "pooler": "pretrained"}
     thesis.pop("seed")  # the seed changes the figure's noise, not the protocol
-    data = {s: {"split": s, "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in fs]}
+    data = {s: {"split": s, "files": [{"path": str(f), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                                      for f in fs]}
             for s, fs in files.items()}
     options = {"label": "", "tokenizer": student.tokenizer, "pooler": pooler_src, "device": str(device),
                "steps": total, "examples": {"train": len(train), **{s: len(d) for s, (d, _) in evals.items()}},

@@ -47,8 +47,9 @@ class LinearProbe(nn.Module):
 
 
 def train_probe(train_ND: torch.Tensor, labels_N: torch.Tensor, num_classes: int,
-                cfg: ProbeConfig = ProbeConfig(), device: str | torch.device = "cpu") -> LinearProbe:
+                cfg: ProbeConfig | None = None, device: str | torch.device = "cpu") -> LinearProbe:
     """Train a LinearProbe on (features, labels); returns it in eval mode."""
+    cfg = cfg or ProbeConfig()
     if train_ND.shape[0] == 0:
         raise ValueError("the linear probe needs at least one training feature")
     device = torch.device(device)
@@ -88,8 +89,9 @@ def probe_scores(probe: LinearProbe, feats_ND: torch.Tensor, chunk: int = 4096) 
 
 
 def probe_eval(train_ND, train_labels_N, val_ND, val_labels_N, num_classes: int,
-               cfg: ProbeConfig = ProbeConfig(), device="cpu") -> dict:
+               cfg: ProbeConfig | None = None, device="cpu") -> dict:
     """Train on the training features, score the validation features: top-1/top-5, per class."""
+    cfg = cfg or ProbeConfig()
     probe = train_probe(train_ND, train_labels_N, num_classes, cfg, device)
     scores = probe_scores(probe, val_ND)
     labels = val_labels_N.long().to(scores.device)

@@ -31,7 +31,7 @@ def _index_of(image_ids: Sequence, caption_image_ids: Sequence) -> torch.Tensor:
 @torch.no_grad()
 def retrieval_metrics(image_ID: torch.Tensor, image_ids: Sequence, text_TD: torch.Tensor,
                       caption_image_ids: Sequence, ks=(1, 5, 10), chunk: int = 1024) -> dict:
-    """{"i2t_R@1": %, ..., "t2i_R@1": %, ..., "images": I, "captions": T} (I2T = text retrieval)."""
+    """{"i2t_R@1": %, ..., "t2i_R@1": %, ..., "images": n_img, "captions": T} (I2T = text retrieval)."""
     if image_ID.shape[0] != len(image_ids) or text_TD.shape[0] != len(caption_image_ids):
         raise ValueError("one id per image and one image id per caption are needed")
     if len(image_ids) == 0 or len(caption_image_ids) == 0:
@@ -39,21 +39,21 @@ def retrieval_metrics(image_ID: torch.Tensor, image_ids: Sequence, text_TD: torc
     owner_T = _index_of(image_ids, caption_image_ids).to(text_TD.device)
     img = image_ID.float().to(text_TD.device)
     txt = text_TD.float()
-    I, T = img.shape[0], txt.shape[0]
+    n_img, T = img.shape[0], txt.shape[0]
 
     # text -> image: rank of the caption's own image among all images
     t2i_rank = torch.empty(T, dtype=torch.long, device=txt.device)
     for s in range(0, T, chunk):
-        sim = txt[s:s + chunk] @ img.T  # [t, I]
+        sim = txt[s:s + chunk] @ img.T  # [t, n_img]
         own = sim.gather(1, owner_T[s:s + chunk, None])
         t2i_rank[s:s + chunk] = (sim >= own).sum(1) - 1
 
     # image -> text: best own caption's score against the captions of other images
-    i2t_rank = torch.empty(I, dtype=torch.long, device=txt.device)
-    has_caption = torch.bincount(owner_T, minlength=I) > 0
-    for s in range(0, I, chunk):
+    i2t_rank = torch.empty(n_img, dtype=torch.long, device=txt.device)
+    has_caption = torch.bincount(owner_T, minlength=n_img) > 0
+    for s in range(0, n_img, chunk):
         sim = img[s:s + chunk] @ txt.T  # [i, T]
-        mine = owner_T[None, :] == torch.arange(s, min(s + chunk, I), device=txt.device)[:, None]
+        mine = owner_T[None, :] == torch.arange(s, min(s + chunk, n_img), device=txt.device)[:, None]
         best_own = sim.masked_fill(~mine, float("-inf")).max(1, keepdim=True).values
         i2t_rank[s:s + chunk] = ((sim >= best_own) & ~mine).sum(1)
     i2t_rank = i2t_rank[has_caption]
@@ -63,19 +63,19 @@ def retrieval_metrics(image_ID: torch.Tensor, image_ids: Sequence, text_TD: torc
         out[f"i2t_R@{k}"] = 100.0 * (i2t_rank < k).float().mean().item()
     for k in ks:
         out[f"t2i_R@{k}"] = 100.0 * (t2i_rank < k).float().mean().item()
-    out["images"], out["captions"] = I, T
-    out["chance"] = chance_recall(torch.bincount(owner_T, minlength=I)[has_caption].tolist(), ks)
+    out["images"], out["captions"] = n_img, T
+    out["chance"] = chance_recall(torch.bincount(owner_T, minlength=n_img)[has_caption].tolist(), ks)
     return out
 
 
 def chance_recall(captions_per_image: Sequence[int], ks=(1, 5, 10)) -> dict[str, float]:
-    """Recall@k of a random ranking: text -> image k / I; image -> text, for an image with P of
+    """Recall@k of a random ranking: text -> image k / n_img; image -> text, for an image with P of
     the T captions, 1 - C(T-P, k) / C(T, k) (some own caption among k random ones), averaged."""
-    I, T = len(captions_per_image), sum(captions_per_image)
+    n_img, T = len(captions_per_image), sum(captions_per_image)
     out = {}
     for k in ks:
         kk = min(k, T)
-        out[f"i2t_R@{k}"] = 100.0 * sum(1 - math.comb(T - p, kk) / math.comb(T, kk) for p in captions_per_image) / I
+        out[f"i2t_R@{k}"] = 100.0 * sum(1 - math.comb(T - p, kk) / math.comb(T, kk) for p in captions_per_image) / n_img
     for k in ks:
-        out[f"t2i_R@{k}"] = 100.0 * min(k, I) / I
+        out[f"t2i_R@{k}"] = 100.0 * min(k, n_img) / n_img
     return out

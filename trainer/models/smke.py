@@ -179,7 +179,8 @@ class SMKEStudent(nn.Module):
         """(fc1 output, shared block output) of the image tokens, [CLS] at 0."""
         return self._shared(self.image_tower(img_BCHW)[-1], 1, None)
 
-    def text_tokens(self, input_ids_BT: torch.Tensor, padding_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def text_tokens(self, input_ids_BT: torch.Tensor,
+                    padding_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         padding_mask_BT = padding_mask_BT.bool()
         h = self.text_tower(input_ids=input_ids_BT, attention_mask=(~padding_mask_BT).long()).last_hidden_state
         return self._shared(h, 0, padding_mask_BT)
@@ -190,7 +191,8 @@ class SMKEStudent(nn.Module):
                 "x_interm": F.normalize(interm_BTH[:, 0].float(), dim=-1),
                 "encoder_out": self.head(self.fc_norm(cls))}
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor,
+                padding_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         # the logit scales travel in the output so the loss reaches them through the (possibly
         # DDP-wrapped) forward, as open_clip does
         out = {"logit_scales": self.logit_scales, "kd_logit_scale": self.kd_logit_scale}
@@ -208,7 +210,7 @@ class SMKEStudent(nn.Module):
                 "text_tower": self.text_tower.config.to_dict(), **self.hparams}
 
     @classmethod
-    def from_arch(cls, arch: dict[str, Any]) -> "SMKEStudent":
+    def from_arch(cls, arch: dict[str, Any]) -> SMKEStudent:
         image = Data2Vec2ViT(ViTShape(**arch["image_tower"]), train_pos_embed=arch.get("image_train_pos_embed", False))
         text = bert_from_config(arch["text_tower"])
         keys = ("num_heads", "mlp_ratio", "layer_scale", "tte_init", "out_dim", "logit_scale_init",

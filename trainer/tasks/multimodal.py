@@ -36,8 +36,15 @@ from trainer.fields import between, choice
 from trainer.losses import LOGIT_SCALE_MAX, MemoryBank, contrastive_kd_loss, itc_loss
 from trainer.models import beitv2 as beit
 from trainer.models import vit as d2v
-from trainer.models.smke import (ImageEncoder, SMKEStudent, TextEncoder, image_tower_from_data2vec2,
-                                 load_bert_tower, log_inv, read_bert_config)
+from trainer.models.smke import (
+    ImageEncoder,
+    SMKEStudent,
+    TextEncoder,
+    image_tower_from_data2vec2,
+    load_bert_tower,
+    log_inv,
+    read_bert_config,
+)
 from trainer.precision import autocast, usable_autocast_dtype
 from trainer.tasks.base import Task, default_no_weight_decay
 
@@ -91,9 +98,12 @@ class MultimodalLossConfig:
     itc_on_interm: bool = True  # also the ITC loss on x_interm, averaged (reference code; the thesis text drops it)
     temperature: float = field(default=0.07, metadata=between(0.01, 1.0))  # ITC logit scales start at ln(1/t)
     kd_weight: float = field(default=1.0, metadata=between(0.0))  # weight of the contrastive distillation
-    kd_temperature: float = field(default=0.07, metadata=between(0.01, 1.0))  # distillation logit scale starts at ln(1/t)
-    learn_kd_temperature: bool = False  # fixed at kd_temperature, as in the thesis run (never optimised); True learns it
-    memory_bank_size: int = field(default=65536, metadata=between(0))  # earlier teacher targets kept as negatives; 0: none
+    # the distillation logit scale starts at ln(1/t)
+    kd_temperature: float = field(default=0.07, metadata=between(0.01, 1.0))
+    # fixed at kd_temperature, as in the thesis run (never optimised); True learns it
+    learn_kd_temperature: bool = False
+    # earlier teacher targets kept as negatives; 0: none
+    memory_bank_size: int = field(default=65536, metadata=between(0))
 
 
 @dataclass

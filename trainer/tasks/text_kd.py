@@ -27,7 +27,14 @@ from trainer.config import ConfigError
 from trainer.errors import UserError
 from trainer.fields import between, choice
 from trainer.losses import layer_average_target
-from trainer.models.text import BertTextEncoder, attention_mask, bert_from_config, bert_student, load_bert, local_bert_config
+from trainer.models.text import (
+    BertTextEncoder,
+    attention_mask,
+    bert_from_config,
+    bert_student,
+    load_bert,
+    local_bert_config,
+)
 from trainer.precision import autocast, usable_autocast_dtype
 from trainer.tasks.base import Task, default_no_weight_decay
 
@@ -39,7 +46,8 @@ class TextTeacherConfig:
     """The frozen BERT teacher, in the Hugging Face format."""
 
     path: str = "bert-base-uncased"  # local BERT directory (config.json + model.safetensors) or a hub id
-    dtype: str = field(default="bfloat16", metadata=choice("bfloat16", "float16", "float32"))  # teacher forward precision
+    # teacher forward precision
+    dtype: str = field(default="bfloat16", metadata=choice("bfloat16", "float16", "float32"))
 
 
 @dataclass
