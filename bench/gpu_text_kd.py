@@ -96,6 +96,7 @@ def main() -> None:
         f"student.depth={2 if args.tiny else 6}",
         f"data.manifests=[{shards}]", "data.val_split=", f"data.batch_size={args.batch}",
         f"data.block_size={args.block}", f"data.num_workers={args.workers}",
+        "loss.allow_stream_blocks=true",  # full blocks of random ids: a throughput measurement
     ]
     cfg = load_config(REPO / "configs" / "text_kd.yaml", over)
     _, name, sps, wait, peak = train_and_measure(cfg)
