@@ -172,9 +172,9 @@ def check_input_file(key: str, value: str) -> None:
 def preflight(cfg, data: bool = True) -> Checked:
     """Check every input of the run described by `cfg` (see the module doc); `data=False` leaves
     out the manifests (a run fed by a hand-made loader)."""
-    from trainer.config import task_class
+    from trainer.tasks import get_task  # cfg.task was checked when the config was built
 
-    task = task_class(cfg.task)
+    task = get_task(cfg.task)
     for key, value in task.input_files(cfg):
         check_input_file(key, value)
     if not data:
