@@ -24,23 +24,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from shardify.format import ShardifyError
-from shardify.tokenization import SpecialIds
+from shardify.tokenization import Packer
 
 PACKINGS = ("lines", "stream")
 
 
-class LinePacker:
+class LinePacker(Packer):
     """Greedy whole-line packing into [CLS] body [SEP] [PAD]... blocks of `block_size` ids."""
-
-    def __init__(self, block_size: int, special: SpecialIds):
-        if block_size < 3:
-            raise ShardifyError("--block-size must be at least 3 ([CLS], one token, [SEP])")
-        self.block_size = block_size
-        self.body = block_size - 2
-        self.sp = special
-        self._parts: list[np.ndarray] = []
-        self._pending = 0
 
     def add_line(self, ids: np.ndarray) -> list[tuple[np.ndarray, int]]:
         """Add one line's ids; return the blocks it closed, as (block, real body ids)."""

@@ -117,8 +117,9 @@ def encode_texts(tok, texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(e.ids, dtype=np.uint32) for e in encode(texts, add_special_tokens=False)]
 
 
-class BlockPacker:
-    """Concatenates token ids and cuts them into [CLS] body [SEP] blocks of fixed size."""
+class Packer:
+    """What every packing shares: [CLS] body [SEP] blocks of `block_size` ids, the ids of the
+    block being filled (`_parts`, `_pending` of them)."""
 
     def __init__(self, block_size: int, special: SpecialIds):
         if block_size < 3:
@@ -128,6 +129,10 @@ class BlockPacker:
         self.sp = special
         self._parts: list[np.ndarray] = []
         self._pending = 0
+
+
+class BlockPacker(Packer):
+    """Concatenates token ids and cuts them into [CLS] body [SEP] blocks of fixed size."""
 
     def add(self, ids: np.ndarray) -> list[np.ndarray]:
         """Add a document's ids; return the blocks that became full (each block_size long)."""
