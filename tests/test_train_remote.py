@@ -118,7 +118,7 @@ def test_a_failed_checkpoint_upload_never_appears_under_its_name(tmp_path, s3, m
 def test_remote_run_directories_that_cannot_work_are_one_line(tmp_path, s3, monkeypatch, capsys):
     args = toy_args(tmp_path)
     cases = [
-        ("out_dir=http://example.com/run", "config key 'out_dir': http:// is not supported for a run directory"),
+        ("out_dir=http://127.0.0.1:9/run", "config key 'out_dir': http:// is not supported for a run directory"),
         ("out_dir=s3://no-such-bucket/run", "config key 'out_dir': bucket no-such-bucket not found"),
         (f"checkpoint.dir=ftp://{BUCKET}/c", "config key 'checkpoint.dir': ftp:// is not supported"),
     ]

@@ -16,7 +16,6 @@ containers only, so loading a checkpoint someone sent never runs code from its p
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import random
 import re
@@ -80,34 +79,24 @@ class _KeepWriteError:
         self.f.flush()
 
 
-def _write_atomic(state: dict, final: Path, kept: str = "") -> None:
-    """Write, fsync, rename. A failed write (disk full, signal) leaves nothing behind; an
-    OSError anywhere (ENOSPC, EDQUOT, EIO, ...) is one UserError naming the file, with `kept`
-    (what is still there) appended."""
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+def _write_local(store: LocalStore, state: dict, name: str, kept: str = "") -> Path:
+    """torch.save into the store's atomic write (temporary name, fsync, rename). A failed write
+    (disk full, signal) leaves nothing behind; an OSError anywhere (ENOSPC, EDQUOT, EIO, ...) is
+    one UserError naming the file, with `kept` (what is still there) appended."""
     sink = None
+
+    def fill(f) -> None:
+        nonlocal sink
+        sink = _KeepWriteError(f)
+        torch.save(state, sink)
+
     try:
-        try:
-            with open(tmp, "wb") as f:
-                sink = _KeepWriteError(f)
-                torch.save(state, sink)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        # make the rename itself durable before anything older is deleted
-        dir_fd = os.open(final.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        return store.write(name, fill)
     except (OSError, RuntimeError) as e:
         cause = e if isinstance(e, OSError) else (sink.error if sink is not None else None)
         if cause is None:
             raise  # not an I/O error: a bug, keep its traceback
-        raise UserError(f"cannot write checkpoint {final}: {cause.strerror or cause}{kept}") from None
+        raise UserError(f"cannot write checkpoint {store.path(name)}: {cause.strerror or cause}{kept}") from None
 
 
 class Checkpointer:
@@ -145,9 +134,7 @@ class Checkpointer:
             self.store.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"cannot create checkpoint directory {self.store.dir}: {e.strerror or e}") from None
-        final = self.store.path(name)
-        _write_atomic(state, final, kept)
-        return final
+        return _write_local(self.store, state, name, kept)
 
     def save(self, state: dict, step: int) -> Path | str | None:
         if not self.is_main:

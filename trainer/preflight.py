@@ -53,37 +53,17 @@ class Checked:
     manifests: list[Manifest]
 
 
-def manifest_path(given: str) -> str:
-    if given.endswith(".json"):
-        return given
-    return posixpath.join(given, "manifest.json") if scheme_of(given) else os.path.join(given, "manifest.json")
-
-
 def read_manifest(given: str, key: str) -> Manifest:
-    """Read and validate one manifest; a UserError naming `key` if it is missing or invalid."""
-    from shardify.format import ShardifyError, validate_manifest
+    """Read and validate one manifest as the loader does; a UserError naming `key` if it is
+    missing or invalid."""
+    from trainer.data.order import read_manifest as read_validated
 
     hint = missing_package(given)
     if hint:
         raise UserError(f"config key '{key}': {hint}")
-    path = manifest_path(given)
     try:
-        if scheme_of(path):
-            import fsspec
-
-            with fsspec.open(path, "rt", encoding="utf-8") as f:
-                text = f.read()
-        else:
-            with open(os.path.expanduser(path), encoding="utf-8") as f:
-                text = f.read()
-    except FileNotFoundError:
-        raise UserError(f"config key '{key}': manifest not found: {path}") from None
-    except (OSError, ValueError, ImportError) as e:
-        raise UserError(f"config key '{key}': cannot read manifest {path}: {e}") from None
-    try:
-        doc = json.loads(text)
-        validate_manifest(doc, path)
-    except (ValueError, ShardifyError) as e:  # JSONDecodeError is a ValueError
+        doc, path = read_validated(given)
+    except (OSError, ValueError) as e:  # not found, unreadable, not JSON, not the contract
         raise UserError(f"config key '{key}': {e}") from None
     return Manifest(key, given, path, doc)
 
@@ -108,17 +88,19 @@ def check_local_kinds(cfg, task) -> None:
     """The kind check alone, for the manifests that are local files (cheap: one small JSON read
     each); load_config runs it, so a task's own checks never read shards of another kind.
     Missing or unreadable manifests are left to the pre-flight."""
+    from trainer.data.order import manifest_file
+
     for i, given in enumerate(cfg.data.manifests):
-        if scheme_of(given) or not os.path.isfile(os.path.expanduser(manifest_path(given))):
+        path = manifest_file(given)
+        if scheme_of(given) or not os.path.isfile(path):
             continue
         try:
-            with open(os.path.expanduser(manifest_path(given)), encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 doc = json.load(f)
         except (OSError, ValueError):
             continue
         if isinstance(doc, dict) and isinstance(doc.get("fields"), list):
-            check_kind(doc, f"config key 'data.manifests[{i}]': {manifest_path(given)}", task.data_kind,
-                       f"task {cfg.task!r}")
+            check_kind(doc, f"config key 'data.manifests[{i}]': {path}", task.data_kind, f"task {cfg.task!r}")
 
 
 def _check_split(m: Manifest, split: str, what: str) -> None:

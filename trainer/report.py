@@ -241,18 +241,24 @@ def eval_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def _probe_comparison(records: list[dict]) -> list[str]:
-    """A sentence per student probe that has a teacher probe on the same data beside it."""
-    probes = [r for r in records if r.get("benchmark") == "probe"]
-    teachers = [r for r in probes if r.get("model", {}).get("kind") != "student"]
+def _teacher_comparison(records: list[dict]) -> list[str]:
+    """A sentence per student record that has a teacher's record of the same evaluation on the
+    same data beside it, for the evaluations whose registry entry names `compare` keys."""
+    from trainer.eval.results import EVALUATIONS, metric_value
+
     out = []
-    for s in (r for r in probes if r.get("model", {}).get("kind") == "student"):
-        for t in teachers:
-            if t["data"]["validation"]["sha256"] == s["data"]["validation"]["sha256"]:
-                ratio = s["metrics"]["top1"] / t["metrics"]["top1"] if t["metrics"]["top1"] else float("nan")
-                out.append(f"- Fast probe top-1: student {s['metrics']['top1']:.2f} vs "
-                           f"{_model_name(t)} {t['metrics']['top1']:.2f} ({100 * ratio:.0f}% of it); "
-                           f"k-NN top-1: {s['metrics']['knn']['top1']:.2f} vs {t['metrics']['knn']['top1']:.2f}.")
+    for ev in (e for e in EVALUATIONS.values() if e.compare):
+        mine = [r for r in records if r.get("benchmark") == ev.name]
+        teachers = [r for r in mine if r.get("model", {}).get("kind") != "student"]
+        labels = dict(ev.metrics)
+        for s in (r for r in mine if r.get("model", {}).get("kind") == "student"):
+            for t in (t for t in teachers if _data_of(t).get("sha256") == _data_of(s).get("sha256")):
+                (first, *rest), a, b = ev.compare, metric_value(s, ev.compare[0]), metric_value(t, ev.compare[0])
+                ratio = 100 * a / b if b else float("nan")
+                parts = [f"{ev.short} {labels[first]}: student {a:.2f} vs {_model_name(t)} {b:.2f} "
+                         f"({ratio:.0f}% of it)"]
+                parts += [f"{labels[k]}: {metric_value(s, k):.2f} vs {metric_value(t, k):.2f}" for k in rest]
+                out.append("- " + "; ".join(parts) + ".")
     return out
 
 
@@ -286,7 +292,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None,
         md.append(f"Last logged: {', '.join(finals)}.")
     md += ["", "## Evaluation", ""]
     if evals:
-        md += _probe_comparison(evals)
+        md += _teacher_comparison(evals)
         md += ["", *eval_table(evals),
                "Chance: top-k = k / classes present (zero-shot: k / classes named); R@k: a random ranking. Thesis: the "
                "published figure for the same benchmark, shown only beside a result measured with the same protocol "

@@ -112,6 +112,12 @@ class LocalStore(Store):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        # make the rename itself durable before anything older is deleted
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         return final
 
     def read(self, name: str) -> bytes:

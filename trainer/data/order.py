@@ -119,11 +119,17 @@ def _missing_fs(path: str, e: ImportError) -> str:
     return missing_package(path) or str(e).strip().splitlines()[0]
 
 
-def load_source(manifest: str, split: str) -> Source:
-    """Read one manifest (its path or its directory) and return the split's shard list."""
-    path = manifest
-    if not path.endswith(".json"):
-        path = posixpath.join(path, "manifest.json") if _is_url(path) else os.path.join(path, "manifest.json")
+def manifest_file(manifest: str) -> str:
+    """The manifest.json a shard directory or manifest path names (local paths with ~ expanded)."""
+    if _is_url(manifest):
+        return manifest if manifest.endswith(".json") else posixpath.join(manifest, "manifest.json")
+    path = os.path.expanduser(manifest)
+    return path if path.endswith(".json") else os.path.join(path, "manifest.json")
+
+
+def read_manifest(manifest: str) -> tuple[dict, str]:
+    """(validated manifest, its path); FileNotFoundError or ValueError naming the file."""
+    path = manifest_file(manifest)
     try:
         doc = json.loads(_read_text(path))
     except FileNotFoundError:
@@ -133,6 +139,12 @@ def load_source(manifest: str, split: str) -> Source:
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read manifest {path}: {e}") from None
     validate_manifest(doc, path)  # the contract's checks (a ShardifyError is a ValueError)
+    return doc, path
+
+
+def load_source(manifest: str, split: str) -> Source:
+    """Read one manifest (its path or its directory) and return the split's shard list."""
+    doc, path = read_manifest(manifest)
     splits = doc["splits"]
     if split not in splits:
         raise ValueError(f"split {split!r} not in manifest {path} (has: {', '.join(sorted(splits)) or 'none'})")

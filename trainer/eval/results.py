@@ -55,6 +55,10 @@ class Evaluation:
     protocol: str  # the protocol the thesis measured its figures with
     thesis: dict[str, dict] = field(default_factory=dict)  # dataset -> {model, setting, split, metrics}
     combined: Combined | None = None
+    # the student-vs-teacher sentence of the report: metric keys (the first with the ratio), and
+    # the words that open it
+    compare: tuple[str, ...] = ()
+    short: str = ""
 
 
 _GLUE_TASKS = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
@@ -73,7 +77,7 @@ def _image_thesis(figures: dict[str, float]) -> dict[str, dict]:
 EVALUATIONS: dict[str, Evaluation] = {e.name: e for e in (
     Evaluation("probe", "fast probe (cached features; a health check, not a thesis protocol)",
                (("top1", "top-1"), ("top5", "top-5"), ("knn.top1", "k-NN top-1"), ("knn.top5", "k-NN top-5")),
-               protocol=""),
+               protocol="", compare=("top1", "knn.top1"), short="Fast probe"),
     Evaluation("finetune", "image classification, full fine-tuning",
                (("top1", "top-1"), ("top5", "top-5")), protocol="thesis-finetune",
                thesis=_image_thesis({"imagenet": 76.1, "cifar10": 97.7, "cifar100": 87.2})),
