@@ -139,7 +139,8 @@ def plan_split(source: Source, split: str, out_dir: Path, opts, log) -> SplitPla
             last[0] = now
             log(f"  listing {split}: {desc} ({count} inputs so far)")
 
-    ctx = ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress, show_progress=opts.progress)
+    ctx = ListContext(stage_dir=stage_dir, workers=opts.workers, progress=progress, show_progress=opts.progress,
+                      node_rank=opts.node_rank, num_nodes=opts.num_nodes)
     work = state.work_dir(out_dir, split, opts.node_rank, opts.num_nodes)
     shutil.rmtree(work, ignore_errors=True)  # left by a run that was stopped: the plan is made afresh
     work.mkdir(parents=True)

@@ -5,7 +5,11 @@ payload is appended to `<stage>/<unit>.bin` and its entry (key, origin, offset, 
 a JSON line to `<unit>.jsonl`, renamed into place once the unit is complete (entries go to the
 file as they come: memory does not grow with the unit's size). A rerun finds the list and skips the
 unit, so an interrupted listing resumes unit by unit. Shard writers then read payloads from the
-local .bin at random, like any other file. Units are staged in parallel processes.
+.bin at random, like any other file. Units are staged in parallel processes.
+
+The stage folder lies in the output directory, which every task of a multi-node job shares:
+each unit is streamed by one task only, and the others wait for its list (stage_claims.py).
+So the split is downloaded once in total, and every task then lists all of it from the files.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from shardify import state
+from shardify import stage_claims, state
 from shardify.format import ShardifyError
 from shardify.records import Item
 from shardify.workers import run_in_workers
@@ -27,33 +31,76 @@ Streamer = Callable[[str], Iterator[tuple[str, str, bytes, dict]]]
 
 
 _REPORT_EVERY_S = 10.0
+_WAIT_REPORT_EVERY_S = 30.0
+_POLL_S = (1.0, 10.0)  # waiting for other tasks' units: first and longest pause between looks
+STAGED, BUSY = "staged", "busy"
 
 
-def _stage_one(args) -> None:
-    """Stage one unit, unless a previous run did (its list is written last)."""
-    streamer, unit, stage_dir, show_progress = args
+def safe_name(unit: str) -> str:
+    return unit.replace("/", "__")
+
+
+def _paths(stage_dir: Path, unit: str) -> tuple[Path, Path]:
+    safe = safe_name(unit)
+    return Path(stage_dir) / f"{safe}.bin", Path(stage_dir) / f"{safe}.jsonl"
+
+
+def _staged(stage_dir: Path, unit: str) -> bool:
+    bin_path, list_path = _paths(stage_dir, unit)
+    return bin_path.exists() and list_path.exists()
+
+
+class _Superseded(Exception):
+    """Another task took the unit over (this one looked dead to it): leave the unit to it."""
+
+
+def _stage_one(args) -> str:
+    """Stage one unit if this task may (STAGED), or leave it to the task that holds it (BUSY).
+
+    `over` is the claim this task may take over (its own from an earlier run, or one seen
+    abandoned), None to claim a unit nobody holds."""
+    streamer, unit, stage_dir, show_progress, task, over = args
     stage_dir = Path(stage_dir)
-    safe = unit.replace("/", "__")
-    bin_path, list_path = stage_dir / f"{safe}.bin", stage_dir / f"{safe}.jsonl"
-    if bin_path.exists() and list_path.exists():
-        return
+    if _staged(stage_dir, unit):
+        return STAGED
     stage_dir.mkdir(parents=True, exist_ok=True)
+    held = stage_claims.claim(stage_dir, safe_name(unit), task, over)
+    if held is None:
+        return BUSY
+    bin_path, list_path = _paths(stage_dir, unit)
     tmp, list_tmp = state.tmp_path(bin_path), state.tmp_path(list_path)
     count = offset = 0
     start = last = time.monotonic()
-    with open(tmp, "wb") as out, open(list_tmp, "w", encoding="utf-8") as entries:
-        for key, origin, payload, meta in _guarded(streamer, unit):
-            out.write(payload)
-            entries.write(json.dumps([key, origin, offset, len(payload), meta]) + "\n")
-            offset += len(payload)
-            count += 1
-            now = time.monotonic()
-            if show_progress and now - last > _REPORT_EVERY_S:  # a hub archive takes minutes
-                last = now
-                print(f"  staging {unit}: {count} inputs, {offset / 1e9:.2f} GB, "
-                      f"{offset / 1e6 / (now - start):.0f} MB/s", file=sys.stderr, flush=True)
-    os.replace(tmp, bin_path)
-    os.replace(list_tmp, list_path)  # last: its presence means "staged"
+    try:
+        with stage_claims.Heartbeat(held) as heartbeat, open(tmp, "wb") as out, \
+                open(list_tmp, "w", encoding="utf-8") as entries:
+            for key, origin, payload, meta in _guarded(streamer, unit):
+                out.write(payload)
+                entries.write(json.dumps([key, origin, offset, len(payload), meta]) + "\n")
+                offset += len(payload)
+                count += 1
+                now = time.monotonic()
+                if heartbeat.superseded.is_set():
+                    raise _Superseded()
+                if show_progress and now - last > _REPORT_EVERY_S:  # a hub archive takes minutes
+                    last = now
+                    print(f"  staging {unit}: {count} inputs, {offset / 1e9:.2f} GB, "
+                          f"{offset / 1e6 / (now - start):.0f} MB/s", file=sys.stderr, flush=True)
+        os.replace(tmp, bin_path)
+        os.replace(list_tmp, list_path)  # last: its presence means "staged"
+    except (_Superseded, FileNotFoundError) as exc:
+        # FileNotFoundError: the task that took the unit over deleted our temporaries
+        if isinstance(exc, FileNotFoundError) and stage_claims.current(stage_dir, safe_name(unit)) == held:
+            raise
+        for path in (tmp, list_tmp):
+            path.unlink(missing_ok=True)
+        return BUSY
+    except BaseException:
+        for path in (tmp, list_tmp):
+            path.unlink(missing_ok=True)
+        raise
+    stage_claims.release(stage_dir, safe_name(unit))
+    return STAGED
 
 
 def unit_error(unit: str, exc: BaseException) -> ShardifyError:
@@ -74,23 +121,18 @@ def _guarded(streamer, unit: str):
         raise unit_error(unit, exc) from None
 
 
-def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, workers: int,
-                progress: Callable[[str, int], None], show_progress: bool = True) -> Iterator[Item]:
-    """Stage every unit (in parallel), then yield the items in unit order, then stream order.
+def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, ctx) -> Iterator[Item]:
+    """Stage every unit (in parallel; in a multi-node job, this task's share and what its peers
+    leave unclaimed), wait for the units other tasks stage, then yield the items in unit order,
+    then stream order. `ctx` is the source's ListContext.
 
     The staging processes return nothing: each unit's list is read back from its file, one unit
     at a time, so the listing never holds more than one unit's entries.
     """
-    jobs = [(streamer, unit, str(stage_dir), show_progress) for unit in units]
-    if workers > 1 and len(units) > 1:
-        run_in_workers(_stage_one, jobs, min(workers, len(units)), what="staging inputs")
+    _stage_all(streamer, units, Path(stage_dir), ctx)
     count = 0
-    for job in jobs:
-        _stage_one(job)  # staged above (a no-op then), or staged now
-        unit = job[1]
-        safe = unit.replace("/", "__")
-        bin_path = str(Path(stage_dir) / f"{safe}.bin")
-        list_path = Path(stage_dir) / f"{safe}.jsonl"
+    for unit in units:
+        bin_path, list_path = _paths(stage_dir, unit)
         with open(list_path, encoding="utf-8") as entries:
             for line in entries:
                 try:
@@ -98,9 +140,48 @@ def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, workers: 
                 except ValueError as exc:
                     raise ShardifyError(f"{list_path} is damaged ({exc}); shardify writes it atomically, so "
                                     "something else changed it: write to a new --out") from None
-                yield Item(key=key, origin=origin, loc=(bin_path, offset, size), meta=meta)
+                yield Item(key=key, origin=origin, loc=(str(bin_path), offset, size), meta=meta)
                 count += 1
-        progress(f"staged {unit}", count)
+        ctx.progress(f"staged {unit}", count)
+
+
+def _stage_all(streamer: Streamer, units: list[str], stage_dir: Path, ctx) -> None:
+    """Return once every unit is staged, by this task or another."""
+    task = stage_claims.task_name(ctx.node_rank, ctx.num_nodes)
+    order = stage_claims.work_order(units, ctx.node_rank, ctx.num_nodes)
+    watch = stage_claims.StaleWatch()
+    pause, last_report = _POLL_S[0], time.monotonic()
+    while True:
+        pending = [u for u in order if not _staged(stage_dir, u)]
+        if not pending:
+            return
+        jobs, held_elsewhere = [], []
+        for unit in pending:
+            holder = stage_claims.current(stage_dir, safe_name(unit))
+            # a single-node run is alone in the directory (outlock.py): every claim is a dead run's
+            ours = holder is None or holder.task == task or ctx.num_nodes == 1
+            if ours or watch.abandoned(safe_name(unit), holder):
+                if not ours:
+                    print(f"  {unit}: taking it over from {holder.task or 'a task'} (host {holder.host or '?'}, "
+                          f"pid {holder.pid}), whose claim has not changed for {stage_claims.LEASE_S:.0f} s",
+                          file=sys.stderr, flush=True)
+                jobs.append((streamer, unit, str(stage_dir), ctx.show_progress, task, holder))
+            else:
+                held_elsewhere.append((unit, holder.task))
+        if len(jobs) > 1 and ctx.workers > 1:
+            results = run_in_workers(_stage_one, jobs, min(ctx.workers, len(jobs)), what="staging inputs")
+        else:
+            results = [_stage_one(job) for job in jobs]
+        if STAGED in results:
+            pause = _POLL_S[0]
+            continue  # look again at once: more may be free now
+        if ctx.show_progress and held_elsewhere and time.monotonic() - last_report >= _WAIT_REPORT_EVERY_S:
+            last_report = time.monotonic()
+            tasks = sorted({t or "?" for _, t in held_elsewhere})
+            print(f"  waiting for {len(held_elsewhere)} of {len(units)} units that other tasks are staging "
+                  f"({', '.join(tasks)}), e.g. {held_elsewhere[0][0]}", file=sys.stderr, flush=True)
+        time.sleep(pause)
+        pause = min(pause * 2, _POLL_S[1])
 
 
 class LocalFileReader:

@@ -22,6 +22,9 @@ class FakeHub:
     def __init__(self, repos: dict[str, Path]):
         self.repos = {k: Path(v) for k, v in repos.items()}
         self.requests: list[str] = []
+        # (repo file, Authorization header) of every file read: which client read what (tests
+        # give each client its own HF_TOKEN)
+        self.reads: list[tuple[str, str | None]] = []
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -71,6 +74,8 @@ class FakeHub:
                 elif m := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                     root = self._repo(m.group(1))
                     if root is not None:
+                        if self.command == "GET":
+                            hub.reads.append((m.group(3), self.headers.get("Authorization")))
                         self._serve_file(root / m.group(3))
                 else:
                     self._json({"error": f"unknown path {path}"}, 404)

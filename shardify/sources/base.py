@@ -5,7 +5,7 @@ has had. The job runner (shardify/job.py) only talks to this interface:
 
 1. `list_items(split, ctx)` lists every input of a split in a deterministic order, cheaply (no
    image bytes). Sources whose layout cannot be read at random (tar.gz archives, parquet) stage
-   the payloads into an uncompressed local tar under `ctx.stage_dir` while listing, once.
+   the payloads under `ctx.stage_dir` while listing, once (shardify/staging.py).
    Yield the items as they are found (a generator): the planner writes each to a file as it
    comes, so a listing of any length costs no more memory than one item (shardify/plan.py).
 2. In each worker process, `open_reader(split)` returns a `Reader` whose `read_many(items)`
@@ -32,10 +32,12 @@ from shardify.records import Item, Reject
 class ListContext:
     """What a source may use while listing a split."""
 
-    stage_dir: Path  # node-local scratch space for staged payloads (uncompressed tars)
+    stage_dir: Path  # staged payloads, in the output directory: shared by the job's tasks
     workers: int  # processes the source may use to list or stage units in parallel
     progress: Callable[[str, int], None]  # progress(description, items_listed_so_far)
     show_progress: bool = True  # False with --no-progress: staging workers stay quiet too
+    node_rank: int = 0  # which task of the job this is (each stages its share: staging.py)
+    num_nodes: int = 1
 
 
 class Reader(ABC):

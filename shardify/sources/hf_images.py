@@ -91,8 +91,7 @@ class HFImagesSource(Source):
     def list_items(self, split: str, ctx: ListContext) -> list[Item]:
         files = self.split_files(split)
         self.class_names()  # a wrong column name fails here, before any staging
-        return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir, ctx.workers,
-                           ctx.progress, ctx.show_progress)
+        return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir, ctx)
 
     def _stream_unit(self, split: str, rel: str):
         """Yield (key, origin, payload, meta) for every row of one parquet file."""

@@ -192,8 +192,7 @@ class ImageNetSource(Source):
             return itertools.chain(self._list_folder(files), self._not_taken(split))
         if self.layout == "wds" and self.loc.local_path is not None:
             return (it for rel in files for it in self._list_local_wds(rel))
-        return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir,
-                           ctx.workers, ctx.progress, ctx.show_progress)
+        return stage_units(functools.partial(self._stream_unit, split), files, ctx.stage_dir, ctx)
 
     def _list_folder(self, files: list[str]) -> Iterator[Item]:
         for rel in files:

@@ -332,9 +332,7 @@ class OpenWebTextSource(Source):
         units = self._units(split)
         streamer = _Streamer(self.loc, self.layout, {rel: n for n, rel in self.slice_files.items()},
                              self.clean, self.tokenizer, self.packing)
-        workers = ctx.workers
-        docs = stage_units(streamer, units, Path(ctx.stage_dir) / "documents", workers, ctx.progress,
-                           ctx.show_progress)
+        docs = stage_units(streamer, units, Path(ctx.stage_dir) / "documents", ctx)
         if not self.tokenizer:
             return docs
         return self._pack(split, docs, Path(ctx.stage_dir))

@@ -100,8 +100,7 @@ class WdsPairSource(Source):
     def list_items(self, split: str, ctx: ListContext) -> Iterator[Item]:
         tars = self._tars[split]
         if self.loc.local_path is None:  # the hub: stream each tar once, stage the images
-            for item in stage_units(_StageStreamer(self.loc, split), tars, Path(ctx.stage_dir),
-                                    ctx.workers, ctx.progress, ctx.show_progress):
+            for item in stage_units(_StageStreamer(self.loc, split), tars, Path(ctx.stage_dir), ctx):
                 item.loc = ("staged", *item.loc)
                 yield item
             return
