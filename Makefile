@@ -15,7 +15,7 @@ MM_CKPT ?= runs/multimodal
 DEMO_OUT ?= demo_out
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lint test test-fast demo bench-shardify bench-scale bench-tokenize bench-loader bench-download bench-train train-image train-text train-multimodal clean gpu-check-prep gpu-check
+.PHONY: help venv lint test test-fast demo bench-shardify bench-scale bench-stage bench-tokenize bench-loader bench-download bench-train train-image train-text train-multimodal clean gpu-check-prep gpu-check
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench-shardify: $(VENV)/.installed ## Time shardify against tar and a bare Shard
 
 bench-scale: $(VENV)/.installed ## shardify's peak memory and planning time at 2M / 20M URL rows and 1.28M files (generated in tmp; ROWS=, FILES= for a quick run)
 	$(OFFLINE) $(PY) bench/bench_scale.py --rows $(or $(ROWS),2000000,20000000) --files $(or $(FILES),1280000)
+
+bench-stage: $(VENV)/.installed ## Hub bytes of a 4-task job on the archives layout: shared staging against every task streaming the split (IMAGES=dir)
+	$(OFFLINE) $(PY) bench/bench_stage.py --images $(IMAGES)
 
 bench-tokenize: $(VENV)/.installed ## Tokenise-and-pack throughput per core against datasets.map
 	$(OFFLINE) $(PY) bench/bench_tokenize.py --docs 2000 --repeats 7

@@ -12,7 +12,9 @@
 - `work/<split>-node-R-of-K/`: the node's plan while it writes: every listed input as a JSON
   row (`rows.jsonl`, `rows.idx`) and the seeded order as row numbers (`order.u64`); files, so
   that memory does not grow with the number of inputs (see shardify/plan.py).
-- `stage/<split>/`: payloads of sources that cannot be read at random, staged once.
+- `stage/<split>/`: payloads of sources that cannot be read at random, staged once for all
+  nodes: `<unit>.bin` and `<unit>.jsonl` per unit, and `<unit>.claim-<g>` while a node
+  streams it (shardify/staging.py, shardify/stage_claims.py).
 - `locks/node-<R>.lock`: held by the run writing node R's shards (shardify/outlock.py).
 This module is the only one that knows these paths.
 All are written to a temporary name and renamed, so a crash never leaves half a file.

@@ -25,6 +25,7 @@ class FakeHub:
         # (repo file, Authorization header) of every file read: which client read what (tests
         # give each client its own HF_TOKEN)
         self.reads: list[tuple[str, str | None]] = []
+        self.sent: dict[tuple[str, str | None], int] = {}  # bytes of file content per (file, header)
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -74,9 +75,11 @@ class FakeHub:
                 elif m := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                     root = self._repo(m.group(1))
                     if root is not None:
+                        who = (m.group(3), self.headers.get("Authorization"))
                         if self.command == "GET":
-                            hub.reads.append((m.group(3), self.headers.get("Authorization")))
-                        self._serve_file(root / m.group(3))
+                            hub.reads.append(who)
+                        sent = self._serve_file(root / m.group(3))
+                        hub.sent[who] = hub.sent.get(who, 0) + sent
                 else:
                     self._json({"error": f"unknown path {path}"}, 404)
 
@@ -100,13 +103,14 @@ class FakeHub:
                 else:
                     self._json({"error": f"unknown path {path}"}, 404)
 
-            def _serve_file(self, file: Path):
+            def _serve_file(self, file: Path) -> int:
+                """Answer with the file (or the requested range); return the content bytes sent."""
                 if not file.is_file():
                     self.send_response(404)
                     self.send_header("X-Error-Code", "EntryNotFound")
                     self.send_header("Content-Length", "0")
                     self.end_headers()
-                    return
+                    return 0
                 data = file.read_bytes()
                 start, end = 0, len(data) - 1
                 status = 200
@@ -118,7 +122,7 @@ class FakeHub:
                         self.send_response(416)
                         self.send_header("Content-Length", "0")
                         self.end_headers()
-                        return
+                        return 0
                     status = 206
                 chunk = data[start : end + 1]
                 self.send_response(status)
@@ -129,8 +133,10 @@ class FakeHub:
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
                 self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(chunk)
+                if self.command == "HEAD":
+                    return 0
+                self.wfile.write(chunk)
+                return len(chunk)
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
