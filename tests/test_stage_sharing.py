@@ -103,6 +103,55 @@ def test_a_task_whose_peer_never_starts_stages_everything(tmp_path):
     assert _outputs(tmp_path / "one") == _outputs(tmp_path / "two")
 
 
+# A `shardify` process that stalls forever in the middle of staging train_images_1.tar.gz (after
+# its first image), so a test can kill it there.
+STALLING_SHARDIFY = (
+    "import threading\n"
+    "from shardify.sources import imagenet\n"
+    "stream = imagenet.ImageNetSource._stream_unit\n"
+    "def stalling(self, split, rel):\n"
+    "    for n, entry in enumerate(stream(self, split, rel)):\n"
+    "        if n == 1 and rel.endswith('train_images_1.tar.gz'):\n"
+    "            threading.Event().wait()\n"
+    "        yield entry\n"
+    "stalling.__name__ = '_stream_unit'  # staging processes get it by name (pickled bound method)\n"
+    "imagenet.ImageNetSource._stream_unit = stalling\n"
+    "from shardify.cli import run\n"
+    "run()\n"
+)
+
+
+def test_a_task_killed_while_staging_resumes_at_once(tmp_path):
+    """SIGKILL in the middle of a unit leaves its claim and half-written files; the rerun of
+    the same task takes the unit over at once (no lease to wait for) and the job's shards equal
+    a one-task run's."""
+    repo = WRITERS["archives"](tmp_path / "repo")
+    args = ["imagenet", "--source", str(repo), *COMMON, "--split", "train"]
+    one = subprocess.run([sys.executable, "-m", "shardify", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    task0 = [*args, "--out", str(tmp_path / "two"), "--num-nodes", "2", "--node-rank", "0"]
+    proc = subprocess.Popen([sys.executable, "-c", STALLING_SHARDIFY, *task0], stderr=subprocess.PIPE, text=True)
+    stage = state.stage_dir(tmp_path / "two", "train")
+    deadline = time.monotonic() + 60
+    while not list(stage.glob(f".data__train_images_1.tar.gz.bin{state.TMP_MARK}*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    time.sleep(0.3)  # well inside the unit now
+    proc.kill()
+    proc.wait()
+    assert (stage / "data__train_images_1.tar.gz.claim-0").exists()  # the dead run's claim ...
+    started = time.monotonic()
+    for rank in (0, 1):
+        rerun = subprocess.run([sys.executable, "-m", "shardify", *task0[:-1], str(rank)],
+                               capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stderr
+    assert time.monotonic() - started < stage_claims.LEASE_S  # ... taken over without waiting
+    _finalize(tmp_path / "two")
+    assert _outputs(tmp_path / "one") == _outputs(tmp_path / "two")
+    assert not [p for p in stage.iterdir() if ".claim-" in p.name or state.TMP_MARK in p.name]
+
+
 # ---------------------------------------------------------------- claims, in-process
 class CountingStreamer:
     """Three entries per unit; counts which units it streamed (in this process)."""
