@@ -24,6 +24,7 @@ from pathlib import Path
 from shardify import stage_claims, state
 from shardify.format import ShardifyError
 from shardify.records import Item
+from shardify.sources.base import ListContext
 from shardify.workers import run_in_workers
 
 # A unit streamer yields (key, origin, payload bytes, meta) in the unit's order.
@@ -121,10 +122,10 @@ def _guarded(streamer, unit: str):
         raise unit_error(unit, exc) from None
 
 
-def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, ctx) -> Iterator[Item]:
+def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, ctx: ListContext) -> Iterator[Item]:
     """Stage every unit (in parallel; in a multi-node job, this task's share and what its peers
     leave unclaimed), wait for the units other tasks stage, then yield the items in unit order,
-    then stream order. `ctx` is the source's ListContext.
+    then stream order.
 
     The staging processes return nothing: each unit's list is read back from its file, one unit
     at a time, so the listing never holds more than one unit's entries.
@@ -145,7 +146,7 @@ def stage_units(streamer: Streamer, units: list[str], stage_dir: Path, ctx) -> I
         ctx.progress(f"staged {unit}", count)
 
 
-def _stage_all(streamer: Streamer, units: list[str], stage_dir: Path, ctx) -> None:
+def _stage_all(streamer: Streamer, units: list[str], stage_dir: Path, ctx: ListContext) -> None:
     """Return once every unit is staged, by this task or another."""
     task = stage_claims.task_name(ctx.node_rank, ctx.num_nodes)
     order = stage_claims.work_order(units, ctx.node_rank, ctx.num_nodes)
