@@ -316,6 +316,19 @@ def test_a_reject_rate_that_is_not_a_number_is_refused(tmp_path, value):
     assert "is not a finite number" in run_cli("finalize", tmp_path, "--max-reject-rate", value, expect=2).output
 
 
+@pytest.mark.parametrize("option", ["--timeout", "--backoff", "--host-rate"])
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_download_options_that_are_not_finite_are_refused(tmp_path, option, value):
+    """nan compares false with every bound, so click's FloatRange let it through to the
+    downloader; inf is refused too (an endless --timeout lets one silent host stall a worker)."""
+    src = tmp_path / "list.tsv"
+    src.write_text("url\tcaption\nhttp://127.0.0.1:9/a.jpg\ta\n")
+    out = tmp_path / "out"
+    result = run_cli("pairs", "urls", "--source", src, "--out", out, option, value, expect=2)
+    assert f"Invalid value for '{option}': '{value}' is not a finite number" in result.output
+    assert not out.exists()
+
+
 def test_workers_are_capped_at_the_shards_and_too_many_are_warned_about(tmp_path, monkeypatch):
     """`--workers 400` on 2 shards forked 400 processes."""
     from concurrent.futures import ProcessPoolExecutor

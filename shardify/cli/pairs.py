@@ -13,7 +13,7 @@ import os
 
 import click
 
-from shardify.cli.common import check_reject_rate, job_options, report
+from shardify.cli.common import FiniteFloatRange, check_reject_rate, job_options, report
 from shardify.download.fetcher import DownloadConfig, check_lookahead
 from shardify.images import DEFAULT_MAX_PIXELS
 from shardify.sources.pairs import DATASETS
@@ -90,15 +90,15 @@ def run_pairs(source, out, splits, job, max_reject_rate, retry_failed=False, ech
 @click.option("--subset", default=None, help="URL lists: only files under this folder of the repo.")
 @click.option("--retry-failed", is_flag=True,
               help="URL lists: rewrite the shards that had download failures (404s, timeouts, ...).")
-@click.option("--timeout", default=_D.timeout, show_default=True, type=click.FloatRange(min=0.1),
+@click.option("--timeout", default=_D.timeout, show_default=True, type=FiniteFloatRange(min=0.1),
               help="Seconds per download attempt, connect to last byte.")
 @click.option("--retries", default=_D.retries, show_default=True, type=click.IntRange(min=0),
               help="Retries after a transient failure (429, 5xx, timeout, reset).")
-@click.option("--backoff", default=_D.backoff, show_default=True, type=click.FloatRange(min=0),
+@click.option("--backoff", default=_D.backoff, show_default=True, type=FiniteFloatRange(min=0),
               help="First wait before a retry, in seconds; doubles each time.")
 @click.option("--concurrency", default=_D.concurrency, show_default=True, type=click.IntRange(min=1),
               help="Requests in flight per worker process (plus the one the writer waits for).")
-@click.option("--host-rate", default=_D.host_rate, show_default=True, type=click.FloatRange(min=0),
+@click.option("--host-rate", default=_D.host_rate, show_default=True, type=FiniteFloatRange(min=0),
               help="Requests per second per host per worker (0: unlimited).")
 @click.option("--max-bytes", default=_D.max_bytes, show_default=True, type=click.IntRange(min=1),
               help="Largest image body accepted, after any decompression.")
