@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from shardify.checksum import sha256_file
 from trainer.data import AugmentConfig, DataConfig, build_loader
 
 CACHE_VERSION = 1
@@ -51,11 +52,7 @@ def file_sha256(path: str | Path) -> str:
     st = os.stat(path)
     memo = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _HASHES[memo] = h.hexdigest()
+        _HASHES[memo] = sha256_file(path)
     return _HASHES[memo]
 
 
