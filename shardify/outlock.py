@@ -8,7 +8,9 @@ refused with one line naming the holder (host, pid, SLURM job, start time: writt
 lock file). The kernel drops a lock when its process ends, however it ends, so the lock of a
 dead run is simply taken over. Nodes of one multi-node job lock their own ranks and write side
 by side; a run is also refused while a run with another --num-nodes holds any rank (a
-single-node run cleans every node's temporaries). `shardify finalize` takes no lock.
+single-node run cleans every node's temporaries). Each run writes its record before it reads
+the others', and waits up to 5 s for a peer that has locked its file but not yet written its
+record (the tasks of an array start at the same instant). `shardify finalize` takes no lock.
 
 On a file system without flock (some Lustre and NFS mounts) the holder written in the file is
 checked instead: refused while that process is alive on this host, taken over otherwise.
@@ -49,9 +51,11 @@ def out_lock(out_dir: Path, node_rank: int, num_nodes: int, log=None):
     fd = None
     try:
         fd = _acquire(path, me, log)
-        _refuse_other_node_counts(path.parent, path, num_nodes)
+        # recorded before the others are judged: tasks of one array start together, and each
+        # reads the others' records
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(me) + "\n").encode())
+        _refuse_other_node_counts(path.parent, path, num_nodes)
         yield
     finally:
         if fd is not None:
@@ -108,9 +112,18 @@ def _refuse_other_node_counts(lock_dir: Path, mine: Path, num_nodes: int) -> Non
     for other in sorted(lock_dir.glob("node-*.lock")):
         if other == mine or not _is_held(other):
             continue
-        holder = _holder(other) or {}
+        holder = _recorded_holder(other) or {}
         if num_nodes == 1 or holder.get("num_nodes") != num_nodes:
             raise ShardifyError(_busy(other))
+
+
+def _recorded_holder(path: Path, wait_s: float = 5.0) -> dict | None:
+    """The holder a held lock names, waiting a moment for a run that has just locked it to
+    write its record (a task of the same array starting at the same instant)."""
+    deadline = time.monotonic() + wait_s
+    while (holder := _holder(path)) is None and time.monotonic() < deadline and _is_held(path):
+        time.sleep(0.05)
+    return holder
 
 
 def _is_held(path: Path) -> bool:

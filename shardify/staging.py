@@ -68,6 +68,9 @@ def _stage_one(args) -> str:
     held = stage_claims.claim(stage_dir, safe_name(unit), task, over)
     if held is None:
         return BUSY
+    if _staged(stage_dir, unit):  # staged, and its claims released, since the look above
+        stage_claims.release(stage_dir, safe_name(unit))
+        return STAGED
     bin_path, list_path = _paths(stage_dir, unit)
     tmp, list_tmp = state.tmp_path(bin_path), state.tmp_path(list_path)
     count = offset = 0

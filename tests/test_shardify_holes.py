@@ -261,6 +261,34 @@ def test_nodes_of_one_job_write_side_by_side_but_not_with_another_node_count(tmp
     assert not (out / ".shardify" / "locks").exists()  # released and removed
 
 
+def test_tasks_of_one_array_starting_at_the_same_instant_both_run(tmp_path):
+    """Node 1 has just locked its file and not yet written who it is when node 0 looks: node 0
+    waits for the record instead of refusing an unknown holder (seen in a 2-task test run)."""
+    import fcntl
+    import threading
+
+    from shardify import outlock, state
+    from shardify.format import ShardifyError
+
+    path = state.lock_path(tmp_path, 1)
+    path.parent.mkdir(parents=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    record = {"host": "h", "pid": 1, "node_rank": 1, "num_nodes": 2}
+    writer = threading.Timer(0.3, lambda: os.write(fd, json.dumps(record).encode()))
+    writer.start()
+    try:
+        with outlock.out_lock(tmp_path, 0, 2):
+            pass
+        writer.join()
+        with pytest.raises(ShardifyError, match="node rank 1 of 2"):  # a single-node run is still refused
+            with outlock.out_lock(tmp_path, 0, 1):
+                pass
+    finally:
+        writer.cancel()
+        os.close(fd)
+
+
 def test_a_refused_run_into_a_new_directory_leaves_nothing_behind(tmp_path, hold_lock):
     out = tmp_path / "new" / "out"
     hold_lock(tmp_path / "held", 0, 1)
