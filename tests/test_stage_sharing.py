@@ -188,7 +188,7 @@ def _write_claim(stage: Path, unit: str, task: str, pid: int, generation: int = 
 
 @pytest.fixture
 def quick(monkeypatch):
-    monkeypatch.setattr(stage_claims, "LEASE_S", 0.5)
+    monkeypatch.setattr(stage_claims, "LEASE_S", 1.0)
     monkeypatch.setattr(stage_claims, "HEARTBEAT_S", 0.05)
     monkeypatch.setattr(staging, "_POLL_S", (0.02, 0.1))
 
