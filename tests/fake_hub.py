@@ -22,10 +22,9 @@ class FakeHub:
     def __init__(self, repos: dict[str, Path]):
         self.repos = {k: Path(v) for k, v in repos.items()}
         self.requests: list[str] = []
-        # (repo file, Authorization header) of every file read: which client read what (tests
-        # give each client its own HF_TOKEN)
-        self.reads: list[tuple[str, str | None]] = []
-        self.sent: dict[tuple[str, str | None], int] = {}  # bytes of file content per (file, header)
+        # bytes of file content sent per (repo file, Authorization header) of GET requests: which
+        # client read what and how much (tests give each client its own HF_TOKEN)
+        self.sent: dict[tuple[str, str | None], int] = {}
         hub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -75,11 +74,10 @@ class FakeHub:
                 elif m := re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
                     root = self._repo(m.group(1))
                     if root is not None:
-                        who = (m.group(3), self.headers.get("Authorization"))
-                        if self.command == "GET":
-                            hub.reads.append(who)
                         sent = self._serve_file(root / m.group(3))
-                        hub.sent[who] = hub.sent.get(who, 0) + sent
+                        if self.command == "GET":
+                            who = (m.group(3), self.headers.get("Authorization"))
+                            hub.sent[who] = hub.sent.get(who, 0) + sent
                 else:
                     self._json({"error": f"unknown path {path}"}, 404)
 

@@ -350,16 +350,11 @@ def demo_text_args(tmp_path, shards, **over):
 
 @pytest.mark.slow
 def test_text_kd_trains_validates_and_exports_through_the_loop(tmp_path, owt_tok):
-    from trainer.config import load_config
+    from tests.train_fixtures import train_in_process
     from trainer.export import load_student
-    from trainer.loop import Trainer
 
     args = demo_text_args(tmp_path, owt_tok)
-    t = Trainer(load_config(args[0], args[1:]))
-    try:
-        t.train()
-    finally:
-        t.close()
+    t = train_in_process(args[0], args[1:])
     rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     val_rows = [r for r in rows if "val_loss" in r]

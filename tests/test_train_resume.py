@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.train_fixtures import DEMO_CONFIG, make_teacher, tiny_overrides, write_image_shards
+from tests.train_fixtures import DEMO_CONFIG, make_teacher, tiny_overrides, train_in_process, write_image_shards
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.errors import UserError
@@ -45,12 +45,7 @@ def toy_args(tmp_path, manifests=None, **over) -> list[str]:
 
 
 def train(args: list[str]) -> Trainer:
-    t = Trainer(load_config(args[0], args[1:]))
-    try:
-        t.train()
-    finally:
-        t.close()
-    return t
+    return train_in_process(args[0], args[1:])
 
 
 def build(args: list[str]) -> Trainer:
@@ -270,7 +265,6 @@ def test_resumed_on_two_processes_the_lr_follows_the_new_total_batch(tmp_path):
     """The issue's case: a 1-process run continued by 2 gloo processes with the same per-process
     batch; the total batch doubles, and so does the lr from the resumed step on."""
     from tests.test_train_ddp import torchrun
-    from tests.train_fixtures import train_in_process
     from trainer.loop import cosine_with_warmup
 
     teacher = make_teacher(tmp_path / "teacher.pt")

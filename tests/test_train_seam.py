@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from tests.train_fixtures import DEMO_CONFIG, make_teacher, tiny_overrides, write_image_shards
+from tests.train_fixtures import DEMO_CONFIG, make_teacher, tiny_overrides, train_in_process, write_image_shards
 from trainer.cli import main
 from trainer.config import ConfigError, load_config
 from trainer.errors import UserError
@@ -42,12 +42,7 @@ def toy_config(tmp_path, **over) -> list:
 
 
 def train(args: list) -> Trainer:
-    t = Trainer(load_config(args[0], args[1:]))
-    try:
-        t.train()
-    finally:
-        t.close()
-    return t
+    return train_in_process(args[0], args[1:])
 
 
 def rows(run_dir) -> list[dict]:
